@@ -1,0 +1,112 @@
+"""Flags shared by the entry points (train, bench) and their translation into configs."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from rftjax.config import AGG_MODES, ALGOS, FM_MODES, KL_KINDS, RLConfig, TrainConfig
+
+
+def define_run_flags() -> None:
+    """Model, task, algorithm and knob flags: what a user tunes every day."""
+    flags.DEFINE_string("task", "arith", "arith | sort | jsonl:/path/to/file.jsonl")
+    flags.DEFINE_enum("algo", "grpo", ALGOS, "RL algorithm.")
+    flags.DEFINE_string("model", "tiny", "Preset name (tiny, tiny-qwen2, small).")
+    flags.DEFINE_string("model_overrides", "",
+                        "Comma-separated ModelConfig overrides, e.g. num_layers=2,hidden_size=128")
+    flags.DEFINE_integer("seed", 0, "Seed of model init, data and sampling.")
+    flags.DEFINE_string("fault", "none", "Fault type id, 'none', or 'list' to print the catalog.")
+    flags.DEFINE_string("fault_severity", "moderate", "subtle | moderate | severe")
+    flags.DEFINE_integer("fault_onset", 0, "RL step at which the fault starts.")
+    flags.DEFINE_integer("fault_duration", -1, "Steps the fault lasts; -1: to the end.")
+    flags.DEFINE_enum("fm", "off", FM_MODES, "Failure management: off, detect, full.")
+    flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:2,fsdp:4 (default: one device).")
+    flags.DEFINE_integer("prompts_per_step", 16, "Unique prompts per RL step.")
+    flags.DEFINE_integer("group_size", 8, "Completions sampled per prompt.")
+    flags.DEFINE_integer("max_new_tokens", 0, "Response slots; 0: the task's own bound.")
+    flags.DEFINE_integer("num_epochs", 1, "Passes over each rollout.")
+    flags.DEFINE_integer("num_minibatches", 1, "Optimizer updates per pass.")
+    flags.DEFINE_enum("loss_agg", "token_mean", AGG_MODES, "Loss aggregation.")
+    flags.DEFINE_enum("kl_kind", "k3", KL_KINDS, "KL(π‖π_ref) estimator.")
+    flags.DEFINE_bool("normalize_adv_std", True, "GRPO: divide by group std (False: Dr. GRPO).")
+    flags.DEFINE_bool("kl_in_reward", False, "PPO: KL penalty in the per-token reward.")
+    flags.DEFINE_float("gamma", 1.0, "PPO GAE γ.")
+    flags.DEFINE_float("lam", 0.95, "PPO GAE λ.")
+    flags.DEFINE_float("lr", 2e-4, "Learning rate of RL.")
+    flags.DEFINE_float("grad_clip", 1.0, "Global-norm gradient clip (<= 0: off).")
+    flags.DEFINE_float("kl_coef", 0.04, "KL-to-reference coefficient β.")
+    flags.DEFINE_float("ent_coef", 0.0, "Entropy bonus coefficient.")
+    flags.DEFINE_float("eps_low", 0.2, "Clip ε below 1.")
+    flags.DEFINE_float("eps_high", 0.28, "Clip ε above 1 (clip-higher).")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+    flags.DEFINE_integer("top_k", 0, "Top-k sampling (0: off).")
+    flags.DEFINE_float("vf_coef", 0.1, "PPO value-loss coefficient.")
+    flags.DEFINE_integer("warmup_steps", 300, "Supervised warm-up steps before RL (0: none).")
+    flags.DEFINE_integer("warmup_batch_size", 128, "Warm-up batch size.")
+    flags.DEFINE_float("warmup_lr", 1e-3, "Warm-up learning rate.")
+    flags.DEFINE_integer("eval_every", 50, "Greedy held-out evaluation period (steps).")
+    flags.DEFINE_integer("eval_size", 512, "Held-out prompts evaluated.")
+    flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint period (steps).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Most recent checkpoints kept (plus pinned).")
+    flags.DEFINE_integer("log_every", 25, "Progress line period (steps).")
+
+
+def max_new_tokens(values) -> int:
+    if values.max_new_tokens:
+        return values.max_new_tokens
+    from rftjax.tasks import make_task
+
+    return make_task(values.task, seed=values.seed).max_new_tokens_hint
+
+
+def rl_config(values) -> RLConfig:
+    return RLConfig(
+        algo=values.algo,
+        prompts_per_step=values.prompts_per_step,
+        group_size=values.group_size,
+        max_new_tokens=max_new_tokens(values),
+        num_epochs=values.num_epochs,
+        num_minibatches=values.num_minibatches,
+        loss_agg=values.loss_agg,
+        normalize_adv_std=values.normalize_adv_std,
+        kl_kind=values.kl_kind,
+        kl_in_reward=values.kl_in_reward,
+        gamma=values.gamma,
+        lam=values.lam,
+    )
+
+
+def knob_values(values) -> dict:
+    names = ("lr", "grad_clip", "kl_coef", "ent_coef", "eps_low", "eps_high", "temperature",
+             "top_p", "top_k", "vf_coef")
+    return {name: getattr(values, name) for name in names}
+
+
+def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConfig:
+    from rftjax.knobs import make_knobs
+
+    knobs = knob_values(values)
+    make_knobs(**knobs)  # validates before any work starts
+    return TrainConfig(
+        workdir=workdir,
+        task=values.task,
+        model=values.model,
+        model_overrides=values.model_overrides,
+        steps=steps,
+        seed=values.seed,
+        rl=rl_config(values),
+        knobs=knobs,
+        warmup_steps=values.warmup_steps,
+        warmup_batch_size=values.warmup_batch_size,
+        warmup_lr=values.warmup_lr,
+        eval_every=values.eval_every,
+        eval_size=values.eval_size,
+        checkpoint_every=values.checkpoint_every,
+        keep_checkpoints=values.keep_checkpoints,
+        log_every=values.log_every,
+        resume=resume,
+        fm=values.fm,
+        fault=values.fault,
+        mesh=values.mesh,
+    )

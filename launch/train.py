@@ -1,0 +1,44 @@
+"""Train a policy with GRPO or PPO: `python -m launch.train --workdir W [--flagfile F]`.
+
+This file only parses flags and calls the library (`rftjax.train.loop.run`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from launch import common
+
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and summary.json.")
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest checkpoint.")
+flags.DEFINE_integer("steps", 300, "RL steps.")
+common.define_run_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required (the folder for checkpoints and logs)")
+    if FLAGS.fault == "list":
+        print("No fault types are available in this version (accepted: --fault=none).")
+        return
+    from rftjax.train.loop import run
+
+    try:
+        cfg = common.train_config(FLAGS, workdir=FLAGS.workdir, steps=FLAGS.steps,
+                                  resume=FLAGS.resume)
+        summary = run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,154 @@
+"""Run configuration: frozen, keyword-only dataclasses that validate and say what was wrong.
+
+`RLConfig` holds what shapes the compiled step (changing it recompiles); runtime settings
+that must never recompile are knobs (`rftjax.knobs`). `TrainConfig` holds the outer loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ALGOS = ("grpo", "ppo")
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_KINDS = ("k1", "k2", "k3")
+FM_MODES = ("off", "detect", "full")
+
+
+def _check_choice(name: str, value: Any, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(accepted)}")
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """Static settings of the RL step.
+
+    Attributes:
+      algo: "grpo" (group-normalized advantages) or "ppo" (value head + GAE).
+      prompts_per_step, group_size: a step samples prompts_per_step × group_size completions.
+      max_new_tokens: N, response slots per completion.
+      num_epochs, num_minibatches: optimizer updates per rollout = epochs × minibatches.
+      loss_agg: token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr. GRPO).
+      normalize_adv_std: GRPO divides by the group std; False gives Dr. GRPO.
+      kl_kind: estimator of KL(π‖π_ref) in the loss and metrics: k1, k2 or k3.
+      kl_in_reward: PPO puts -β·k1 into per-token rewards instead of the loss.
+      gamma, lam: GAE γ and λ (PPO). vf_clip: value clip range (PPO).
+      whiten_adv: PPO whitens token advantages over the batch.
+    """
+
+    algo: str = "grpo"
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 4
+    num_epochs: int = 1
+    num_minibatches: int = 1
+    loss_agg: str = "token_mean"
+    normalize_adv_std: bool = True
+    kl_kind: str = "k3"
+    kl_in_reward: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_clip: float = 0.2
+    whiten_adv: bool = True
+    lr_warmup_steps: int = 0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+
+    def __post_init__(self):
+        _check_choice("algo", self.algo, ALGOS)
+        _check_choice("loss_agg", self.loss_agg, AGG_MODES)
+        _check_choice("kl_kind", self.kl_kind, KL_KINDS)
+        _check_positive(
+            self,
+            "prompts_per_step",
+            "group_size",
+            "max_new_tokens",
+            "num_epochs",
+            "num_minibatches",
+        )
+        if self.algo == "grpo" and self.group_size < 2:
+            raise ValueError(
+                f"GRPO needs group_size >= 2 to compare completions, got {self.group_size}"
+            )
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(
+                f"prompts_per_step × group_size = {self.batch_size} is not divisible "
+                f"by num_minibatches={self.num_minibatches}"
+            )
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.num_epochs * self.num_minibatches
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The outer loop: what to train, for how long, where to write."""
+
+    workdir: str
+    task: str = "arith"
+    model: str = "tiny"
+    model_overrides: str = ""
+    steps: int = 300
+    seed: int = 0
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    knobs: dict = dataclasses.field(default_factory=dict)
+    warmup_steps: int = 300
+    warmup_batch_size: int = 128
+    warmup_lr: float = 1e-3
+    eval_every: int = 50
+    eval_size: int = 512
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 25
+    resume: bool = False
+    fm: str = "off"
+    fault: str = "none"
+    mesh: str = ""
+
+    def __post_init__(self):
+        if not self.workdir:
+            raise ValueError("workdir must be given (the folder for checkpoints and logs)")
+        _check_choice("fm", self.fm, FM_MODES)
+        if self.fm != "off":
+            raise ValueError(
+                f"--fm={self.fm!r}: failure management is not available in this "
+                "version; accepted: off"
+            )
+        _check_positive(
+            self,
+            "eval_every",
+            "eval_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "warmup_batch_size",
+        )
+        if self.steps < 0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"steps and warmup_steps must be >= 0, got {self.steps}, {self.warmup_steps}"
+            )
+        if self.mesh:
+            raise ValueError(f"--mesh={self.mesh!r}: device meshes are not available in this "
+                             "version; leave --mesh empty for one device")
+        if self.fault != "none":
+            raise ValueError(
+                f"--fault={self.fault!r}: fault injection is not available in this "
+                "version; accepted: none"
+            )

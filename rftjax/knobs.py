@@ -1,0 +1,86 @@
+"""Knobs: the runtime settings of the compiled step that users and the remediator change.
+
+Every knob is a scalar array passed into the compiled functions, so changing one never
+recompiles. A value <= 0 turns an optional guard off (noted per field).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Knobs(NamedTuple):
+    lr: jax.Array  # base learning rate
+    lr_scale: jax.Array  # multiplies lr (remediation: 0.5)
+    lr_cap: jax.Array  # upper bound on the effective lr
+    grad_clip: jax.Array  # global-norm clip; <= 0: off
+    kl_coef: jax.Array  # β, KL-to-reference coefficient
+    ent_coef: jax.Array  # entropy bonus coefficient
+    eps_low: jax.Array  # PPO clip ε below 1
+    eps_high: jax.Array  # PPO clip ε above 1 (clip-higher)
+    temperature: jax.Array  # sampler temperature; <= 0: greedy
+    top_p: jax.Array  # nucleus mass; 1: off
+    top_k: jax.Array  # int32; <= 0: off
+    is_cap: jax.Array  # truncated importance-sampling cap on trainer/sampler ratio; <= 0: off
+    adv_clip: jax.Array  # |advantage| bound; <= 0: off
+    reward_clip: jax.Array  # |reward| bound; <= 0: off
+    vf_coef: jax.Array  # value-loss coefficient (PPO)
+
+
+KNOB_NAMES = Knobs._fields
+
+
+def make_knobs(
+    *,
+    lr: float = 3e-4,
+    lr_scale: float = 1.0,
+    lr_cap: float = 1.0,
+    grad_clip: float = 1.0,
+    kl_coef: float = 0.04,
+    ent_coef: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    is_cap: float = 0.0,
+    adv_clip: float = 0.0,
+    reward_clip: float = 0.0,
+    vf_coef: float = 0.1,
+) -> Knobs:
+    """Builds knobs from Python numbers (float32 scalars; top_k int32)."""
+    values = dict(locals())
+    for name, value in values.items():
+        if not np.isfinite(value):
+            raise ValueError(f"knob {name}={value} must be finite")
+    if lr < 0 or lr_scale < 0 or lr_cap <= 0:
+        raise ValueError(f"need lr >= 0, lr_scale >= 0, lr_cap > 0; got {lr}, {lr_scale}, {lr_cap}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ε must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    return Knobs(
+        **{k: jnp.asarray(v, jnp.int32 if k == "top_k" else jnp.float32) for k, v in values.items()}
+    )
+
+
+def knobs_to_dict(knobs: Knobs) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in knobs._asdict().items()}
+
+
+def knobs_from_dict(values: dict[str, float]) -> Knobs:
+    unknown = set(values) - set(KNOB_NAMES)
+    if unknown:
+        raise ValueError(f"unknown knobs {sorted(unknown)}; accepted: {list(KNOB_NAMES)}")
+    return make_knobs(**{k: int(v) if k == "top_k" else float(v) for k, v in values.items()})
+
+
+def replace(knobs: Knobs, **changes: float) -> Knobs:
+    return knobs_from_dict({**knobs_to_dict(knobs), **changes})
+
+
+__all__ = ["KNOB_NAMES", "Knobs", "knobs_from_dict", "knobs_to_dict", "make_knobs", "replace"]

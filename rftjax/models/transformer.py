@@ -1,0 +1,251 @@
+"""Decoder-only transformer (Llama / Qwen2 family) in Flax NNX, with a functional KV cache.
+
+Parameter paths join with "." into Hugging Face safetensors names, and every weight has the
+Hugging Face layout ([out, in] for projections), so loading a checkpoint is a pure renaming:
+`model.layers.0.self_attn.q_proj.weight`, `model.norm.weight`, `lm_head.weight`, ...
+
+Shapes: B batch, S query length, L key/cache length, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rftjax.models.config import ModelConfig
+
+_NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead of NaN
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values [B, L, K, D], which slots hold a real token [B, L], next write slot."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array  # bool [B, L]
+    index: jax.Array  # int32 scalar: slot where the next tokens are written
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
+    shape = (batch, length, config.num_kv_heads, config.resolved_head_dim)
+    dtype = jnp.dtype(config.dtype)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(
+        keys=zeros,
+        values=zeros,
+        valid=jnp.zeros((batch, length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies [D/2], with Llama 3's long-context scaling when configured."""
+    dim = config.resolved_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if config.rope_scaling is None:
+        return inv_freq
+    s = dict(config.rope_scaling)
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    out = jnp.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_medium, smoothed, out)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, Hugging Face's rotate-half convention. x [B, S, N, D], positions [B, S]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, D/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W^T + b with W stored as [out, in], as in PyTorch / safetensors."""
+
+    def __init__(self, in_features, out_features, *, bias, config: ModelConfig, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(config.initializer_range)
+        self.weight = nnx.Param(
+            init(rngs.params(), (out_features, in_features), jnp.dtype(config.param_dtype))
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), config.param_dtype)) if bias else None
+        self.dtype = jnp.dtype(config.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, config: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), config.param_dtype))
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B,S,H,D], k/v [B,L,K,D], mask bool [B,S,L] -> [B,S,H,D]."""
+    b, s, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, s, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("bskgd,blkd->bkgsl", q, k).astype(jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgsl,blkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k = config.resolved_head_dim, config.num_heads, config.num_kv_heads
+        hidden, bias = config.hidden_size, config.qkv_bias
+        self.q_proj = Linear(hidden, h * d, bias=bias, config=config, rngs=rngs)
+        self.k_proj = Linear(hidden, k * d, bias=bias, config=config, rngs=rngs)
+        self.v_proj = Linear(hidden, k * d, bias=bias, config=config, rngs=rngs)
+        self.o_proj = Linear(h * d, hidden, bias=False, config=config, rngs=rngs)
+        self.shape = (h, k, d)
+
+    def __call__(self, x, positions, inv_freq, mask, cache_kv=None, index=None):
+        """x [B,S,hidden]; with cache_kv=(k [B,L,K,D], v), writes this chunk at slot `index`."""
+        h, kh, d = self.shape
+        b, s, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, s, h, d), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(b, s, kh, d), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, s, kh, d)
+        if cache_kv is not None:
+            zero = jnp.zeros((), jnp.int32)
+            k = jax.lax.dynamic_update_slice(
+                cache_kv[0], k.astype(cache_kv[0].dtype), (zero, index, zero, zero)
+            )
+            v = jax.lax.dynamic_update_slice(
+                cache_kv[1], v.astype(cache_kv[1].dtype), (zero, index, zero, zero)
+            )
+        out = attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, s, h * d)), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(hidden, inter, bias=False, config=config, rngs=rngs)
+        self.up_proj = Linear(hidden, inter, bias=False, config=config, rngs=rngs)
+        self.down_proj = Linear(inter, hidden, bias=False, config=config, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, cache_kv=None, index=None):
+        attn, new_kv = self.self_attn(
+            self.input_layernorm(x), positions, inv_freq, mask, cache_kv, index
+        )
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+class Embedding(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(config.initializer_range)
+        shape = (config.vocab_size, config.hidden_size)
+        self.weight = nnx.Param(init(rngs.params(), shape, jnp.dtype(config.param_dtype)))
+
+
+class Backbone(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config=config)
+
+
+class Transformer(nnx.Module):
+    """Causal LM. Returns fp32 logits [B,S,V], final hidden states [B,S,hidden], new cache."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = Backbone(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, bias=False, config=config, rngs=rngs
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, jax.Array, KVCache | None]:
+        """tokens, positions [B,S] int; mask bool [B,S,L] (L = S without cache, cache length with).
+
+        With a cache, the S new tokens are written at slots [cache.index, cache.index + S) and
+        `cache.valid` must already mark those slots; the returned cache has index advanced by S.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        inv_freq = rope_frequencies(cfg)
+        x = self.model.embed_tokens.weight[...].astype(dtype)[tokens]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v) = layer(
+                x, positions, inv_freq, mask, kv, None if cache is None else cache.index
+            )
+            new_keys.append(k)
+            new_values.append(v)
+        hidden = self.model.norm(x)
+        if cfg.tie_word_embeddings:
+            head = self.model.embed_tokens.weight[...]
+        else:
+            head = self.lm_head.weight[...]
+        # Logits in fp32: log-probs and the RL loss are sensitive to bf16 rounding.
+        logits = jnp.einsum("bsh,vh->bsv", hidden.astype(jnp.float32), head.astype(jnp.float32))
+        if cache is None:
+            return logits, hidden, None
+        new_cache = KVCache(
+            tuple(new_keys), tuple(new_values), cache.valid, cache.index + tokens.shape[1]
+        )
+        return logits, hidden, new_cache
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """Self-attention mask for a full sequence: valid bool [B,T] -> [B,T,T] (query, key)."""
+    t = valid.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & valid[:, None, :]
+
+
+def positions_from_valid(valid: jax.Array) -> jax.Array:
+    """Rotary positions that skip padding: the i-th real token of a row gets position i."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def param_names(params: nnx.State) -> dict[str, tuple[int, ...]]:
+    """Flat `a.b.0.c` names (the Hugging Face names) -> shapes."""
+    flat = nnx.to_flat_state(params)
+    return {".".join(str(p) for p in path): tuple(v.shape) for path, v in flat}

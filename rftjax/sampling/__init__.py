@@ -1,0 +1,23 @@
+"""Compiled generation (KV cache) and the matching trainer log-probs."""
+
+from rftjax.sampling.sampler import (
+    Rollout,
+    SamplingParams,
+    generate,
+    generate_recompute,
+    log_probs,
+    response_logprobs,
+    sample_token,
+    sampling_params,
+)
+
+__all__ = [
+    "Rollout",
+    "SamplingParams",
+    "generate",
+    "generate_recompute",
+    "log_probs",
+    "response_logprobs",
+    "sample_token",
+    "sampling_params",
+]

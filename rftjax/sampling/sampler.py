@@ -1,0 +1,228 @@
+"""Compiled batched generation with a KV cache, and the trainer's log-probs of the same tokens.
+
+Prompts are left-padded to a common length P, so every row writes its n-th new token into
+cache slot P + n and one scalar write index serves the whole batch. Responses are [B, N]: the
+EOS token is part of the response; everything after it is pad with response mask 0.
+
+Log-prob convention (shared by sampler and trainer, so importance ratios are exactly 1 when
+nothing is wrong): log-softmax of logits / T over the full vocabulary, where T is the sampling
+temperature (T <= 0 means greedy and log-probs at T = 1). Top-k / top-p restrict which tokens
+may be drawn but not the reported log-probs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rftjax.models import full_forward, init_cache
+
+
+class SamplingParams(NamedTuple):
+    """Runtime sampler settings (scalars; changing them never recompiles)."""
+
+    temperature: jax.Array  # <= 0: greedy
+    top_p: jax.Array  # 1.0: off
+    top_k: jax.Array  # int32, <= 0: off
+
+
+def sampling_params(temperature=1.0, top_p=1.0, top_k=0) -> SamplingParams:
+    return SamplingParams(
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(top_p, jnp.float32),
+        jnp.asarray(top_k, jnp.int32),
+    )
+
+
+class Rollout(NamedTuple):
+    """A batch of generations. B rows, P prompt slots, N response slots."""
+
+    tokens: jax.Array  # int32 [B, P+N]: prompt then response
+    valid: jax.Array  # bool [B, P+N]: real tokens (prompt mask, then response mask)
+    response: jax.Array  # int32 [B, N]
+    response_mask: jax.Array  # float32 [B, N]
+    logp: jax.Array  # float32 [B, N]: sampler log-probs, 0 where masked
+    lengths: jax.Array  # int32 [B]
+    truncated: jax.Array  # bool [B]: no EOS within N tokens
+
+
+def log_probs(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """Log-softmax at the sampling temperature (T <= 0 -> T = 1). logits [..., V]."""
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+
+
+def _restrict(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf. logits [B, V]."""
+    vocab = logits.shape[-1]
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    rank = jnp.arange(vocab)
+    in_k = (top_k <= 0) | (rank < top_k)
+    sorted_logits = jnp.where(in_k, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & ((mass_before < top_p) | (rank == 0))
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams):
+    """Draws one token per row. logits [B, V] -> (tokens int32 [B], log-probs [B])."""
+    logp_all = log_probs(logits, params.temperature)
+    restricted = jax.lax.cond(
+        (params.top_p < 1.0) | (params.top_k > 0),
+        lambda lg: _restrict(lg, params.top_p, params.top_k),
+        lambda lg: lg,
+        logp_all,
+    )
+    drawn = jax.random.categorical(key, restricted, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    tokens = jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+
+
+class _Loop(NamedTuple):
+    i: jax.Array
+    response: jax.Array
+    logp: jax.Array
+    mask: jax.Array
+    done: jax.Array
+    cache: object
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    sampling: SamplingParams,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+) -> Rollout:
+    """Prefills the left-padded prompts [B, P], then decodes up to N tokens in a while loop."""
+    model = nnx.merge(graphdef, params)
+    b, p = prompts.shape
+    n, length = max_new_tokens, p + max_new_tokens
+    prompt_valid = prompt_mask.astype(bool)
+    prompt_lens = prompt_valid.sum(-1).astype(jnp.int32)
+    cache = init_cache(model.config, b, length)
+    valid = jnp.zeros((b, length), bool).at[:, :p].set(prompt_valid)
+    cache = cache._replace(valid=valid)
+    slots = jnp.arange(length)
+    prefill_mask = (slots[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :]
+    positions = jnp.maximum(jnp.cumsum(prompt_valid, -1) - 1, 0)
+    logits, _, cache = model(prompts, positions, prefill_mask, cache)
+    tok, lp = sample_token(logits[:, -1], jax.random.fold_in(key, 0), sampling)
+
+    zeros = jnp.zeros((b, n))
+    state = _Loop(
+        i=jnp.ones((), jnp.int32),
+        response=jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok),
+        logp=zeros.at[:, 0].set(lp),
+        mask=zeros.at[:, 0].set(1.0),
+        done=tok == eos_id,
+        cache=cache,
+    )
+
+    def cond(s: _Loop):
+        return (s.i < n) & ~jnp.all(s.done)
+
+    def body(s: _Loop):
+        prev = s.i - 1
+        slot = p + prev
+        prev_tok = jax.lax.dynamic_slice_in_dim(s.response, prev, 1, axis=1)
+        prev_real = jax.lax.dynamic_slice_in_dim(s.mask, prev, 1, axis=1)[:, 0] > 0
+        c = s.cache
+        c = c._replace(
+            valid=jax.lax.dynamic_update_slice_in_dim(c.valid, prev_real[:, None], slot, axis=1)
+        )
+        step_mask = ((slots <= slot)[None, :] & c.valid)[:, None, :]
+        pos = (prompt_lens + prev)[:, None]
+        logits, _, c = model(prev_tok, pos, step_mask, c)
+        tok, lp = sample_token(logits[:, 0], jax.random.fold_in(key, s.i), sampling)
+        active = ~s.done
+        tok = jnp.where(active, tok, pad_id)
+        put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], s.i, axis=1)
+        return _Loop(
+            i=s.i + 1,
+            response=put(s.response, tok),
+            logp=put(s.logp, jnp.where(active, lp, 0.0)),
+            mask=put(s.mask, active.astype(jnp.float32)),
+            done=s.done | (tok == eos_id),
+            cache=c,
+        )
+
+    final = jax.lax.while_loop(cond, body, state)
+    return _finish(prompts, prompt_valid, final.response, final.mask, final.logp, final.done)
+
+
+def _finish(prompts, prompt_valid, response, mask, logp, done) -> Rollout:
+    return Rollout(
+        tokens=jnp.concatenate([prompts, response], axis=1),
+        valid=jnp.concatenate([prompt_valid, mask > 0], axis=1),
+        response=response,
+        response_mask=mask,
+        logp=logp,
+        lengths=mask.sum(-1).astype(jnp.int32),
+        truncated=~done,
+    )
+
+
+def generate_recompute(
+    graphdef, params, prompts, prompt_mask, key, sampling, *, max_new_tokens, eos_id, pad_id
+) -> Rollout:
+    """Reference decoder without a cache: a full forward over the whole buffer per new token.
+
+    Same interface and same random draws as `generate`; used to check the cache and to measure
+    what the cache saves.
+    """
+    b, p = prompts.shape
+    n = max_new_tokens
+    prompt_valid = prompt_mask.astype(bool)
+    tokens = jnp.concatenate([prompts, jnp.full((b, n), pad_id, jnp.int32)], axis=1)
+    valid = jnp.concatenate([prompt_valid, jnp.zeros((b, n), bool)], axis=1)
+
+    def body(i, carry):
+        tokens, valid, logp, done = carry
+        logits, _, _ = full_forward(graphdef, params, tokens, valid)
+        last = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
+        tok, lp = sample_token(last, jax.random.fold_in(key, i), sampling)
+        active = ~done
+        tok = jnp.where(active, tok, pad_id)
+        tokens = tokens.at[:, p + i].set(tok)
+        valid = valid.at[:, p + i].set(active)
+        logp = logp.at[:, i].set(jnp.where(active, lp, 0.0))
+        return tokens, valid, logp, done | (tok == eos_id)
+
+    init = (tokens, valid, jnp.zeros((b, n)), jnp.zeros((b,), bool))
+    tokens, valid, logp, done = jax.lax.fori_loop(0, n, body, init)
+    mask = valid[:, p:].astype(jnp.float32)
+    return _finish(prompts, prompt_valid, tokens[:, p:], mask, logp, done)
+
+
+def response_logprobs(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    valid: jax.Array,
+    prompt_len: int,
+    temperature: jax.Array,
+):
+    """The trainer's view of a rollout: one forward over prompt + response.
+
+    Returns per-token log-probs [B, N] of the response tokens, entropies [B, N] of the same
+    (tempered) distributions, and the hidden states [B, N, E] that predicted them (for a value
+    head: V(s_t) is read from the state before token t is emitted).
+    """
+    logits, hidden, _ = full_forward(graphdef, params, tokens, valid)
+    logp_all = log_probs(logits[:, prompt_len - 1 : -1], temperature)
+    response = tokens[:, prompt_len:]
+    logp = jnp.take_along_axis(logp_all, response[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy, hidden[:, prompt_len - 1 : -1]

@@ -1,0 +1,279 @@
+"""The outer training loop: warm-up, RL steps, evaluation, checkpoints, logs, summary.
+
+Everything compiled lives in `step.py` / `warmup.py`; this file does I/O and bookkeeping.
+Metrics of step t are read after step t+1 is dispatched, so the host never waits on the device
+in the hot loop except at evaluation and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from rftjax import models
+from rftjax.checkpoint import Checkpointer
+from rftjax.config import TrainConfig
+from rftjax.knobs import knobs_from_dict, knobs_to_dict, make_knobs
+from rftjax.tasks import Task, make_task
+from rftjax.train import warmup as wu
+from rftjax.train.logs import MetricsWriter
+from rftjax.train.step import PromptBatch, TrainState, init_state, make_learner
+
+
+def build_model_config(cfg: TrainConfig, task: Task) -> models.ModelConfig:
+    if os.path.isdir(cfg.model):
+        raise ValueError(
+            f"--model={cfg.model!r} is a folder; loading Hugging Face checkpoints is "
+            f"not available in this version; accepted presets: {sorted(models.PRESETS)}"
+        )
+    model_cfg = models.get_preset(cfg.model)
+    if cfg.model_overrides:
+        model_cfg = model_cfg.replace(**models.parse_overrides(cfg.model_overrides))
+    if model_cfg.vocab_size < len(task.tokenizer):
+        raise ValueError(
+            f"model vocab_size={model_cfg.vocab_size} is smaller than the "
+            f"tokenizer's {len(task.tokenizer)} tokens"
+        )
+    return model_cfg
+
+
+def to_prompt_batch(batch) -> PromptBatch:
+    return PromptBatch(
+        np.asarray(batch.prompts, np.int32),
+        np.asarray(batch.prompt_mask, np.int32),
+        np.asarray(batch.answers, np.int32),
+    )
+
+
+class Evaluator:
+    """Greedy accuracy on the task's held-out prompts."""
+
+    def __init__(self, graphdef, task: Task, *, max_new_tokens: int):
+        tok = task.tokenizer
+        self.task = task
+        self.batch = task.eval_batch()
+        self.greedy = wu.make_greedy(
+            graphdef,
+            max_new_tokens=max_new_tokens,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+        )
+        self.reward = jax.jit(task.jnp_reward) if task.jnp_reward is not None else None
+
+    def __call__(self, policy) -> dict[str, float]:
+        response = self.greedy(policy, self.batch.prompts, self.batch.prompt_mask)
+        if self.reward is not None:
+            scores = self.reward(response, self.batch.answers)
+        else:
+            texts = self.task.decode_responses(np.asarray(response))
+            scores = self.task.text_reward(texts, self.batch.answer_text)
+        return {
+            "eval_accuracy": float(np.mean(scores["correct"])),
+            "eval_reward": float(np.mean(scores["reward"])),
+        }
+
+
+def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
+    """Supervised warm-up, cached in workdir/warmup keyed by everything that shapes it."""
+    fingerprint = {
+        "model": cfg.model,
+        "model_overrides": cfg.model_overrides,
+        "task": cfg.task,
+        "seed": cfg.seed,
+        "steps": cfg.warmup_steps,
+        "batch": cfg.warmup_batch_size,
+        "lr": cfg.warmup_lr,
+    }
+    directory = os.path.join(os.path.abspath(cfg.workdir), "warmup")
+    meta_path = os.path.join(directory, "fingerprint.json")
+    ckpt = os.path.join(directory, "params")
+    with ocp.StandardCheckpointer() as checkpointer:
+        if os.path.exists(meta_path) and os.path.exists(ckpt):
+            with open(meta_path, encoding="utf-8") as f:
+                if json.load(f) == fingerprint:
+                    logging.info("warm-up: reusing cached weights from %s", directory)
+                    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+                    return checkpointer.restore(ckpt, abstract), 0.0
+        t0 = time.time()
+        optimizer = wu.sft_optimizer(cfg.warmup_lr)
+        step_fn = wu.make_sft_step(graphdef, optimizer, pad_id=task.tokenizer.pad_token_id)
+        state = wu.SFTState(params, optimizer.init(params))
+        logging.info(
+            "warm-up: %d supervised steps (batch %d, Adam %.0e) on %s",
+            cfg.warmup_steps,
+            cfg.warmup_batch_size,
+            cfg.warmup_lr,
+            cfg.task,
+        )
+        loss = None
+        for i in range(cfg.warmup_steps):
+            # Seed offset keeps warm-up data apart from the RL data stream.
+            b = task.train_batch(10_000_000 + i, cfg.warmup_batch_size)
+            state, loss = step_fn(state, b.prompts, b.prompt_mask, b.answers)
+            if (i + 1) % max(1, cfg.warmup_steps // 4) == 0:
+                logging.info("warm-up: step %d/%d loss %.4f", i + 1, cfg.warmup_steps, float(loss))
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(ckpt):
+            shutil.rmtree(ckpt)
+        checkpointer.save(ckpt, state.params)
+        checkpointer.wait_until_finished()
+        with open(meta_path, "w", encoding="utf-8") as f:
+            json.dump(fingerprint, f)
+        return state.params, time.time() - t0
+
+
+def _config_record(cfg: TrainConfig) -> dict[str, Any]:
+    record = dataclasses.asdict(cfg)
+    for volatile in ("workdir", "resume", "steps"):
+        record.pop(volatile)
+    return record
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains according to `cfg`; returns (and writes) the summary."""
+    t_start = time.time()
+    workdir = os.path.abspath(cfg.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    task = make_task(cfg.task, seed=cfg.seed, eval_size=cfg.eval_size)
+    tok = task.tokenizer
+    model_cfg = build_model_config(cfg, task)
+    rl = cfg.rl
+    graphdef, params = models.create(model_cfg, cfg.seed)
+    learner = make_learner(
+        graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, reward_fn=task.jnp_reward
+    )
+    evaluator = Evaluator(graphdef, task, max_new_tokens=rl.max_new_tokens)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints
+    )
+    record = _config_record(cfg)
+
+    latest = checkpointer.latest_step()
+    if latest is not None and not cfg.resume:
+        raise ValueError(
+            f"{workdir} already holds checkpoints (latest step {latest}); pass "
+            "--resume to continue that run, or choose a new --workdir"
+        )
+    warmup_seconds = 0.0
+    if cfg.resume and latest is not None:
+        target = init_state(params, rl, cfg.seed)
+        state, meta = checkpointer.restore(latest, target)
+        if meta["config"] != record:
+            changed = sorted(k for k in record if meta["config"].get(k) != record[k])
+            raise ValueError(
+                f"--resume: {workdir} belongs to a run with a different "
+                f"configuration (differs in: {', '.join(changed)})"
+            )
+        knobs = knobs_from_dict(meta["knobs"])
+        initial = meta["eval_initial"]
+        logging.info("resumed from step %d in %s", latest, checkpointer.directory)
+    else:
+        if cfg.warmup_steps:
+            params, warmup_seconds = run_warmup(cfg, graphdef, params, task)
+        state = init_state(params, rl, cfg.seed)
+        knobs = make_knobs(**cfg.knobs)
+        initial = evaluator(state.params["policy"])
+        logging.info(
+            "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
+        )
+
+    writer = MetricsWriter(workdir, resume_step=int(state.step))
+    start = int(state.step)
+    t_rl = time.time()
+    final = initial
+    pending: tuple[int, Any] | None = None
+
+    def meta_now():
+        return {
+            "config": record,
+            "knobs": knobs_to_dict(knobs),
+            "eval_initial": initial,
+            "data_cursor": int(state.step),
+        }
+
+    def flush(extra=None):
+        nonlocal pending
+        if pending is not None:
+            step_no, metrics = pending
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            writer.write(step_no, {**values, **(extra or {})})
+            if step_no % cfg.log_every == 0 or step_no == cfg.steps:
+                rate = (step_no - start) / max(time.time() - t_rl, 1e-9)
+                logging.info(
+                    "step %d/%d reward %.3f kl %.4f entropy %.3f len %.2f (%.1f steps/s)",
+                    step_no,
+                    cfg.steps,
+                    values["reward_mean"],
+                    values["kl_ref"],
+                    values["entropy"],
+                    values["length_mean"],
+                    rate,
+                )
+            pending = None
+
+    try:
+        for step_no in range(start + 1, cfg.steps + 1):
+            raw = task.train_batch(step_no - 1, rl.prompts_per_step)
+            batch = to_prompt_batch(raw)
+            if "step" in learner:
+                state, metrics = learner["step"](state, batch, knobs)
+            else:
+                answers = [a for a in raw.answer_text for _ in range(rl.group_size)]
+                state, metrics = _text_step(learner, task, state, batch, knobs, answers)
+            flush()
+            pending = (step_no, metrics)
+            evaluate = step_no % cfg.eval_every == 0 or step_no == cfg.steps
+            if evaluate:
+                final = evaluator(state.params["policy"])
+                flush(final)
+                logging.info("step %d: held-out accuracy %.3f", step_no, final["eval_accuracy"])
+            if step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
+                flush()
+                checkpointer.save(step_no, state, meta_now())
+        flush()
+    finally:
+        checkpointer.close()
+        writer.close()
+
+    rl_seconds = time.time() - t_rl
+    steps_run = int(state.step) - start
+    summary = {
+        "eval_accuracy_initial": initial["eval_accuracy"],
+        "eval_accuracy_final": final["eval_accuracy"],
+        "eval_reward_initial": initial["eval_reward"],
+        "eval_reward_final": final["eval_reward"],
+        "steps_completed": int(state.step),
+        "wall_seconds": time.time() - t_start,
+        "warmup_seconds": warmup_seconds,
+        "rl_seconds": rl_seconds,
+        "rl_steps_per_second": steps_run / rl_seconds if steps_run else 0.0,
+        "algo": rl.algo,
+        "task": cfg.task,
+        "model": cfg.model,
+        "fault": cfg.fault,
+        "fm": cfg.fm,
+        "alarms": [],
+        "diagnoses": [],
+        "actions": [],
+        "halted": False,
+    }
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _text_step(learner, task: Task, state: TrainState, batch: PromptBatch, knobs, answers):
+    """Rollout on device, reward on the host (text verifiers), learn on device."""
+    rollout = learner["rollout"](state, batch, knobs)
+    texts = task.decode_responses(np.asarray(rollout.response))
+    rewards = {k: np.asarray(v, np.float32) for k, v in task.text_reward(texts, answers).items()}
+    return learner["learn"](state, rollout, rewards, knobs)

@@ -1,0 +1,293 @@
+"""The RL step as pure functions of (state, batch, knobs): rollout, learn, and both fused.
+
+`make_learner` does the Python-side setup (model graph, static config, reward function) and
+returns compiled functions. The state carries everything a step needs; per-step randomness is
+`fold_in(state.key, state.step)`, so a restored state replays the same draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rftjax import algorithms as alg
+from rftjax.config import RLConfig
+from rftjax.knobs import Knobs
+from rftjax.sampling import Rollout, SamplingParams, generate, response_logprobs
+
+RewardFn = Callable[[jax.Array, jax.Array], dict[str, jax.Array]]
+_SAMPLE, _SHUFFLE = 0, 1  # salts for per-step keys
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32: RL steps completed
+    params: dict  # {"policy": nnx.State} (+ "value_head": {"weight", "bias"} for PPO)
+    ref_params: nnx.State  # frozen reference policy π_ref
+    opt_state: optax.OptState
+    key: jax.Array  # uint32[2] base key
+
+
+class PromptBatch(NamedTuple):
+    """Unique prompts of one step; each is sampled group_size times."""
+
+    prompts: jax.Array  # int32 [Bp, P], left-padded
+    prompt_mask: jax.Array  # int32 [Bp, P]
+    answers: jax.Array  # int32 [Bp, A]
+
+
+def make_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
+    """Adam direction only; the learning rate is a knob applied in `apply_update`."""
+    return optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=1e-8)
+
+
+def init_state(policy: nnx.State, cfg: RLConfig, seed: int) -> TrainState:
+    params = {"policy": policy}
+    if cfg.algo == "ppo":
+        hidden = policy["model"]["norm"]["weight"].shape[0]
+        params["value_head"] = {"weight": jnp.zeros((hidden,)), "bias": jnp.zeros(())}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ref_params=jax.tree.map(jnp.copy, policy),
+        opt_state=make_optimizer(cfg).init(params),
+        key=jax.random.PRNGKey(seed),
+    )
+
+
+def learning_rate(knobs: Knobs, step: jax.Array, warmup_steps: int) -> jax.Array:
+    warm = jnp.minimum(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    return jnp.minimum(knobs.lr * knobs.lr_scale * warm, knobs.lr_cap)
+
+
+def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
+    """Clip (knob), Adam direction, scale by -lr. Returns params, opt_state, stats."""
+    grad_norm = optax.global_norm(grads)
+    scale = jnp.where(
+        knobs.grad_clip > 0, jnp.minimum(1.0, knobs.grad_clip / (grad_norm + 1e-6)), 1.0
+    )
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    direction, opt_state = optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda d: -lr * d, direction)
+    stats = {
+        "grad_norm": grad_norm,
+        "update_norm": optax.global_norm(updates),
+        "param_norm": optax.global_norm(params),
+    }
+    return optax.apply_updates(params, updates), opt_state, stats
+
+
+def _guard(x, bound):
+    return jnp.where(bound > 0, jnp.clip(x, -bound, bound), x)
+
+
+def _value(params, hidden):
+    head = params["value_head"]
+    return hidden.astype(jnp.float32) @ head["weight"] + head["bias"]
+
+
+def make_learner(
+    graphdef: nnx.GraphDef,
+    cfg: RLConfig,
+    *,
+    eos_id: int,
+    pad_id: int,
+    reward_fn: RewardFn | None = None,
+):
+    """Returns compiled `rollout`, `learn`, and (when the reward is jnp) the fused `step`.
+
+    rollout(state, batch, knobs) -> Rollout with B = prompts × group_size rows.
+    learn(state, rollout, rewards, knobs) -> (state, metrics); rewards: dict of f32[B] with
+      at least "reward" (other keys are reported as reward components).
+    step(state, batch, knobs) -> (state, metrics): rollout, reward_fn, learn in one program.
+    """
+    optimizer = make_optimizer(cfg)
+    ppo = cfg.algo == "ppo"
+    n = cfg.max_new_tokens
+    agg = dict(mode=cfg.loss_agg, max_len=n)
+    precompute = cfg.updates_per_step > 1
+
+    def rollout(state: TrainState, batch: PromptBatch, knobs: Knobs) -> Rollout:
+        prompts = jnp.repeat(batch.prompts, cfg.group_size, axis=0)
+        prompt_mask = jnp.repeat(batch.prompt_mask, cfg.group_size, axis=0)
+        key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SAMPLE)
+        sampling = SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k)
+        return generate(
+            graphdef,
+            state.params["policy"],
+            prompts,
+            prompt_mask,
+            key,
+            sampling,
+            max_new_tokens=n,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+
+    def forward(params, data, knobs):
+        prompt_len = data["tokens"].shape[1] - n
+        logp, entropy, hidden = response_logprobs(
+            graphdef, params["policy"], data["tokens"], data["valid"], prompt_len, knobs.temperature
+        )
+        values = _value(params, hidden) if ppo else jnp.zeros_like(logp)
+        return logp, entropy, values
+
+    def targets(old_logp, old_values, data, knobs):
+        """Advantages and returns from constants (behaviour log-probs and values)."""
+        mask = data["mask"]
+        if ppo:
+            kl = old_logp - data["ref_logp"] if cfg.kl_in_reward else None
+            token_r = alg.token_rewards(data["scores"], mask, kl=kl, kl_coef=knobs.kl_coef)
+            adv, ret = alg.gae(token_r, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            if cfg.whiten_adv:
+                adv = alg.whiten(adv, mask) * mask
+        else:
+            adv, ret = data["seq_adv"][:, None] * mask, jnp.zeros_like(mask)
+        return {
+            "old_logp": old_logp,
+            "old_values": old_values,
+            "adv": _guard(adv, knobs.adv_clip),
+            "returns": ret,
+        }
+
+    def loss_fn(params, data, knobs):
+        mask = data["mask"]
+        logp, entropy, values = forward(params, data, knobs)
+        if not precompute:  # one update: the behaviour policy is the current one
+            sg = jax.lax.stop_gradient
+            data = {**data, **targets(sg(logp), sg(values), data, knobs)}
+        is_ratio = jnp.exp(jnp.clip(data["old_logp"] - data["sampler_logp"], -20.0, 20.0))
+        is_w = jnp.where(knobs.is_cap > 0, jnp.minimum(is_ratio, knobs.is_cap), 1.0)
+        pg_loss, pg_m = alg.policy_loss(
+            logp,
+            data["old_logp"],
+            data["adv"],
+            mask,
+            eps_low=knobs.eps_low,
+            eps_high=knobs.eps_high,
+            agg_mode=agg["mode"],
+            is_weights=is_w,
+            max_len=n,
+        )
+        kl = alg.aggregate(alg.kl_penalty(logp, data["ref_logp"], kind=cfg.kl_kind), mask, **agg)
+        ent = alg.aggregate(entropy, mask, **agg)
+        loss = pg_loss - knobs.ent_coef * ent
+        if not cfg.kl_in_reward:
+            loss = loss + knobs.kl_coef * kl
+        metrics = {
+            **pg_m,
+            "pg_loss": pg_loss,
+            "kl_ref": kl,
+            "entropy": ent,
+            "is_ratio_mean": alg.masked_mean(is_ratio, mask),
+            "is_ratio_max": jnp.max(jnp.where(mask > 0, is_ratio, 0.0)),
+            **_adv_stats(data["adv"], mask),
+        }
+        if ppo:
+            v_loss, v_m = alg.value_loss(
+                values,
+                data["old_values"],
+                data["returns"],
+                mask,
+                clip_eps=cfg.vf_clip,
+                agg_mode=agg["mode"],
+                max_len=n,
+            )
+            loss = loss + knobs.vf_coef * v_loss
+            metrics.update(v_m, vf_loss=v_loss)
+        metrics["loss"] = loss
+        return loss, metrics
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def update(carry, mb, knobs, lr):
+        params, opt_state = carry
+        grads, metrics = grad_fn(params, mb, knobs)
+        params, opt_state, stats = apply_update(params, opt_state, grads, knobs, lr, optimizer)
+        return (params, opt_state), {**metrics, **stats}
+
+    def learn(state: TrainState, ro: Rollout, rewards: dict[str, jax.Array], knobs: Knobs):
+        b = ro.response.shape[0]
+        prompt_len = ro.tokens.shape[1] - n
+        scores = _guard(rewards["reward"].astype(jnp.float32), knobs.reward_clip)
+        ref_logp, _, _ = response_logprobs(
+            graphdef, state.ref_params, ro.tokens, ro.valid, prompt_len, knobs.temperature
+        )
+        data = {
+            "tokens": ro.tokens,
+            "valid": ro.valid,
+            "mask": ro.response_mask,
+            "sampler_logp": ro.logp,
+            "ref_logp": ref_logp,
+            "scores": scores,
+        }
+        if not ppo:
+            data["seq_adv"] = alg.group_advantages(
+                scores, group_size=cfg.group_size, normalize_std=cfg.normalize_adv_std
+            )
+        if precompute:
+            old_logp, _, old_values = forward(state.params, data, knobs)
+            data.update(targets(old_logp, old_values, data, knobs))
+        lr = learning_rate(knobs, state.step, cfg.lr_warmup_steps)
+        key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SHUFFLE)
+        minibatches = _minibatches(data, key, cfg.num_epochs, cfg.num_minibatches, b)
+        (params, opt_state), per_update = jax.lax.scan(
+            lambda c, mb: update(c, mb, knobs, lr), (state.params, state.opt_state), minibatches
+        )
+        metrics = jax.tree.map(jnp.mean, per_update)
+        metrics.update(_rollout_stats(ro, rewards, scores, cfg.group_size), lr=lr)
+        new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    fns: dict[str, Any] = {
+        "rollout": jax.jit(rollout),
+        "learn": jax.jit(learn, donate_argnums=0),
+    }
+    if reward_fn is not None:
+
+        def step(state, batch, knobs):
+            ro = rollout(state, batch, knobs)
+            answers = jnp.repeat(batch.answers, cfg.group_size, axis=0)
+            return learn(state, ro, reward_fn(ro.response, answers), knobs)
+
+        fns["step"] = jax.jit(step, donate_argnums=0)
+    return fns
+
+
+def _minibatches(data, key, epochs: int, num_mb: int, b: int):
+    """Stacks epochs × minibatches of row-shuffled data along a new leading axis."""
+    if epochs * num_mb == 1:
+        return jax.tree.map(lambda x: x[None], data)
+    perms = jnp.stack(
+        [jax.random.permutation(jax.random.fold_in(key, e), b) for e in range(epochs)]
+    ).reshape(epochs * num_mb, b // num_mb)
+    return jax.tree.map(lambda x: x[perms], data)
+
+
+def _adv_stats(adv, mask):
+    mean = alg.masked_mean(adv, mask)
+    return {
+        "adv_mean": mean,
+        "adv_std": jnp.sqrt(alg.masked_mean((adv - mean) ** 2, mask)),
+        "adv_max_abs": jnp.max(jnp.abs(adv) * mask),
+    }
+
+
+def _rollout_stats(ro: Rollout, rewards, scores, group_size: int) -> dict[str, jax.Array]:
+    lengths = ro.lengths.astype(jnp.float32)
+    stats = {
+        "reward_mean": scores.mean(),
+        "reward_std": scores.std(),
+        "frac_zero_std": alg.group_stats(scores, group_size=group_size)["frac_zero_std"],
+        "length_mean": lengths.mean(),
+        "length_max": lengths.max(),
+        "clip_ratio": ro.truncated.astype(jnp.float32).mean(),
+    }
+    for name, value in rewards.items():
+        if name != "reward":
+            stats[f"reward_{name}"] = value.astype(jnp.float32).mean()
+    return stats
