@@ -12,8 +12,11 @@ def define_run_flags() -> None:
     flags.DEFINE_string("task", "arith", "arith | sort | jsonl:/path/to/file.jsonl")
     flags.DEFINE_enum("algo", "grpo", ALGOS, "RL algorithm.")
     flags.DEFINE_string("model", "tiny", "Preset name (tiny, tiny-qwen2, small).")
-    flags.DEFINE_string("model_overrides", "",
-                        "Comma-separated ModelConfig overrides, e.g. num_layers=2,hidden_size=128")
+    flags.DEFINE_string(
+        "model_overrides",
+        "",
+        "Comma-separated ModelConfig overrides, e.g. num_layers=2,hidden_size=128",
+    )
     flags.DEFINE_integer("seed", 0, "Seed of model init, data and sampling.")
     flags.DEFINE_string("fault", "none", "Fault type id, 'none', or 'list' to print the catalog.")
     flags.DEFINE_string("fault_severity", "moderate", "subtle | moderate | severe")
@@ -78,8 +81,18 @@ def rl_config(values) -> RLConfig:
 
 
 def knob_values(values) -> dict:
-    names = ("lr", "grad_clip", "kl_coef", "ent_coef", "eps_low", "eps_high", "temperature",
-             "top_p", "top_k", "vf_coef")
+    names = (
+        "lr",
+        "grad_clip",
+        "kl_coef",
+        "ent_coef",
+        "eps_low",
+        "eps_high",
+        "temperature",
+        "top_p",
+        "top_k",
+        "vf_coef",
+    )
     return {name: getattr(values, name) for name in names}
 
 
@@ -110,3 +123,16 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         fault=values.fault,
         mesh=values.mesh,
     )
+
+
+class _DropLibraryInfo:
+    """absl-handler filter: hide INFO chatter of Orbax (it logs every save) but keep warnings."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def quiet_libraries() -> None:
+    from absl import logging
+
+    logging.get_absl_handler().addFilter(_DropLibraryInfo())

@@ -24,14 +24,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required (the folder for checkpoints and logs)")
+    common.quiet_libraries()
     if FLAGS.fault == "list":
         print("No fault types are available in this version (accepted: --fault=none).")
         return
     from rftjax.train.loop import run
 
     try:
-        cfg = common.train_config(FLAGS, workdir=FLAGS.workdir, steps=FLAGS.steps,
-                                  resume=FLAGS.resume)
+        cfg = common.train_config(
+            FLAGS, workdir=FLAGS.workdir, steps=FLAGS.steps, resume=FLAGS.resume
+        )
         summary = run(cfg)
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)

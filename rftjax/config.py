@@ -78,10 +78,10 @@ class RLConfig:
             raise ValueError(
                 f"GRPO needs group_size >= 2 to compare completions, got {self.group_size}"
             )
-        if self.batch_size % self.num_minibatches:
+        if self.prompts_per_step % self.num_minibatches:
             raise ValueError(
-                f"prompts_per_step × group_size = {self.batch_size} is not divisible "
-                f"by num_minibatches={self.num_minibatches}"
+                f"prompts_per_step={self.prompts_per_step} is not divisible by "
+                f"num_minibatches={self.num_minibatches} (a minibatch holds whole groups)"
             )
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
@@ -145,8 +145,10 @@ class TrainConfig:
                 f"steps and warmup_steps must be >= 0, got {self.steps}, {self.warmup_steps}"
             )
         if self.mesh:
-            raise ValueError(f"--mesh={self.mesh!r}: device meshes are not available in this "
-                             "version; leave --mesh empty for one device")
+            raise ValueError(
+                f"--mesh={self.mesh!r}: device meshes are not available in this "
+                "version; leave --mesh empty for one device"
+            )
         if self.fault != "none":
             raise ValueError(
                 f"--fault={self.fault!r}: fault injection is not available in this "

@@ -90,6 +90,12 @@ class Checkpointer:
         )
         return out.state, out.meta
 
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of `step` alone (cheap: no arrays are read)."""
+        self.wait()
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out.meta
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

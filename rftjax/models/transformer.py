@@ -83,7 +83,11 @@ class Linear(nnx.Module):
         self.dtype = jnp.dtype(config.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        # A 2-D matmul: XLA:CPU runs dot products that contract over several batch dims (the
+        # weight gradient of a [B, S, in] input) about twice as slowly.
+        w = self.weight[...].astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype).reshape(-1, x.shape[-1]), w.T)
+        y = y.reshape(*x.shape[:-1], w.shape[0])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -194,43 +198,49 @@ class Transformer(nnx.Module):
                 config.hidden_size, config.vocab_size, bias=False, config=config, rngs=rngs
             )
 
-    def __call__(
+    def trunk(
         self,
         tokens: jax.Array,
         positions: jax.Array,
         mask: jax.Array,
         cache: KVCache | None = None,
-    ) -> tuple[jax.Array, jax.Array, KVCache | None]:
-        """tokens, positions [B,S] int; mask bool [B,S,L] (L = S without cache, cache length with).
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states [B,S,hidden] (after the last norm) and the new cache.
 
+        tokens, positions [B,S] int; mask bool [B,S,L] (L = S without cache, cache length with).
         With a cache, the S new tokens are written at slots [cache.index, cache.index + S) and
         `cache.valid` must already mark those slots; the returned cache has index advanced by S.
         """
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        inv_freq = rope_frequencies(cfg)
+        dtype = jnp.dtype(self.config.dtype)
+        inv_freq = rope_frequencies(self.config)
         x = self.model.embed_tokens.weight[...].astype(dtype)[tokens]
         new_keys, new_values = [], []
+        index = None if cache is None else cache.index
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(
-                x, positions, inv_freq, mask, kv, None if cache is None else cache.index
-            )
+            x, (k, v) = layer(x, positions, inv_freq, mask, kv, index)
             new_keys.append(k)
             new_values.append(v)
         hidden = self.model.norm(x)
-        if cfg.tie_word_embeddings:
-            head = self.model.embed_tokens.weight[...]
-        else:
-            head = self.lm_head.weight[...]
-        # Logits in fp32: log-probs and the RL loss are sensitive to bf16 rounding.
-        logits = jnp.einsum("bsh,vh->bsv", hidden.astype(jnp.float32), head.astype(jnp.float32))
         if cache is None:
-            return logits, hidden, None
-        new_cache = KVCache(
+            return hidden, None
+        return hidden, KVCache(
             tuple(new_keys), tuple(new_values), cache.valid, cache.index + tokens.shape[1]
         )
-        return logits, hidden, new_cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Logits in fp32 [..., V]: log-probs and the RL loss are sensitive to bf16 rounding."""
+        if self.config.tie_word_embeddings:
+            w = self.model.embed_tokens.weight[...]
+        else:
+            w = self.lm_head.weight[...]
+        flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
+        return jnp.dot(flat, w.astype(jnp.float32).T).reshape(*hidden.shape[:-1], w.shape[0])
+
+    def __call__(self, tokens, positions, mask, cache=None):
+        """(logits fp32 [B,S,V], hidden [B,S,hidden], new cache or None); see `trunk`."""
+        hidden, cache = self.trunk(tokens, positions, mask, cache)
+        return self.head(hidden), hidden, cache
 
 
 def causal_mask(valid: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rftjax.models import full_forward, init_cache
+from rftjax.models import full_forward, init_cache, positions_from_valid
 
 
 class SamplingParams(NamedTuple):
@@ -93,6 +93,29 @@ class _Loop(NamedTuple):
     cache: object
 
 
+def prefill(model, prompts: jax.Array, prompt_mask: jax.Array, length: int):
+    """Runs the left-padded prompts [Bp, P] into a fresh cache of `length` slots.
+
+    Returns the last prompt position's hidden state [Bp, E] (it predicts the first response
+    token) and the cache with the prompt written at slots [0, P).
+    """
+    bp, p = prompts.shape
+    prompt_valid = prompt_mask.astype(bool)
+    cache = init_cache(model.config, bp, length)
+    valid = jnp.zeros((bp, length), bool).at[:, :p].set(prompt_valid)
+    cache = cache._replace(valid=valid)
+    mask = (jnp.arange(length)[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :]
+    hidden, cache = model.trunk(prompts, positions_from_valid(prompt_valid), mask, cache)
+    return hidden[:, -1], cache
+
+
+def repeat_rows(tree, group_size: int):
+    """Repeats every row of every array group_size times (a group's rows stay contiguous)."""
+    if group_size == 1:
+        return tree
+    return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0) if x.ndim else x, tree)
+
+
 def generate(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -101,24 +124,28 @@ def generate(
     key: jax.Array,
     sampling: SamplingParams,
     *,
+    group_size: int = 1,
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
 ) -> Rollout:
-    """Prefills the left-padded prompts [B, P], then decodes up to N tokens in a while loop."""
+    """Samples group_size completions of each prompt; B = Bp × group_size rows.
+
+    The unique prompts [Bp, P] are prefilled once and their cache is shared by the group; then
+    up to N tokens are decoded in a while loop that stops when every row has emitted EOS.
+    """
     model = nnx.merge(graphdef, params)
-    b, p = prompts.shape
+    p = prompts.shape[1]
     n, length = max_new_tokens, p + max_new_tokens
+    last_hidden, cache = prefill(model, prompts, prompt_mask, length)
+    cache = repeat_rows(cache, group_size)
+    prompts, prompt_mask = repeat_rows((prompts, prompt_mask), group_size)
+    b = prompts.shape[0]
     prompt_valid = prompt_mask.astype(bool)
     prompt_lens = prompt_valid.sum(-1).astype(jnp.int32)
-    cache = init_cache(model.config, b, length)
-    valid = jnp.zeros((b, length), bool).at[:, :p].set(prompt_valid)
-    cache = cache._replace(valid=valid)
+    logits = repeat_rows(model.head(last_hidden), group_size)
+    tok, lp = sample_token(logits, jax.random.fold_in(key, 0), sampling)
     slots = jnp.arange(length)
-    prefill_mask = (slots[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :]
-    positions = jnp.maximum(jnp.cumsum(prompt_valid, -1) - 1, 0)
-    logits, _, cache = model(prompts, positions, prefill_mask, cache)
-    tok, lp = sample_token(logits[:, -1], jax.random.fold_in(key, 0), sampling)
 
     zeros = jnp.zeros((b, n))
     state = _Loop(
@@ -137,15 +164,13 @@ def generate(
         prev = s.i - 1
         slot = p + prev
         prev_tok = jax.lax.dynamic_slice_in_dim(s.response, prev, 1, axis=1)
-        prev_real = jax.lax.dynamic_slice_in_dim(s.mask, prev, 1, axis=1)[:, 0] > 0
+        prev_real = jax.lax.dynamic_slice_in_dim(s.mask, prev, 1, axis=1) > 0
         c = s.cache
-        c = c._replace(
-            valid=jax.lax.dynamic_update_slice_in_dim(c.valid, prev_real[:, None], slot, axis=1)
-        )
+        c = c._replace(valid=jax.lax.dynamic_update_slice_in_dim(c.valid, prev_real, slot, 1))
         step_mask = ((slots <= slot)[None, :] & c.valid)[:, None, :]
         pos = (prompt_lens + prev)[:, None]
-        logits, _, c = model(prev_tok, pos, step_mask, c)
-        tok, lp = sample_token(logits[:, 0], jax.random.fold_in(key, s.i), sampling)
+        hidden, c = model.trunk(prev_tok, pos, step_mask, c)
+        tok, lp = sample_token(model.head(hidden[:, 0]), jax.random.fold_in(key, s.i), sampling)
         active = ~s.done
         tok = jnp.where(active, tok, pad_id)
         put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], s.i, axis=1)
@@ -175,13 +200,24 @@ def _finish(prompts, prompt_valid, response, mask, logp, done) -> Rollout:
 
 
 def generate_recompute(
-    graphdef, params, prompts, prompt_mask, key, sampling, *, max_new_tokens, eos_id, pad_id
+    graphdef,
+    params,
+    prompts,
+    prompt_mask,
+    key,
+    sampling,
+    *,
+    group_size=1,
+    max_new_tokens,
+    eos_id,
+    pad_id,
 ) -> Rollout:
     """Reference decoder without a cache: a full forward over the whole buffer per new token.
 
     Same interface and same random draws as `generate`; used to check the cache and to measure
     what the cache saves.
     """
+    prompts, prompt_mask = repeat_rows((prompts, prompt_mask), group_size)
     b, p = prompts.shape
     n = max_new_tokens
     prompt_valid = prompt_mask.astype(bool)
@@ -209,20 +245,38 @@ def generate_recompute(
 def response_logprobs(
     graphdef: nnx.GraphDef,
     params: nnx.State,
-    tokens: jax.Array,
-    valid: jax.Array,
-    prompt_len: int,
+    prompts: jax.Array,
+    prompt_mask: jax.Array,
+    response: jax.Array,
+    response_mask: jax.Array,
     temperature: jax.Array,
 ):
-    """The trainer's view of a rollout: one forward over prompt + response.
+    """The trainer's view of a rollout, with the prompt computed once per group.
+
+    prompts [Bp, P] (unique, left-padded) and response [B, N] with B = Bp × G (a group's rows
+    contiguous). The prompt's keys and values are shared by the G completions (gradients from
+    all of them flow back through the one prompt pass), which makes this 2-3× cheaper than a
+    forward over B × (P + N) tokens and mathematically the same.
 
     Returns per-token log-probs [B, N] of the response tokens, entropies [B, N] of the same
     (tempered) distributions, and the hidden states [B, N, E] that predicted them (for a value
     head: V(s_t) is read from the state before token t is emitted).
     """
-    logits, hidden, _ = full_forward(graphdef, params, tokens, valid)
-    logp_all = log_probs(logits[:, prompt_len - 1 : -1], temperature)
-    response = tokens[:, prompt_len:]
+    model = nnx.merge(graphdef, params)
+    (bp, p), (b, n) = prompts.shape, response.shape
+    group_size = b // bp
+    last_hidden, cache = prefill(model, prompts, prompt_mask, p + n)
+    cache = repeat_rows(cache, group_size)
+    prompt_valid = repeat_rows(prompt_mask, group_size).astype(bool)
+    response_valid = response_mask > 0
+    valid = jnp.concatenate([prompt_valid, response_valid], axis=1)
+    cache = cache._replace(valid=valid)
+    causal = jnp.arange(p + n)[None, :] <= (p + jnp.arange(n))[:, None]  # [N, P+N]
+    positions = prompt_valid.sum(-1, keepdims=True) + jnp.arange(n)[None, :]
+    hidden_r, _ = model.trunk(response, positions, causal[None] & valid[:, None, :], cache)
+    # Token t is predicted by the state before it: the prompt's last state for t = 0.
+    hidden = jnp.concatenate([repeat_rows(last_hidden, group_size)[:, None], hidden_r[:, :-1]], 1)
+    logp_all = log_probs(model.head(hidden), temperature)
     logp = jnp.take_along_axis(logp_all, response[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy, hidden[:, prompt_len - 1 : -1]
+    return logp, entropy, hidden

@@ -165,14 +165,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )
     warmup_seconds = 0.0
     if cfg.resume and latest is not None:
-        target = init_state(params, rl, cfg.seed)
-        state, meta = checkpointer.restore(latest, target)
-        if meta["config"] != record:
-            changed = sorted(k for k in record if meta["config"].get(k) != record[k])
+        saved = checkpointer.read_meta(latest)["config"]
+        if saved != record:
+            changed = sorted(k for k in record if saved.get(k) != record[k])
             raise ValueError(
-                f"--resume: {workdir} belongs to a run with a different "
-                f"configuration (differs in: {', '.join(changed)})"
+                f"--resume: {workdir} belongs to a run with a different configuration "
+                f"(differs in: {', '.join(changed)})"
             )
+        state, meta = checkpointer.restore(latest, init_state(params, rl, cfg.seed))
         knobs = knobs_from_dict(meta["knobs"])
         initial = meta["eval_initial"]
         logging.info("resumed from step %d in %s", latest, checkpointer.directory)

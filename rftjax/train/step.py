@@ -18,7 +18,7 @@ from flax import nnx
 from rftjax import algorithms as alg
 from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
-from rftjax.sampling import Rollout, SamplingParams, generate, response_logprobs
+from rftjax.sampling import Rollout, SamplingParams, generate, repeat_rows, response_logprobs
 
 RewardFn = Callable[[jax.Array, jax.Array], dict[str, jax.Array]]
 _SAMPLE, _SHUFFLE = 0, 1  # salts for per-step keys
@@ -66,7 +66,7 @@ def learning_rate(knobs: Knobs, step: jax.Array, warmup_steps: int) -> jax.Array
 
 def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
     """Clip (knob), Adam direction, scale by -lr. Returns params, opt_state, stats."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     scale = jnp.where(
         knobs.grad_clip > 0, jnp.minimum(1.0, knobs.grad_clip / (grad_norm + 1e-6)), 1.0
     )
@@ -75,8 +75,8 @@ def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
     updates = jax.tree.map(lambda d: -lr * d, direction)
     stats = {
         "grad_norm": grad_norm,
-        "update_norm": optax.global_norm(updates),
-        "param_norm": optax.global_norm(params),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
     }
     return optax.apply_updates(params, updates), opt_state, stats
 
@@ -112,27 +112,37 @@ def make_learner(
     precompute = cfg.updates_per_step > 1
 
     def rollout(state: TrainState, batch: PromptBatch, knobs: Knobs) -> Rollout:
-        prompts = jnp.repeat(batch.prompts, cfg.group_size, axis=0)
-        prompt_mask = jnp.repeat(batch.prompt_mask, cfg.group_size, axis=0)
         key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SAMPLE)
         sampling = SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k)
         return generate(
             graphdef,
             state.params["policy"],
-            prompts,
-            prompt_mask,
+            batch.prompts,
+            batch.prompt_mask,
             key,
             sampling,
+            group_size=cfg.group_size,
             max_new_tokens=n,
             eos_id=eos_id,
             pad_id=pad_id,
         )
 
-    def forward(params, data, knobs):
+    def policy_forward(policy, data, knobs):
+        """Log-probs, entropies, hidden states of rows whose groups are contiguous."""
         prompt_len = data["tokens"].shape[1] - n
-        logp, entropy, hidden = response_logprobs(
-            graphdef, params["policy"], data["tokens"], data["valid"], prompt_len, knobs.temperature
+        g = cfg.group_size
+        return response_logprobs(
+            graphdef,
+            policy,
+            data["tokens"][::g, :prompt_len],
+            data["valid"][::g, :prompt_len],
+            data["tokens"][:, prompt_len:],
+            data["mask"],
+            knobs.temperature,
         )
+
+    def forward(params, data, knobs):
+        logp, entropy, hidden = policy_forward(params["policy"], data, knobs)
         values = _value(params, hidden) if ppo else jnp.zeros_like(logp)
         return logp, entropy, values
 
@@ -211,20 +221,15 @@ def make_learner(
         return (params, opt_state), {**metrics, **stats}
 
     def learn(state: TrainState, ro: Rollout, rewards: dict[str, jax.Array], knobs: Knobs):
-        b = ro.response.shape[0]
-        prompt_len = ro.tokens.shape[1] - n
         scores = _guard(rewards["reward"].astype(jnp.float32), knobs.reward_clip)
-        ref_logp, _, _ = response_logprobs(
-            graphdef, state.ref_params, ro.tokens, ro.valid, prompt_len, knobs.temperature
-        )
         data = {
             "tokens": ro.tokens,
             "valid": ro.valid,
             "mask": ro.response_mask,
             "sampler_logp": ro.logp,
-            "ref_logp": ref_logp,
             "scores": scores,
         }
+        data["ref_logp"] = policy_forward(state.ref_params, data, knobs)[0]
         if not ppo:
             data["seq_adv"] = alg.group_advantages(
                 scores, group_size=cfg.group_size, normalize_std=cfg.normalize_adv_std
@@ -234,7 +239,9 @@ def make_learner(
             data.update(targets(old_logp, old_values, data, knobs))
         lr = learning_rate(knobs, state.step, cfg.lr_warmup_steps)
         key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SHUFFLE)
-        minibatches = _minibatches(data, key, cfg.num_epochs, cfg.num_minibatches, b)
+        minibatches = _minibatches(
+            data, key, cfg.num_epochs, cfg.num_minibatches, cfg.prompts_per_step, cfg.group_size
+        )
         (params, opt_state), per_update = jax.lax.scan(
             lambda c, mb: update(c, mb, knobs, lr), (state.params, state.opt_state), minibatches
         )
@@ -251,21 +258,23 @@ def make_learner(
 
         def step(state, batch, knobs):
             ro = rollout(state, batch, knobs)
-            answers = jnp.repeat(batch.answers, cfg.group_size, axis=0)
+            answers = repeat_rows(batch.answers, cfg.group_size)
             return learn(state, ro, reward_fn(ro.response, answers), knobs)
 
         fns["step"] = jax.jit(step, donate_argnums=0)
     return fns
 
 
-def _minibatches(data, key, epochs: int, num_mb: int, b: int):
-    """Stacks epochs × minibatches of row-shuffled data along a new leading axis."""
+def _minibatches(data, key, epochs: int, num_mb: int, num_groups: int, group_size: int):
+    """Stacks epochs × minibatches along a new leading axis, shuffling whole groups (a group's
+    completions stay together and contiguous, as the shared-prompt forward needs)."""
     if epochs * num_mb == 1:
         return jax.tree.map(lambda x: x[None], data)
     perms = jnp.stack(
-        [jax.random.permutation(jax.random.fold_in(key, e), b) for e in range(epochs)]
-    ).reshape(epochs * num_mb, b // num_mb)
-    return jax.tree.map(lambda x: x[perms], data)
+        [jax.random.permutation(jax.random.fold_in(key, e), num_groups) for e in range(epochs)]
+    ).reshape(epochs * num_mb, num_groups // num_mb)
+    rows = (perms[..., None] * group_size + jnp.arange(group_size)).reshape(epochs * num_mb, -1)
+    return jax.tree.map(lambda x: x[rows], data)
 
 
 def _adv_stats(adv, mask):

@@ -31,10 +31,8 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
 
     def loss_fn(params, prompts, prompt_mask, answers):
         answer_mask = answers != pad_id
-        tokens = jnp.concatenate([prompts, answers], axis=1)
-        valid = jnp.concatenate([prompt_mask.astype(bool), answer_mask], axis=1)
         logp, _, _ = response_logprobs(
-            graphdef, params, tokens, valid, prompts.shape[1], jnp.ones(())
+            graphdef, params, prompts, prompt_mask, answers, answer_mask, jnp.ones(())
         )
         return -jnp.sum(logp * answer_mask) / jnp.maximum(answer_mask.sum(), 1)
 

@@ -1,0 +1,175 @@
+"""Sampling: KV cache equals full recompute, sampler and trainer log-probs agree, EOS handling."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rftjax import models, sampling
+from rftjax.sampling import sampler as smp
+
+CFG = models.ModelConfig(
+    vocab_size=24,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    qkv_bias=True,
+    tie_word_embeddings=True,
+)
+PAD, N, GROUP = 0, 8, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.create(CFG, 0)
+
+
+def _prompts(seed=0, bp=3, p=6):
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, CFG.vocab_size, (bp, p)).astype(np.int32)
+    mask = np.ones((bp, p), np.int32)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    prompts[mask == 0] = PAD
+    return jnp.asarray(prompts), jnp.asarray(mask)
+
+
+def _pair(graphdef, eos_id):
+    kw = dict(group_size=GROUP, max_new_tokens=N, eos_id=eos_id, pad_id=PAD)
+    cached = jax.jit(functools.partial(sampling.generate, graphdef, **kw))
+    recompute = jax.jit(functools.partial(sampling.generate_recompute, graphdef, **kw))
+    return cached, recompute
+
+
+def _frequent_eos(graphdef, params, prompts, mask, sp, key=0):
+    """An EOS id that the same draws emit mid-way in row 0, so EOS handling is exercised."""
+    cached, _ = _pair(graphdef, eos_id=-1)
+    ro = cached(params, prompts, mask, jax.random.PRNGKey(key), sp)
+    return int(np.asarray(ro.response)[0, N // 2])
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 5)])
+def test_kv_cache_equals_full_recompute(model, temperature, top_p, top_k):
+    graphdef, params = model
+    prompts, mask = _prompts()
+    sp = sampling.sampling_params(temperature, top_p, top_k)
+    eos = _frequent_eos(graphdef, params, prompts, mask, sp, key=3)
+    cached, recompute = _pair(graphdef, eos)
+    a = cached(params, prompts, mask, jax.random.PRNGKey(3), sp)
+    b = recompute(params, prompts, mask, jax.random.PRNGKey(3), sp)
+    np.testing.assert_array_equal(a.response, b.response)
+    np.testing.assert_array_equal(a.response_mask, b.response_mask)
+    np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+    assert np.asarray(a.lengths).min() < N  # some row stopped at EOS
+
+
+def test_eos_convention(model):
+    graphdef, params = model
+    prompts, mask = _prompts(1)
+    sp = sampling.sampling_params(0.0)
+    eos = _frequent_eos(graphdef, params, prompts, mask, sp)
+    ro = _pair(graphdef, eos)[0](params, prompts, mask, jax.random.PRNGKey(0), sp)
+    response, rmask = np.asarray(ro.response), np.asarray(ro.response_mask)
+    for row, m, length, trunc in zip(
+        response, rmask, np.asarray(ro.lengths), np.asarray(ro.truncated), strict=True
+    ):
+        hits = np.flatnonzero(row == eos)
+        if hits.size:  # EOS counts as a response token; everything after it is masked pad
+            assert length == hits[0] + 1 and not trunc
+            assert (row[length:] == PAD).all() and (m[length:] == 0).all()
+        else:
+            assert length == N and trunc
+        assert (m[:length] == 1).all()
+    assert (np.asarray(ro.logp)[rmask == 0] == 0).all()
+    # Tokens of the rollout are the repeated prompts followed by the response.
+    np.testing.assert_array_equal(np.asarray(ro.tokens)[:, :6], np.repeat(prompts, GROUP, 0))
+
+
+def _reference_logprobs(graphdef, params, prompts, mask, response, rmask, temperature):
+    toks = jnp.concatenate([jnp.repeat(prompts, GROUP, 0), response], 1)
+    valid = jnp.concatenate([jnp.repeat(mask, GROUP, 0) > 0, rmask > 0], 1)
+    logits, _, _ = models.full_forward(graphdef, params, toks, valid)
+    p = prompts.shape[1]
+    logp_all = sampling.log_probs(logits[:, p - 1 : -1], temperature)
+    return jnp.take_along_axis(logp_all, response[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampler_and_trainer_logprobs_agree(model, temperature):
+    graphdef, params = model
+    prompts, mask = _prompts(2)
+    sp = sampling.sampling_params(temperature)
+    ro = _pair(graphdef, 1)[0](params, prompts, mask, jax.random.PRNGKey(5), sp)
+    logp, entropy, hidden = sampling.response_logprobs(
+        graphdef, params, prompts, mask, ro.response, ro.response_mask, sp.temperature
+    )
+    m = np.asarray(ro.response_mask)
+    np.testing.assert_allclose(np.asarray(logp) * m, ro.logp, atol=1e-5)
+    ref = _reference_logprobs(
+        graphdef, params, prompts, mask, ro.response, ro.response_mask, sp.temperature
+    )
+    np.testing.assert_allclose(np.asarray(logp) * m, np.asarray(ref) * m, atol=1e-5)
+    assert hidden.shape == (6, N, CFG.hidden_size) and (np.asarray(entropy) >= 0).all()
+
+
+def test_shared_prompt_gradients_equal_full_forward(model):
+    graphdef, params = model
+    prompts, mask = _prompts(3)
+    rng = np.random.default_rng(0)
+    response = jnp.asarray(rng.integers(3, CFG.vocab_size, (6, N)), jnp.int32)
+    rmask = jnp.asarray(np.arange(N)[None] < rng.integers(1, N + 1, (6, 1)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(6, N)), jnp.float32)
+    t = jnp.asarray(0.8)
+
+    def shared(p):
+        lp = sampling.response_logprobs(graphdef, p, prompts, mask, response, rmask, t)[0]
+        return jnp.sum(lp * weights * rmask)
+
+    def full(p):
+        return jnp.sum(
+            _reference_logprobs(graphdef, p, prompts, mask, response, rmask, t) * weights * rmask
+        )
+
+    g1, g2 = jax.grad(shared)(params), jax.grad(full)(params)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_restrict_top_k_and_top_p_hand_example():
+    logits = jnp.log(jnp.array([[0.1, 0.5, 0.15, 0.25]]))
+    keep = lambda p, k: np.isfinite(
+        np.asarray(smp._restrict(logits, jnp.asarray(p), jnp.asarray(k)))
+    )[0].tolist()
+    assert keep(1.0, 1) == [False, True, False, False]
+    assert keep(1.0, 3) == [False, True, True, True]
+    # nucleus: 0.5 then 0.25 reaches 0.75 >= 0.7, so {0.5, 0.25} is the smallest set
+    assert keep(0.7, 0) == [False, True, False, True]
+    assert keep(0.8, 0) == [False, True, True, True]
+    assert keep(0.8, 2) == [False, True, False, True]
+
+
+def test_greedy_ignores_randomness_and_sampling_uses_it(model):
+    graphdef, params = model
+    prompts, mask = _prompts(4)
+    gen = _pair(graphdef, -1)[0]
+    greedy = sampling.sampling_params(0.0)
+    a = gen(params, prompts, mask, jax.random.PRNGKey(0), greedy)
+    b = gen(params, prompts, mask, jax.random.PRNGKey(1), greedy)
+    np.testing.assert_array_equal(a.response, b.response)
+    hot = sampling.sampling_params(1.5)
+    c = gen(params, prompts, mask, jax.random.PRNGKey(0), hot)
+    d = gen(params, prompts, mask, jax.random.PRNGKey(1), hot)
+    assert (np.asarray(c.response) != np.asarray(d.response)).any()
+
+
+def test_generate_compiles_once_for_new_prompts_and_settings(model):
+    graphdef, params = model
+    gen = _pair(graphdef, 1)[0]
+    for seed, (t, p, k) in enumerate([(1.0, 1.0, 0), (0.5, 0.9, 3), (0.0, 1.0, 0)]):
+        prompts, mask = _prompts(seed)
+        gen(params, prompts, mask, jax.random.PRNGKey(seed), sampling.sampling_params(t, p, k))
+    assert gen._cache_size() == 1

@@ -1,0 +1,133 @@
+"""End to end: `launch.train` on a shrunken config, outputs, resume, and bad inputs."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rftjax.config import RLConfig, TrainConfig
+from rftjax.train.loop import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHRUNK = [
+    "--model_overrides=num_layers=1,hidden_size=32,intermediate_size=64,num_heads=2,num_kv_heads=2",
+    "--warmup_steps=20",
+    "--warmup_batch_size=32",
+    "--eval_size=32",
+    "--prompts_per_step=4",
+    "--group_size=4",
+    "--eval_every=3",
+    "--checkpoint_every=3",
+    "--log_every=2",
+]
+
+
+def _launch(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "launch.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_launch_train_writes_the_promised_outputs(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _launch(f"--workdir={workdir}", "--steps=6", *SHRUNK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    for key in (
+        "eval_accuracy_initial",
+        "eval_accuracy_final",
+        "steps_completed",
+        "wall_seconds",
+        "fault",
+        "alarms",
+        "diagnoses",
+        "actions",
+        "halted",
+    ):
+        assert key in summary
+    assert summary["steps_completed"] == 6 and summary["halted"] is False
+    records = _records(workdir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert "eval_accuracy" in records[2] and "eval_accuracy" not in records[1]
+    assert all("reward_mean" in r and "kl_ref" in r and "grad_norm" in r for r in records)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["3", "6"]
+    assert any(
+        n.startswith("events.out.tfevents")
+        for n in os.listdir(os.path.join(workdir, "tensorboard"))
+    )
+    assert "warm-up" in proc.stderr and "held-out accuracy" in proc.stderr
+
+
+def _config(workdir, steps, **kw):
+    return TrainConfig(
+        workdir=str(workdir),
+        steps=steps,
+        model_overrides=SHRUNK[0].split("=", 1)[1],
+        warmup_steps=10,
+        warmup_batch_size=16,
+        eval_size=16,
+        eval_every=2,
+        checkpoint_every=2,
+        rl=RLConfig(prompts_per_step=4, group_size=4),
+        **kw,
+    )
+
+
+def test_resumed_run_continues_with_identical_metrics(tmp_path):
+    straight = tmp_path / "straight"
+    run(_config(straight, 6))
+    broken = tmp_path / "broken"
+    run(_config(broken, 4))
+    # Records past the last checkpoint (a run that died at step 5) must be replaced on resume.
+    with open(broken / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 5, "reward_mean": -1.0}) + "\n")
+    summary = run(_config(broken, 6, resume=True))
+    assert summary["steps_completed"] == 6
+    assert _records(straight) == _records(broken)
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    run(_config(tmp_path, 2))
+    changed = dataclasses.replace(
+        _config(tmp_path, 4, resume=True), rl=RLConfig(prompts_per_step=4, group_size=4, algo="ppo")
+    )
+    with pytest.raises(ValueError, match="different configuration.*rl"):
+        run(changed)
+    with pytest.raises(ValueError, match="--resume"):
+        run(_config(tmp_path, 4))  # a finished run's workdir is not silently overwritten
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--task=nope", "unknown task 'nope'"),
+        ("--fault=RF1", "--fault='RF1'"),
+        ("--model=huge", "unknown model preset 'huge'"),
+        ("--model_overrides=depth=2", "unknown model override 'depth'"),
+        ("--top_p=1.5", "top_p must be in (0, 1]"),
+        ("--prompts_per_step=5 --num_minibatches=2", "not divisible by num_minibatches"),
+    ],
+)
+def test_bad_flags_fail_with_a_clear_message(tmp_path, flag, message):
+    proc = _launch(f"--workdir={tmp_path}", "--steps=1", *flag.split())
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unknown_enum_value_is_rejected_by_flag_parsing(tmp_path):
+    proc = _launch(f"--workdir={tmp_path}", "--algo=dpo")
+    assert proc.returncode != 0 and "grpo" in proc.stderr and "ppo" in proc.stderr
