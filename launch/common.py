@@ -35,7 +35,7 @@ def define_run_flags() -> None:
     flags.DEFINE_bool("kl_in_reward", False, "PPO: KL penalty in the per-token reward.")
     flags.DEFINE_float("gamma", 1.0, "PPO GAE γ.")
     flags.DEFINE_float("lam", 0.95, "PPO GAE λ.")
-    flags.DEFINE_float("lr", 2e-4, "Learning rate of RL.")
+    flags.DEFINE_float("lr", 1e-4, "Learning rate of RL.")
     flags.DEFINE_float("grad_clip", 1.0, "Global-norm gradient clip (<= 0: off).")
     flags.DEFINE_float("kl_coef", 0.04, "KL-to-reference coefficient β.")
     flags.DEFINE_float("ent_coef", 0.0, "Entropy bonus coefficient.")
@@ -48,11 +48,11 @@ def define_run_flags() -> None:
     flags.DEFINE_integer("warmup_steps", 300, "Supervised warm-up steps before RL (0: none).")
     flags.DEFINE_integer("warmup_batch_size", 128, "Warm-up batch size.")
     flags.DEFINE_float("warmup_lr", 1e-3, "Warm-up learning rate.")
-    flags.DEFINE_integer("eval_every", 50, "Greedy held-out evaluation period (steps).")
+    flags.DEFINE_integer("eval_every", 100, "Greedy held-out evaluation period (steps).")
     flags.DEFINE_integer("eval_size", 512, "Held-out prompts evaluated.")
-    flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint period (steps).")
+    flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint period (steps).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Most recent checkpoints kept (plus pinned).")
-    flags.DEFINE_integer("log_every", 25, "Progress line period (steps).")
+    flags.DEFINE_integer("log_every", 100, "Progress line period (steps).")
 
 
 def max_new_tokens(values) -> int:

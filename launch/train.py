@@ -14,7 +14,7 @@ from launch import common
 
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and summary.json.")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest checkpoint.")
-flags.DEFINE_integer("steps", 300, "RL steps.")
+flags.DEFINE_integer("steps", 1500, "RL steps.")
 common.define_run_flags()
 FLAGS = flags.FLAGS
 

@@ -105,18 +105,18 @@ class TrainConfig:
     task: str = "arith"
     model: str = "tiny"
     model_overrides: str = ""
-    steps: int = 300
+    steps: int = 1500
     seed: int = 0
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     knobs: dict = dataclasses.field(default_factory=dict)
     warmup_steps: int = 300
     warmup_batch_size: int = 128
     warmup_lr: float = 1e-3
-    eval_every: int = 50
+    eval_every: int = 100
     eval_size: int = 512
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     keep_checkpoints: int = 3
-    log_every: int = 25
+    log_every: int = 100
     resume: bool = False
     fm: str = "off"
     fault: str = "none"

@@ -36,7 +36,7 @@ KNOB_NAMES = Knobs._fields
 
 def make_knobs(
     *,
-    lr: float = 3e-4,
+    lr: float = 1e-4,
     lr_scale: float = 1.0,
     lr_cap: float = 1.0,
     grad_clip: float = 1.0,

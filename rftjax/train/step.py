@@ -90,6 +90,35 @@ def _value(params, hidden):
     return hidden.astype(jnp.float32) @ head["weight"] + head["bias"]
 
 
+def grpo_advantages(old_logp, old_values, data, knobs, cfg: RLConfig):
+    """Group-relative advantages (GRPO; Dr. GRPO without the std), broadcast over tokens.
+
+    `data` holds whole groups (minibatches never split one), so the group statistics are exact.
+    """
+    del old_logp, old_values, knobs
+    adv = alg.group_advantages(
+        data["scores"], group_size=cfg.group_size, normalize_std=cfg.normalize_adv_std
+    )
+    return adv[:, None] * data["mask"], jnp.zeros_like(data["mask"])
+
+
+def gae_advantages(old_logp, old_values, data, knobs, cfg: RLConfig):
+    """PPO: sequence score on the last token (minus β·k1 per token with KL-in-reward), GAE(γ, λ)
+    with the value head's estimates, optionally whitened over the batch."""
+    mask = data["mask"]
+    kl = old_logp - data["ref_logp"] if cfg.kl_in_reward else None
+    token_r = alg.token_rewards(data["scores"], mask, kl=kl, kl_coef=knobs.kl_coef)
+    adv, ret = alg.gae(token_r, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_adv:
+        adv = alg.whiten(adv, mask) * mask
+    return adv, ret
+
+
+# Algorithms by name: how advantages and returns are estimated. Whether a value head is trained
+# follows from the name (PPO); the loss is shared.
+ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "ppo": gae_advantages}
+
+
 def make_learner(
     graphdef: nnx.GraphDef,
     cfg: RLConfig,
@@ -148,15 +177,7 @@ def make_learner(
 
     def targets(old_logp, old_values, data, knobs):
         """Advantages and returns from constants (behaviour log-probs and values)."""
-        mask = data["mask"]
-        if ppo:
-            kl = old_logp - data["ref_logp"] if cfg.kl_in_reward else None
-            token_r = alg.token_rewards(data["scores"], mask, kl=kl, kl_coef=knobs.kl_coef)
-            adv, ret = alg.gae(token_r, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_adv:
-                adv = alg.whiten(adv, mask) * mask
-        else:
-            adv, ret = data["seq_adv"][:, None] * mask, jnp.zeros_like(mask)
+        adv, ret = ADVANTAGE_ESTIMATORS[cfg.algo](old_logp, old_values, data, knobs, cfg)
         return {
             "old_logp": old_logp,
             "old_values": old_values,
@@ -230,10 +251,6 @@ def make_learner(
             "scores": scores,
         }
         data["ref_logp"] = policy_forward(state.ref_params, data, knobs)[0]
-        if not ppo:
-            data["seq_adv"] = alg.group_advantages(
-                scores, group_size=cfg.group_size, normalize_std=cfg.normalize_adv_std
-            )
         if precompute:
             old_logp, _, old_values = forward(state.params, data, knobs)
             data.update(targets(old_logp, old_values, data, knobs))
