@@ -58,16 +58,16 @@ def bench_step(values, repeats: int) -> dict:
     model_cfg = build_model_config(cfg, task)
     graphdef, params = models.create(model_cfg, values.seed)
     tok = task.tokenizer
-    learner = make_learner(graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                           reward_fn=task.jnp_reward)
+    learner = make_learner(
+        graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, reward_fn=task.jnp_reward
+    )
     knobs = make_knobs(**common.knob_values(values))
     batches = [to_prompt_batch(task.train_batch(i, rl.prompts_per_step)) for i in range(8)]
     holder = {"state": init_state(params, rl, values.seed), "i": 0}
 
     def step():
         holder["i"] += 1
-        holder["state"], metrics = learner["step"](holder["state"], batches[holder["i"] % 8],
-                                                   knobs)
+        holder["state"], metrics = learner["step"](holder["state"], batches[holder["i"] % 8], knobs)
         return metrics
 
     step_s = _time(step, repeats)
@@ -75,18 +75,23 @@ def bench_step(values, repeats: int) -> dict:
     state = holder["state"]
     rollout_s = _time(lambda: learner["rollout"](state, batches[0], knobs), repeats)
     ro = learner["rollout"](state, batches[0], knobs)
-    rewards = {"reward": task.jnp_reward(ro.response,
-                                         jnp.repeat(batches[0].answers, rl.group_size, 0))["reward"]}
+    answers = jnp.repeat(batches[0].answers, rl.group_size, 0)
+    rewards = {"reward": task.jnp_reward(ro.response, answers)["reward"]}
     copies = [jax.tree.map(jnp.copy, state) for _ in range(repeats + 1)]
     learn_s = _time(lambda: learner["learn"](copies.pop(), ro, rewards, knobs)[1], repeats)
     b = rl.batch_size
     seq_len = ro.tokens.shape[1]
     return {
-        "config": {"model": values.model, "overrides": values.model_overrides,
-                   "params": int(sum(np.prod(v.shape) for v in jax.tree.leaves(params))),
-                   "prompts_per_step": rl.prompts_per_step, "group_size": rl.group_size,
-                   "max_new_tokens": rl.max_new_tokens, "kl_coef": values.kl_coef,
-                   "updates_per_step": rl.updates_per_step},
+        "config": {
+            "model": values.model,
+            "overrides": values.model_overrides,
+            "params": int(sum(np.prod(v.shape) for v in jax.tree.leaves(params))),
+            "prompts_per_step": rl.prompts_per_step,
+            "group_size": rl.group_size,
+            "max_new_tokens": rl.max_new_tokens,
+            "kl_coef": values.kl_coef,
+            "updates_per_step": rl.updates_per_step,
+        },
         "step_seconds": step_s,
         "rollout_seconds": rollout_s,
         "learn_seconds": learn_s,
@@ -109,21 +114,33 @@ def bench_decode(values, repeats: int, new_tokens: int) -> dict:
     graphdef, params = models.create(build_model_config(cfg, task), values.seed)
     batch = to_prompt_batch(task.train_batch(0, values.prompts_per_step))
     # eos_id=-1: never stop early, so both decoders produce exactly `new_tokens` tokens.
-    kw = dict(group_size=values.group_size, max_new_tokens=new_tokens, eos_id=-1,
-              pad_id=task.tokenizer.pad_token_id)
+    kw = dict(
+        group_size=values.group_size,
+        max_new_tokens=new_tokens,
+        eos_id=-1,
+        pad_id=task.tokenizer.pad_token_id,
+    )
     sp = sampling.sampling_params(1.0)
     key = jax.random.PRNGKey(0)
-    run = {name: jax.jit(functools.partial(fn, graphdef, **kw))
-           for name, fn in (("cache", sampling.generate),
-                            ("recompute", sampling.generate_recompute))}
+    run = {
+        name: jax.jit(functools.partial(fn, graphdef, **kw))
+        for name, fn in (("cache", sampling.generate), ("recompute", sampling.generate_recompute))
+    }
     out = {name: fn(params, batch.prompts, batch.prompt_mask, key, sp) for name, fn in run.items()}
     same = bool(np.array_equal(out["cache"].response, out["recompute"].response))
     reps = max(3, repeats // 10)
-    secs = {name: _time(lambda f=fn: f(params, batch.prompts, batch.prompt_mask, key, sp), reps)
-            for name, fn in run.items()}
-    return {"new_tokens": new_tokens, "rows": values.prompts_per_step * values.group_size,
-            "cache_seconds": secs["cache"], "recompute_seconds": secs["recompute"],
-            "cache_speedup": secs["recompute"] / secs["cache"], "identical_tokens": same}
+    secs = {
+        name: _time(lambda f=fn: f(params, batch.prompts, batch.prompt_mask, key, sp), reps)
+        for name, fn in run.items()
+    }
+    return {
+        "new_tokens": new_tokens,
+        "rows": values.prompts_per_step * values.group_size,
+        "cache_seconds": secs["cache"],
+        "recompute_seconds": secs["recompute"],
+        "cache_speedup": secs["recompute"] / secs["cache"],
+        "identical_tokens": same,
+    }
 
 
 def main(argv):
@@ -133,18 +150,25 @@ def main(argv):
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
     step = bench_step(FLAGS, FLAGS.repeats)
     print(f"GRPO step, {step['config']}")
-    print(f"  step   {step['step_seconds'] * 1e3:7.2f} ms  (rollout {step['rollout_seconds'] * 1e3:.2f}"
-          f" ms, learn {step['learn_seconds'] * 1e3:.2f} ms)")
+    ms = {k: step[f"{k}_seconds"] * 1e3 for k in ("step", "rollout", "learn")}
+    print(
+        f"  step   {ms['step']:7.2f} ms  (rollout {ms['rollout']:.2f} ms, "
+        f"learn {ms['learn']:.2f} ms)"
+    )
     print(f"  completions/s        {step['completions_per_second']:9.0f}")
     print(f"  generated tokens/s   {step['generated_tokens_per_second']:9.0f}")
     print(f"  learner tokens/s     {step['learner_tokens_per_second']:9.0f}")
-    print(f"  ratio vs established trainers ({REFERENCE_COMPLETIONS_PER_S:.0f} completions/s): "
-          f"{step['ratio_vs_reference']:.2f}x")
+    print(
+        f"  ratio vs established trainers ({REFERENCE_COMPLETIONS_PER_S:.0f} completions/s): "
+        f"{step['ratio_vs_reference']:.2f}x"
+    )
     decode = bench_decode(FLAGS, FLAGS.repeats, FLAGS.decode_tokens)
-    print(f"decoding {decode['rows']} rows x {decode['new_tokens']} new tokens: KV cache "
-          f"{decode['cache_seconds'] * 1e3:.1f} ms, full recompute "
-          f"{decode['recompute_seconds'] * 1e3:.1f} ms -> {decode['cache_speedup']:.2f}x "
-          f"(identical tokens: {decode['identical_tokens']})")
+    print(
+        f"decoding {decode['rows']} rows x {decode['new_tokens']} new tokens: KV cache "
+        f"{decode['cache_seconds'] * 1e3:.1f} ms, full recompute "
+        f"{decode['recompute_seconds'] * 1e3:.1f} ms -> {decode['cache_speedup']:.2f}x "
+        f"(identical tokens: {decode['identical_tokens']})"
+    )
     if FLAGS.json:
         with open(FLAGS.json, "w", encoding="utf-8") as f:
             json.dump({"step": step, "decode": decode}, f, indent=2)

@@ -11,8 +11,9 @@ from rftjax.tasks import make_task
 from rftjax.train import warmup as wu
 from rftjax.train.loop import Evaluator, run
 
-MODEL = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
-                           num_heads=2, num_kv_heads=2)
+MODEL = models.ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,9 @@ def test_evaluator_scores_greedy_answers_and_compiles_once(task):
     assert evaluator.greedy._cache_size() == 1
     assert 0.0 <= first["eval_accuracy"] <= 1.0
     # Cross-check against decoding on the host and the text verifier.
-    response = np.asarray(evaluator.greedy(params, evaluator.batch.prompts,
-                                           evaluator.batch.prompt_mask))
+    response = np.asarray(
+        evaluator.greedy(params, evaluator.batch.prompts, evaluator.batch.prompt_mask)
+    )
     scores = task.jnp_reward(response, evaluator.batch.answers)
     assert first["eval_accuracy"] == pytest.approx(float(np.mean(scores["correct"])))
 
@@ -59,12 +61,19 @@ def test_jsonl_task_trains_through_host_rewards(tmp_path):
     with open(path, "w", encoding="utf-8") as f:
         for a, b in rng.integers(0, 50, (200, 2)):
             f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": int(a + b)}) + "\n")
-    cfg = TrainConfig(workdir=str(tmp_path / "run"), task=f"jsonl:{path}", steps=3,
-                      model_overrides="num_layers=1,hidden_size=32,intermediate_size=64,"
-                                      "num_heads=2,num_kv_heads=2",
-                      warmup_steps=5, warmup_batch_size=8, eval_size=16, eval_every=3,
-                      checkpoint_every=3, rl=RLConfig(prompts_per_step=2, group_size=2,
-                                                      max_new_tokens=4))
+    cfg = TrainConfig(
+        workdir=str(tmp_path / "run"),
+        task=f"jsonl:{path}",
+        steps=3,
+        model_overrides="num_layers=1,hidden_size=32,intermediate_size=64,"
+        "num_heads=2,num_kv_heads=2",
+        warmup_steps=5,
+        warmup_batch_size=8,
+        eval_size=16,
+        eval_every=3,
+        checkpoint_every=3,
+        rl=RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=4),
+    )
     summary = run(cfg)
     assert summary["steps_completed"] == 3
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
