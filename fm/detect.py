@@ -1,0 +1,351 @@
+"""Online anomaly detection over per-step scalar statistics, run inside a jitted train step.
+
+A `detector(signals, config)` factory returns a `Detector(init, update, thresholds)` of pure
+functions in the optax style. The state is a fixed-shape ring buffer of the last W accepted
+values of each of S signals, plus CUSUM sums; `update` never syncs with the host and takes no
+Python branch on values, so it can live in the compiled step (and under `vmap` over seeds).
+
+Per "score" signal and step, with x the new value and the window's valid points:
+
+    m = median(window),  σ̂ = max(1.4826·MAD(window), min_scale·(|m| + 1))
+    z = (x - m) / σ̂                                   robust z-score, signed
+    r = clip(z, -z_thr, z_thr)                        one spike adds at most z_thr - k to CUSUM
+    S⁺ = max(0, S⁺ + r - k),  S⁻ = max(0, S⁻ - r - k)  Page's two-sided CUSUM
+
+The signal flags when the direction-allowed side of z exceeds z_thr or of CUSUM exceeds h, once
+the window holds at least `warmup` valid points; a flag resets its CUSUM sums. "invariant"
+signals (cross-check counts) flag iff their value is > 0. Any non-finite value flags.
+
+Flagged values never enter the window (their ring-buffer slot stays invalid for that signal):
+otherwise σ̂ inflates after every spike and the next anomaly goes unseen. A shift flagged on
+every step is flagged until the pre-shift points age out; the window then holds fewer than
+`warmup` points and the signal re-enters warm-up at the new level. Points between CUSUM trips
+are accepted, so after a smaller shift the window follows the new level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DIRECTIONS = ("up", "down", "both")
+_KINDS = ("score", "invariant")
+_MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): MAD → σ for Gaussian data
+
+
+class Signal(NamedTuple):
+    """Static description of one monitored scalar statistic.
+
+    Attributes:
+      name: key of the statistic in the `stats` dict given to `update`.
+      direction: "up" | "down" | "both": which deviations from the window may alarm.
+      kind: "score" (robust z-score + CUSUM drift) or "invariant" (alarm iff value > 0, e.g. a
+        count of cross-check failures; no warm-up, no history needed).
+    """
+
+    name: str
+    direction: str = "both"
+    kind: str = "score"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DetectConfig:
+    """Static detector configuration: shapes and the defaults of `Thresholds`.
+
+    Attributes:
+      window: rolling history length W (ring buffer slots per signal).
+      warmup: valid window points a signal needs before it may alarm (scores still computed).
+      z_threshold: robust |z| above which a point is flagged.
+      cusum_k: CUSUM drift allowance k, in robust-σ units.
+      cusum_h: CUSUM decision threshold h.
+      min_scale: relative floor of the robust scale: σ̂ ≥ min_scale·(|median| + 1).
+
+    The default thresholds are set for heavy-tailed statistics (grad norms, max ratios): on
+    Student-t(3) noise a MAD z-score exceeds 6 on ~0.9% of steps, so z = 6, h = 12 would raise
+    ~9 false alarms per 1,000 steps; z = 16, h = 20 raise ~0.7 (tests/test_fm_detect.py). A
+    sustained shift is still caught by CUSUM within a few steps (8σ: 2 steps). For near-Gaussian
+    signals pass a lower per-signal `Thresholds.z` at runtime. With z - k < h one spike cannot
+    trip CUSUM alone.
+    """
+
+    window: int = 64
+    warmup: int = 20
+    z_threshold: float = 16.0
+    cusum_k: float = 0.5
+    cusum_h: float = 20.0
+    min_scale: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("window", "warmup"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"DetectConfig.{name} must be an int, got {value!r}")
+        if self.window < 2:
+            raise ValueError(f"DetectConfig.window must be >= 2, got {self.window}")
+        if not 0 <= self.warmup <= self.window:
+            raise ValueError(
+                f"DetectConfig.warmup must be in [0, window={self.window}], got {self.warmup}"
+            )
+        for name in ("z_threshold", "cusum_h", "min_scale", "cusum_k"):
+            value = getattr(self, name)
+            lowest_ok = 0.0 if name == "cusum_k" else math.nextafter(0.0, 1.0)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)) or value < lowest_ok:
+                bound = ">= 0" if name == "cusum_k" else "> 0"
+                raise ValueError(f"DetectConfig.{name} must be finite and {bound}, got {value!r}")
+
+
+class Thresholds(NamedTuple):
+    """Runtime thresholds, passed as arrays so that changing them never recompiles.
+
+    Each field is a scalar (all signals) or shaped [S] (per signal, in `Detector.signals` order).
+    """
+
+    z: jax.Array  # f32[] | f32[S]
+    cusum_k: jax.Array  # f32[] | f32[S]
+    cusum_h: jax.Array  # f32[] | f32[S]
+    warmup: jax.Array  # i32[] | i32[S]
+
+
+class DetectState(NamedTuple):
+    """Detector state carried from step to step (W = window, S = number of signals)."""
+
+    history: jax.Array  # f32[W, S] accepted values; 0 in invalid slots
+    valid: jax.Array  # bool[W, S] slot holds an accepted value of that signal
+    index: jax.Array  # i32[] next ring-buffer slot to write
+    count: jax.Array  # i32[S] accepted points per signal now in the window (= valid.sum(0))
+    cusum_pos: jax.Array  # f32[S] S⁺
+    cusum_neg: jax.Array  # f32[S] S⁻
+    step: jax.Array  # i32[] updates so far
+    alarms_total: jax.Array  # i32[] steps with an alarm so far
+
+
+class DetectOutput(NamedTuple):
+    """What one `update` says about the step it just saw."""
+
+    alarm: jax.Array  # bool[] any signal flagged
+    flags: jax.Array  # bool[S]
+    scores: jax.Array  # f32[S] robust z, signed; 0 below 2 window points, non-finite, invariants
+    cusum: jax.Array  # f32[S] largest direction-allowed CUSUM side, before any reset
+    nonfinite: jax.Array  # bool[] any monitored value non-finite
+
+
+class Detector(NamedTuple):
+    """A detector over a fixed tuple of signals: pure `init` / `update` functions."""
+
+    signals: tuple[Signal, ...]
+    init: Callable[[], DetectState]
+    update: Callable[
+        [Mapping[str, jax.Array], DetectState, Thresholds | None],
+        tuple[DetectOutput, DetectState],
+    ]
+    thresholds: Callable[[], Thresholds]
+
+
+def robust_stats(
+    history: jax.Array, valid: jax.Array, *, min_scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """Median and robust scale of each column over its valid entries.
+
+    Invalid entries are set to +inf and sorted to the end, so the median is read at the middle
+    index given by the valid count: O(S·W log W).
+
+    Args:
+      history: f32[W, S] values.
+      valid: bool[W, S] which entries count.
+      min_scale: relative floor, σ̂ ≥ min_scale·(|median| + 1).
+
+    Returns:
+      (median f32[S], scale f32[S]) with scale = max(1.4826·MAD, floor); a column without valid
+      entries gets median 0 and the floor.
+    """
+    n = valid.sum(axis=0)
+    median = _masked_median(history, valid, n)
+    mad = _masked_median(jnp.abs(history - median), valid, n)
+    scale = jnp.maximum(_MAD_TO_SIGMA * mad, min_scale * (jnp.abs(median) + 1.0))
+    return median, scale
+
+
+def _masked_median(x: jax.Array, valid: jax.Array, n: jax.Array) -> jax.Array:
+    """Median over axis 0 of the entries where `valid` (n = valid count per column, [S])."""
+    ordered = jnp.sort(jnp.where(valid, x, jnp.inf), axis=0)
+    lo = jnp.take_along_axis(ordered, jnp.maximum((n - 1) // 2, 0)[None], axis=0)[0]
+    hi = jnp.take_along_axis(ordered, jnp.maximum(n // 2, 0)[None], axis=0)[0]
+    return jnp.where(n > 0, 0.5 * (lo + hi), 0.0)
+
+
+def detector(signals: Sequence[Signal | str], config: DetectConfig = DetectConfig()) -> Detector:
+    """Builds a detector over `signals` (a bare name means `Signal(name)`).
+
+    Args:
+      signals: the S monitored statistics, in the order of the state's last axis.
+      config: window, warm-up, default thresholds.
+
+    Returns:
+      Detector whose `update(stats, state, thresholds=None)` reads `stats[s.name]` (scalars) and
+      returns `(DetectOutput, DetectState)`; `thresholds=None` uses `config`'s values as constants.
+    """
+    sigs = tuple(Signal(s) if isinstance(s, str) else Signal(*s) for s in signals)
+    _check_signals(sigs)
+    num, window, min_scale = len(sigs), config.window, config.min_scale
+    is_score = np.array([s.kind == "score" for s in sigs])
+    up_ok = is_score & np.array([s.direction in ("up", "both") for s in sigs])
+    down_ok = is_score & np.array([s.direction in ("down", "both") for s in sigs])
+
+    def init() -> DetectState:
+        zeros = jnp.zeros((num,), jnp.float32)
+        return DetectState(
+            history=jnp.zeros((window, num), jnp.float32),
+            valid=jnp.zeros((window, num), bool),
+            index=jnp.zeros((), jnp.int32),
+            count=jnp.zeros((num,), jnp.int32),
+            cusum_pos=zeros,
+            cusum_neg=zeros,
+            step=jnp.zeros((), jnp.int32),
+            alarms_total=jnp.zeros((), jnp.int32),
+        )
+
+    def thresholds() -> Thresholds:
+        return Thresholds(
+            z=jnp.asarray(config.z_threshold, jnp.float32),
+            cusum_k=jnp.asarray(config.cusum_k, jnp.float32),
+            cusum_h=jnp.asarray(config.cusum_h, jnp.float32),
+            warmup=jnp.asarray(config.warmup, jnp.int32),
+        )
+
+    def update(
+        stats: Mapping[str, jax.Array], state: DetectState, thresholds: Thresholds | None = None
+    ) -> tuple[DetectOutput, DetectState]:
+        th = Thresholds(config.z_threshold, config.cusum_k, config.cusum_h, config.warmup)
+        th = th if thresholds is None else thresholds
+        x = _gather(stats, sigs)
+        finite = jnp.isfinite(x)
+        median, scale = robust_stats(state.history, state.valid, min_scale=min_scale)
+        scored = finite & is_score & (state.count >= 2)
+        z = jnp.where(scored, (jnp.where(finite, x, 0.0) - median) / scale, 0.0)
+        warm = is_score & (state.count >= th.warmup)
+        z_flag = warm & ((up_ok & (z > th.z)) | (down_ok & (z < -th.z)))
+
+        r = jnp.clip(z, -th.z, th.z)
+        pos = jnp.where(warm, jnp.maximum(state.cusum_pos + r - th.cusum_k, 0.0), 0.0)
+        neg = jnp.where(warm, jnp.maximum(state.cusum_neg - r - th.cusum_k, 0.0), 0.0)
+        cusum = jnp.maximum(jnp.where(up_ok, pos, 0.0), jnp.where(down_ok, neg, 0.0))
+        cusum_flag = warm & (cusum > th.cusum_h)
+
+        invariant_flag = ~is_score & (x > 0)
+        flags = z_flag | cusum_flag | invariant_flag | ~finite
+        accept = ~flags
+        slot_was_valid = state.valid[state.index]
+        new_state = DetectState(
+            history=state.history.at[state.index].set(jnp.where(accept, x, 0.0)),
+            valid=state.valid.at[state.index].set(accept),
+            index=(state.index + 1) % window,
+            count=state.count - slot_was_valid.astype(jnp.int32) + accept.astype(jnp.int32),
+            cusum_pos=jnp.where(flags, 0.0, pos),
+            cusum_neg=jnp.where(flags, 0.0, neg),
+            step=state.step + 1,
+            alarms_total=state.alarms_total + jnp.any(flags).astype(jnp.int32),
+        )
+        output = DetectOutput(
+            alarm=jnp.any(flags),
+            flags=flags,
+            scores=z,
+            cusum=cusum,
+            nonfinite=~jnp.all(finite),
+        )
+        return output, new_state
+
+    return Detector(signals=sigs, init=init, update=update, thresholds=thresholds)
+
+
+def _check_signals(signals: tuple[Signal, ...]) -> None:
+    if not signals:
+        raise ValueError("detector needs at least one signal, got none")
+    seen = set()
+    for s in signals:
+        if not isinstance(s.name, str) or not s.name:
+            raise ValueError(f"Signal name must be a non-empty str, got {s.name!r}")
+        if s.name in seen:
+            raise ValueError(f"Signal name {s.name!r} appears more than once")
+        seen.add(s.name)
+        if s.direction not in _DIRECTIONS:
+            raise ValueError(
+                f"Signal {s.name!r}: direction must be one of {_DIRECTIONS}, got {s.direction!r}"
+            )
+        if s.kind not in _KINDS:
+            raise ValueError(f"Signal {s.name!r}: kind must be one of {_KINDS}, got {s.kind!r}")
+
+
+def _gather(stats: Mapping[str, jax.Array], signals: tuple[Signal, ...]) -> jax.Array:
+    """Stacks the monitored scalars into f32[S]; errors (at trace time) name the bad signal."""
+    values = []
+    for s in signals:
+        if s.name not in stats:
+            raise KeyError(
+                f"detector signal {s.name!r} is missing from stats; available: {sorted(stats)}"
+            )
+        value = jnp.asarray(stats[s.name])
+        if value.size != 1:
+            raise ValueError(f"stat {s.name!r} must be a scalar, got shape {value.shape}")
+        values.append(value.reshape(()).astype(jnp.float32))
+    return jnp.stack(values)
+
+
+def flags_to_dict(detector: Detector, output: DetectOutput) -> dict[str, jax.Array]:
+    """Flattens an output for logging.
+
+    Returns:
+      {"alarm": bool[], "nonfinite": bool[], "flag/<name>": bool[], "score/<name>": f32[],
+       "cusum/<name>": f32[]} with score and cusum entries for "score" signals only.
+    """
+    out = {"alarm": output.alarm, "nonfinite": output.nonfinite}
+    for i, s in enumerate(detector.signals):
+        out[f"flag/{s.name}"] = output.flags[i]
+        if s.kind == "score":
+            out[f"score/{s.name}"] = output.scores[i]
+            out[f"cusum/{s.name}"] = output.cusum[i]
+    return out
+
+
+def default_signals() -> tuple[Signal, ...]:
+    """Signals for an RL fine-tuning run, named after `fm.stats` keys, with alarm directions.
+
+    "up" where only growth is a failure sign (clipping, repetition, divergence from the
+    reference or the rollout policy, tool errors), "down" for the importance-sampling effective
+    sample size, "both" where either way is suspicious (reward collapse or hacking, entropy
+    collapse or blow-up, vanishing or exploding gradients).
+    """
+    score = {
+        "reward_mean": "both",
+        "reward_std": "both",
+        "frac_zero_std_groups": "up",
+        "length_mean": "both",
+        "clip_ratio": "up",
+        "repetition_ratio": "up",
+        "entropy_mean": "both",
+        "kl_ref_k3": "up",
+        "mismatch_k3": "up",
+        "mismatch_max_abs": "up",
+        "is_ratio_max": "up",
+        "is_ess": "down",
+        "grad_norm": "both",
+        "update_param_ratio": "both",
+        "adv_scale_ratio": "both",
+        "adv_group_mean_max_abs": "up",
+        "tool_error_rate": "up",
+    }
+    invariants = (
+        "nonfinite_grads",
+        "nonfinite_params",
+        "nonfinite_rewards",
+        "check_mask_length",
+        "check_adv_sign",
+    )
+    return tuple(Signal(name, direction) for name, direction in score.items()) + tuple(
+        Signal(name, "up", "invariant") for name in invariants
+    )
