@@ -9,7 +9,7 @@ Per "score" signal and step, with x the new value and the window's valid points:
 
     m = median(window),  σ̂ = max(1.4826·MAD(window), min_scale·(|m| + 1))
     z = (x - m) / σ̂                                   robust z-score, signed
-    r = clip(z, -z_thr, z_thr)                        one spike adds at most z_thr - k to CUSUM
+    r = clip(z, -c, c)                                winsorized: one spike adds at most c - k
     S⁺ = max(0, S⁺ + r - k),  S⁻ = max(0, S⁻ - r - k)  Page's two-sided CUSUM
 
 The signal flags when the direction-allowed side of z exceeds z_thr or of CUSUM exceeds h, once
@@ -36,6 +36,8 @@ import numpy as np
 
 _DIRECTIONS = ("up", "down", "both")
 _KINDS = ("score", "invariant")
+_HEAVY_Z = 25.0  # z threshold of statistics whose healthy runs show rare large spikes
+_TRENDING_H = 40.0  # CUSUM threshold of statistics that drift during healthy training
 _MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): MAD → σ for Gaussian data
 
 
@@ -47,11 +49,21 @@ class Signal(NamedTuple):
       direction: "up" | "down" | "both": which deviations from the window may alarm.
       kind: "score" (robust z-score + CUSUM drift) or "invariant" (alarm iff value > 0, e.g. a
         count of cross-check failures; no warm-up, no history needed).
+      floor: absolute floor of the robust scale σ̂, in the signal's units: the smallest change
+        that matters. Signals that sit at 0 or move in discrete steps (a fraction of 128
+        samples, a numerical mismatch of 1e-6) would otherwise turn any movement into z ≫ 1.
+      cusum_h: this signal's CUSUM threshold (None: the config's), e.g. higher for statistics
+        that trend while training goes well (KL to the reference, entropy).
+      z: this signal's z-score threshold (None: the config's), e.g. higher for statistics with
+        heavy tails in healthy runs.
     """
 
     name: str
     direction: str = "both"
     kind: str = "score"
+    floor: float = 0.0
+    cusum_h: float | None = None
+    z: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,14 +76,16 @@ class DetectConfig:
       z_threshold: robust |z| above which a point is flagged.
       cusum_k: CUSUM drift allowance k, in robust-σ units.
       cusum_h: CUSUM decision threshold h.
+      cusum_clip: CUSUM input winsorization c: |r| ≤ c, so isolated spikes (already judged by
+        the z-score) cannot add up to a drift alarm; only sustained shifts accumulate.
       min_scale: relative floor of the robust scale: σ̂ ≥ min_scale·(|median| + 1).
 
     The default thresholds are set for heavy-tailed statistics (grad norms, max ratios): on
     Student-t(3) noise a MAD z-score exceeds 6 on ~0.9% of steps, so z = 6, h = 12 would raise
     ~9 false alarms per 1,000 steps; z = 16, h = 20 raise ~0.7 (tests/test_fm_detect.py). A
     sustained shift is still caught by CUSUM within a few steps (8σ: 2 steps). For near-Gaussian
-    signals pass a lower per-signal `Thresholds.z` at runtime. With z - k < h one spike cannot
-    trip CUSUM alone.
+    signals pass a lower per-signal `Thresholds.z` at runtime. With c - k < h one spike cannot
+    trip CUSUM alone; with c = 4, k = 0.5, h = 20 a sustained 4σ shift trips it in 6 steps.
     """
 
     window: int = 64
@@ -79,6 +93,7 @@ class DetectConfig:
     z_threshold: float = 16.0
     cusum_k: float = 0.5
     cusum_h: float = 20.0
+    cusum_clip: float = 4.0
     min_scale: float = 1e-6
 
     def __post_init__(self):
@@ -92,7 +107,7 @@ class DetectConfig:
             raise ValueError(
                 f"DetectConfig.warmup must be in [0, window={self.window}], got {self.warmup}"
             )
-        for name in ("z_threshold", "cusum_h", "min_scale", "cusum_k"):
+        for name in ("z_threshold", "cusum_h", "cusum_clip", "min_scale", "cusum_k"):
             value = getattr(self, name)
             lowest_ok = 0.0 if name == "cusum_k" else math.nextafter(0.0, 1.0)
             if not (isinstance(value, (int, float)) and math.isfinite(value)) or value < lowest_ok:
@@ -110,6 +125,7 @@ class Thresholds(NamedTuple):
     cusum_k: jax.Array  # f32[] | f32[S]
     cusum_h: jax.Array  # f32[] | f32[S]
     warmup: jax.Array  # i32[] | i32[S]
+    floor: jax.Array  # f32[] | f32[S] absolute floor of the robust scale
 
 
 class DetectState(NamedTuple):
@@ -148,7 +164,7 @@ class Detector(NamedTuple):
 
 
 def robust_stats(
-    history: jax.Array, valid: jax.Array, *, min_scale: float
+    history: jax.Array, valid: jax.Array, *, min_scale: float, floor: jax.Array | float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
     """Median and robust scale of each column over its valid entries.
 
@@ -159,6 +175,7 @@ def robust_stats(
       history: f32[W, S] values.
       valid: bool[W, S] which entries count.
       min_scale: relative floor, σ̂ ≥ min_scale·(|median| + 1).
+      floor: absolute floor, σ̂ ≥ floor (scalar or f32[S]).
 
     Returns:
       (median f32[S], scale f32[S]) with scale = max(1.4826·MAD, floor); a column without valid
@@ -168,6 +185,7 @@ def robust_stats(
     median = _masked_median(history, valid, n)
     mad = _masked_median(jnp.abs(history - median), valid, n)
     scale = jnp.maximum(_MAD_TO_SIGMA * mad, min_scale * (jnp.abs(median) + 1.0))
+    scale = jnp.maximum(scale, floor)
     return median, scale
 
 
@@ -210,28 +228,38 @@ def detector(signals: Sequence[Signal | str], config: DetectConfig = DetectConfi
             alarms_total=jnp.zeros((), jnp.int32),
         )
 
+    floors = np.array([s.floor for s in sigs], np.float32)
+    zs = np.array([config.z_threshold if s.z is None else s.z for s in sigs], np.float32)
+    cusum_hs = np.array(
+        [config.cusum_h if s.cusum_h is None else s.cusum_h for s in sigs], np.float32
+    )
+
     def thresholds() -> Thresholds:
         return Thresholds(
-            z=jnp.asarray(config.z_threshold, jnp.float32),
+            z=jnp.asarray(zs),
             cusum_k=jnp.asarray(config.cusum_k, jnp.float32),
-            cusum_h=jnp.asarray(config.cusum_h, jnp.float32),
+            cusum_h=jnp.asarray(cusum_hs),
             warmup=jnp.asarray(config.warmup, jnp.int32),
+            floor=jnp.asarray(floors),
         )
 
     def update(
         stats: Mapping[str, jax.Array], state: DetectState, thresholds: Thresholds | None = None
     ) -> tuple[DetectOutput, DetectState]:
-        th = Thresholds(config.z_threshold, config.cusum_k, config.cusum_h, config.warmup)
-        th = th if thresholds is None else thresholds
+        th = thresholds
+        if th is None:
+            th = Thresholds(zs, config.cusum_k, cusum_hs, config.warmup, floors)
         x = _gather(stats, sigs)
         finite = jnp.isfinite(x)
-        median, scale = robust_stats(state.history, state.valid, min_scale=min_scale)
+        median, scale = robust_stats(
+            state.history, state.valid, min_scale=min_scale, floor=th.floor
+        )
         scored = finite & is_score & (state.count >= 2)
         z = jnp.where(scored, (jnp.where(finite, x, 0.0) - median) / scale, 0.0)
         warm = is_score & (state.count >= th.warmup)
         z_flag = warm & ((up_ok & (z > th.z)) | (down_ok & (z < -th.z)))
 
-        r = jnp.clip(z, -th.z, th.z)
+        r = jnp.clip(z, -config.cusum_clip, config.cusum_clip)
         pos = jnp.where(warm, jnp.maximum(state.cusum_pos + r - th.cusum_k, 0.0), 0.0)
         neg = jnp.where(warm, jnp.maximum(state.cusum_neg - r - th.cusum_k, 0.0), 0.0)
         cusum = jnp.maximum(jnp.where(up_ok, pos, 0.0), jnp.where(down_ok, neg, 0.0))
@@ -263,6 +291,33 @@ def detector(signals: Sequence[Signal | str], config: DetectConfig = DetectConfi
     return Detector(signals=sigs, init=init, update=update, thresholds=thresholds)
 
 
+def replay(
+    detector: Detector,
+    series: Mapping[str, jax.Array],
+    thresholds: Thresholds | None = None,
+    state: DetectState | None = None,
+) -> tuple[DetectOutput, DetectState]:
+    """Runs the detector over recorded statistics {name: f32[T]} in one compiled scan.
+
+    The same `update` as in a train step, so detectors can be scored or tuned offline on
+    recorded runs (e.g. FaultBench step records). Returns outputs stacked over T and the final
+    state.
+    """
+    names = [s.name for s in detector.signals]
+    missing = [n for n in names if n not in series]
+    if missing:
+        raise KeyError(f"series lacks detector signals {missing}; available: {sorted(series)}")
+    xs = jnp.stack([jnp.asarray(series[n], jnp.float32) for n in names], axis=-1)
+
+    def body(st, x):
+        out, st = detector.update({n: x[i] for i, n in enumerate(names)}, st, thresholds)
+        return st, out
+
+    init = detector.init() if state is None else state
+    final, outs = jax.lax.scan(body, init, xs)
+    return outs, final
+
+
 def _check_signals(signals: tuple[Signal, ...]) -> None:
     if not signals:
         raise ValueError("detector needs at least one signal, got none")
@@ -279,6 +334,12 @@ def _check_signals(signals: tuple[Signal, ...]) -> None:
             )
         if s.kind not in _KINDS:
             raise ValueError(f"Signal {s.name!r}: kind must be one of {_KINDS}, got {s.kind!r}")
+        if not (s.floor >= 0 and math.isfinite(s.floor)):
+            raise ValueError(f"Signal {s.name!r}: floor must be finite and >= 0, got {s.floor!r}")
+        if s.z is not None and not s.z > 0:
+            raise ValueError(f"Signal {s.name!r}: z must be > 0, got {s.z!r}")
+        if s.cusum_h is not None and not s.cusum_h > 0:
+            raise ValueError(f"Signal {s.name!r}: cusum_h must be > 0, got {s.cusum_h!r}")
 
 
 def _gather(stats: Mapping[str, jax.Array], signals: tuple[Signal, ...]) -> jax.Array:
@@ -319,25 +380,33 @@ def default_signals() -> tuple[Signal, ...]:
     reference or the rollout policy, tool errors), "down" for the importance-sampling effective
     sample size, "both" where either way is suspicious (reward collapse or hacking, entropy
     collapse or blow-up, vanishing or exploding gradients).
+
+    Scale floors are the smallest changes that matter, in each statistic's units: a few samples
+    of a fraction, 1% of an importance ratio, 0.01 nats of log-prob mismatch (sampler and
+    trainer agree to ~1e-6 when nothing is wrong, so without a floor rounding noise would
+    score as an anomaly). Statistics that trend while training goes well (reward, KL to the
+    reference, entropy, length) get a higher CUSUM threshold, so that learning itself is not a
+    drift alarm. The figures behind these choices are in the project's build notes.
     """
+    # name: (direction, floor, cusum_h or None for the config default, z or None likewise)
     score = {
-        "reward_mean": "both",
-        "reward_std": "both",
-        "frac_zero_std_groups": "up",
-        "length_mean": "both",
-        "clip_ratio": "up",
-        "repetition_ratio": "up",
-        "entropy_mean": "both",
-        "kl_ref_k3": "up",
-        "mismatch_k3": "up",
-        "mismatch_max_abs": "up",
-        "is_ratio_max": "up",
-        "is_ess": "down",
-        "grad_norm": "both",
-        "update_param_ratio": "both",
-        "adv_scale_ratio": "both",
-        "adv_group_mean_max_abs": "up",
-        "tool_error_rate": "up",
+        "reward_mean": ("both", 0.02, _TRENDING_H),
+        "reward_std": ("both", 0.02, _TRENDING_H),
+        "frac_zero_std_groups": ("up", 0.05, None),
+        "length_mean": ("both", 0.1, _TRENDING_H),
+        "clip_ratio": ("up", 0.02, None),
+        "repetition_ratio": ("up", 0.02, None),
+        "entropy_mean": ("both", 0.01, _TRENDING_H),
+        "kl_ref_k1": ("up", 1e-3, _TRENDING_H),
+        "mismatch_k3": ("up", 1e-4, None),
+        "mismatch_max_abs": ("up", 0.01, None),
+        "is_ratio_max": ("up", 0.01, None),
+        "is_ess": ("down", 0.01, None),
+        "grad_norm": ("both", 0.0, _TRENDING_H, _HEAVY_Z),
+        "update_param_ratio": ("both", 0.0, _TRENDING_H),
+        "adv_scale_ratio": ("both", 0.01, None),
+        "adv_group_mean_max_abs": ("up", 0.05, None),
+        "tool_error_rate": ("up", 0.02, None),
     }
     invariants = (
         "nonfinite_grads",
@@ -346,6 +415,8 @@ def default_signals() -> tuple[Signal, ...]:
         "check_mask_length",
         "check_adv_sign",
     )
-    return tuple(Signal(name, direction) for name, direction in score.items()) + tuple(
-        Signal(name, "up", "invariant") for name in invariants
-    )
+    return tuple(
+        Signal(name, direction, floor=floor, cusum_h=h, z=z)
+        for name, (direction, floor, h, *zs) in score.items()
+        for z in (zs[0] if zs else None,)
+    ) + tuple(Signal(name, "up", "invariant") for name in invariants)

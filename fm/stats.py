@@ -341,6 +341,16 @@ def _float_leaves(tree: Any) -> list[tuple[tuple, Array]]:
     return [(p, x) for p, x in flat if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
 
 
+def _nonfinite_leaves(leaves: Sequence[Array], norm: Array) -> Array:
+    """Count of non-finite elements. A finite norm proves there are none, so the counting pass
+    over every element runs only when the norm is not finite (`lax.cond` runs one branch)."""
+    return jax.lax.cond(
+        jnp.isfinite(norm),
+        lambda: _f32(0.0),
+        lambda: sum((_count(~jnp.isfinite(x)) for x in leaves), _f32(0.0)),
+    )
+
+
 def optimization_stats(
     grads: Any,
     updates: Any,
@@ -374,8 +384,12 @@ def optimization_stats(
         "update_param_ratio": _safe_div(update_norm, param_norm),
         "lr": _f32(lr),
     }
-    for key, leaves in (("grads", g), ("updates", u), ("params", p)):
-        out[f"nonfinite_{key}"] = sum((_count(~jnp.isfinite(x)) for _, x in leaves), _f32(0.0))
+    for key, leaves, norm in (
+        ("grads", g, out["grad_norm"]),
+        ("updates", u, update_norm),
+        ("params", p, param_norm),
+    ):
+        out[f"nonfinite_{key}"] = _nonfinite_leaves([x for _, x in leaves], norm)
     if groups is None and group_names is None:
         return out
     groups = groups or default_groups

@@ -20,7 +20,7 @@ from absl import app, flags
 
 from launch import common
 
-flags.DEFINE_enum("what", "step", ["step"], "Which benchmark to run.")
+flags.DEFINE_enum("what", "step", ["step", "fm_overhead"], "Which benchmark to run.")
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_integer("repeats", 50, "Timed calls per measurement (after compilation).")
 flags.DEFINE_integer("decode_tokens", 64, "New tokens for the KV-cache vs recompute comparison.")
@@ -143,11 +143,95 @@ def bench_decode(values, repeats: int, new_tokens: int) -> dict:
     }
 
 
+def _memory_bytes(jitted, *args) -> int:
+    """Arguments + outputs + temporaries of the compiled program (XLA's memory analysis)."""
+    mem = jitted.lower(*args).compile().memory_analysis()
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
+
+
+def bench_fm_overhead(values, repeats: int) -> dict:
+    """Step time with fm statistics + detection versus without: same process, alternating
+    calls after compilation, median of per-pair ratios."""
+    from rftjax import models
+    from rftjax.knobs import make_knobs
+    from rftjax.tasks import make_task
+    from rftjax.train import monitor
+    from rftjax.train.loop import build_model_config, to_prompt_batch
+    from rftjax.train.step import init_state, make_learner
+
+    task = make_task(values.task, seed=values.seed)
+    rl = common.rl_config(values)
+    cfg = common.train_config(values, workdir="unused", steps=0, resume=False)
+    graphdef, params = models.create(build_model_config(cfg, task), values.seed)
+    tok = task.tokenizer
+    detector = monitor.make_detector(rl.algo)
+    knobs = make_knobs(**common.knob_values(values))
+    batches = [
+        jax.device_put(to_prompt_batch(task.train_batch(i, rl.prompts_per_step))) for i in range(8)
+    ]
+    variants = {}
+    for name, det in (("off", None), ("fm", detector)):
+        learner = make_learner(
+            graphdef,
+            rl,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            reward_fn=task.jnp_reward,
+            detector=det,
+        )
+        state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, det)
+        memory = _memory_bytes(learner["step"], state, batches[0], knobs)
+        variants[name] = {"step": learner["step"], "state": state, "memory": memory}
+        for i in range(3):  # compile and settle
+            variants[name]["state"], m = learner["step"](variants[name]["state"], batches[i], knobs)
+        jax.block_until_ready(m)
+    times = {"off": [], "fm": []}
+    for i in range(repeats):
+        order = ("off", "fm") if i % 2 == 0 else ("fm", "off")
+        for name in order:
+            v = variants[name]
+            t0 = time.perf_counter()
+            v["state"], m = v["step"](v["state"], batches[i % 8], knobs)
+            jax.block_until_ready(m)
+            times[name].append(time.perf_counter() - t0)
+    off, on = np.asarray(times["off"]), np.asarray(times["fm"])
+    fm_state_bytes = sum(x.nbytes for x in jax.tree.leaves(variants["fm"]["state"].fm))
+    return {
+        "signals": len(detector.signals),
+        "step_seconds_off": float(np.median(off)),
+        "step_seconds_fm": float(np.median(on)),
+        "median_ratio": float(np.median(on / off)),
+        "ratio_of_medians": float(np.median(on) / np.median(off)),
+        "memory_bytes_off": variants["off"]["memory"],
+        "memory_bytes_fm": variants["fm"]["memory"],
+        "memory_ratio": variants["fm"]["memory"] / variants["off"]["memory"],
+        "fm_state_bytes": int(fm_state_bytes),
+    }
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_libraries()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+    if FLAGS.what == "fm_overhead":
+        out = bench_fm_overhead(FLAGS, FLAGS.repeats)
+        print(f"fm overhead ({out['signals']} signals), {FLAGS.repeats} alternating pairs:")
+        print(
+            f"  step without fm {out['step_seconds_off'] * 1e3:.2f} ms, with fm "
+            f"{out['step_seconds_fm'] * 1e3:.2f} ms (medians)"
+        )
+        print(
+            f"  median per-pair ratio {out['median_ratio']:.3f}, ratio of medians "
+            f"{out['ratio_of_medians']:.3f}"
+        )
+        print(
+            f"  compiled memory (args + outputs + temps): {out['memory_bytes_off']:,} -> "
+            f"{out['memory_bytes_fm']:,} bytes ({out['memory_ratio']:.3f}x); fm state "
+            f"{out['fm_state_bytes']:,} bytes"
+        )
+        _write_json({"fm_overhead": out})
+        return
     step = bench_step(FLAGS, FLAGS.repeats)
     print(f"GRPO step, {step['config']}")
     ms = {k: step[f"{k}_seconds"] * 1e3 for k in ("step", "rollout", "learn")}
@@ -169,9 +253,13 @@ def main(argv):
         f"{decode['recompute_seconds'] * 1e3:.1f} ms -> {decode['cache_speedup']:.2f}x "
         f"(identical tokens: {decode['identical_tokens']})"
     )
+    _write_json({"step": step, "decode": decode})
+
+
+def _write_json(figures: dict) -> None:
     if FLAGS.json:
         with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump({"step": step, "decode": decode}, f, indent=2)
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -126,10 +126,10 @@ class TrainConfig:
         if not self.workdir:
             raise ValueError("workdir must be given (the folder for checkpoints and logs)")
         _check_choice("fm", self.fm, FM_MODES)
-        if self.fm != "off":
+        if self.fm == "full":
             raise ValueError(
-                f"--fm={self.fm!r}: failure management is not available in this "
-                "version; accepted: off"
+                "--fm='full': diagnosis and remediation are not available in this version; "
+                "accepted: off, detect"
             )
         _check_positive(
             self,

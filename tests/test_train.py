@@ -87,16 +87,18 @@ def _config(workdir, steps, **kw):
 
 
 def test_resumed_run_continues_with_identical_metrics(tmp_path):
+    # With fm on, the detector's history is part of the state: its scores must resume too.
     straight = tmp_path / "straight"
-    run(_config(straight, 6))
+    run(_config(straight, 6, fm="detect"))
     broken = tmp_path / "broken"
-    run(_config(broken, 4))
+    run(_config(broken, 4, fm="detect"))
     # Records past the last checkpoint (a run that died at step 5) must be replaced on resume.
     with open(broken / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 5, "reward_mean": -1.0}) + "\n")
-    summary = run(_config(broken, 6, resume=True))
+    summary = run(_config(broken, 6, resume=True, fm="detect"))
     assert summary["steps_completed"] == 6
     assert _records(straight) == _records(broken)
+    assert "score/grad_norm" in _records(broken)[0]
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
@@ -115,6 +117,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     [
         ("--task=nope", "unknown task 'nope'"),
         ("--fault=RF1", "--fault='RF1'"),
+        ("--fm=full", "accepted: off, detect"),
         ("--model=huge", "unknown model preset 'huge'"),
         ("--model_overrides=depth=2", "unknown model override 'depth'"),
         ("--top_p=1.5", "top_p must be in (0, 1]"),
@@ -131,3 +134,46 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, flag, message):
 def test_unknown_enum_value_is_rejected_by_flag_parsing(tmp_path):
     proc = _launch(f"--workdir={tmp_path}", "--algo=dpo")
     assert proc.returncode != 0 and "grpo" in proc.stderr and "ppo" in proc.stderr
+
+
+def test_fm_detect_logs_statistics_alarms_and_events(tmp_path):
+    # The loop runs its hot part under jax.transfer_guard("disallow"), so this run also checks
+    # that no step makes an implicit host transfer.
+    summary = run(_config(tmp_path, 4, fm="detect"))
+    records = _records(tmp_path)
+    for key in (
+        "alarm",
+        "mismatch_k3",
+        "is_ess",
+        "kl_ref_k3",
+        "unique_token_ratio",
+        "grad_norm/layer_0",
+        "nonfinite_grads",
+        "check_mask_length",
+        "flag/grad_norm",
+    ):
+        assert key in records[0], key
+    with open(tmp_path / "events.jsonl", encoding="utf-8") as f:
+        events = [json.loads(line) for line in f]
+    alarm_steps = [r["step"] for r in records if r["alarm"] > 0]
+    assert [e["step"] for e in events if e["event"] == "alarm"] == alarm_steps
+    assert [a["step"] for a in summary["alarms"]] == alarm_steps
+
+
+def test_alarm_event_names_the_flagged_signals():
+    from rftjax.train.loop import _alarm_event
+
+    values = {
+        "alarm": 1.0,
+        "flag/grad_norm": 1.0,
+        "score/grad_norm": 21.5,
+        "flag/reward_mean": 0.0,
+        "score/reward_mean": 0.3,
+        "flag/nonfinite_grads": 1.0,
+    }
+    assert _alarm_event(7, values) == {
+        "step": 7,
+        "event": "alarm",
+        "signals": ["grad_norm", "nonfinite_grads"],
+        "scores": {"grad_norm": 21.5},
+    }

@@ -1,4 +1,6 @@
-"""Run logs: `metrics.jsonl` (one JSON object a step) and TensorBoard events."""
+"""Run logs: `metrics.jsonl` (one JSON object a step), `events.jsonl` (alarms, diagnoses,
+actions) and TensorBoard events. On resume, records after the restored step are dropped: they
+came from steps that will be run again."""
 
 from __future__ import annotations
 
@@ -10,45 +12,59 @@ from typing import Any
 from tensorboardX import SummaryWriter
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops records after `last_step` (written by a run that died after its last checkpoint)."""
+def _truncate_jsonl(path: str, last_step: int) -> list[dict[str, Any]]:
+    """Keeps records with step <= last_step (and drops a line cut short by a crash)."""
     if not os.path.exists(path):
-        return
+        return []
     kept = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+                continue
             if record.get("step", math.inf) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+                kept.append(record)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(tmp, path)
+    return kept
 
 
-class MetricsWriter:
-    """Appends step records; on resume keeps only records up to the restored step."""
+class JsonlLog:
+    """Append-only JSON-lines file; `records` holds what a resumed run kept."""
 
-    def __init__(self, workdir: str, *, resume_step: int = 0):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, path: str, *, resume_step: int = 0):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
         if resume_step:
-            _truncate_jsonl(self.path, resume_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.records = _truncate_jsonl(path, resume_step)
+        elif os.path.exists(path):
+            os.remove(path)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
-    def write(self, step: int, values: dict[str, Any]) -> None:
-        record = {"step": int(step), **values}
+    def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricsWriter(JsonlLog):
+    """metrics.jsonl plus the same scalars as TensorBoard events."""
+
+    def __init__(self, workdir: str, *, resume_step: int = 0):
+        super().__init__(os.path.join(workdir, "metrics.jsonl"), resume_step=resume_step)
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_step(self, step: int, values: dict[str, Any]) -> None:
+        self.write({"step": int(step), **values})
         for name, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(name, value, step)
 
     def close(self) -> None:
-        self._file.close()
+        super().close()
         self._tb.close()

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -24,8 +24,9 @@ from rftjax.checkpoint import Checkpointer
 from rftjax.config import TrainConfig
 from rftjax.knobs import knobs_from_dict, knobs_to_dict, make_knobs
 from rftjax.tasks import Task, make_task
+from rftjax.train import monitor
 from rftjax.train import warmup as wu
-from rftjax.train.logs import MetricsWriter
+from rftjax.train.logs import JsonlLog, MetricsWriter
 from rftjax.train.step import PromptBatch, TrainState, init_state, make_learner
 
 
@@ -72,9 +73,9 @@ class Evaluator:
     def __call__(self, policy) -> dict[str, float]:
         response = self.greedy(policy, self.batch.prompts, self.batch.prompt_mask)
         if self.reward is not None:
-            scores = self.reward(response, self.batch.answers)
+            scores = jax.device_get(self.reward(response, self.batch.answers))
         else:
-            texts = self.task.decode_responses(np.asarray(response))
+            texts = self.task.decode_responses(jax.device_get(response))
             scores = self.task.text_reward(texts, self.batch.answer_text)
         return {
             "eval_accuracy": float(np.mean(scores["correct"])),
@@ -138,74 +139,146 @@ def _config_record(cfg: TrainConfig) -> dict[str, Any]:
     return record
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Trains according to `cfg`; returns (and writes) the summary."""
-    t_start = time.time()
+class _Run(NamedTuple):
+    """What the RL loop needs, built once by `_setup`."""
+
+    cfg: TrainConfig
+    workdir: str
+    task: Task
+    learner: dict
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    record: dict
+
+
+def _setup(cfg: TrainConfig):
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
     task = make_task(cfg.task, seed=cfg.seed, eval_size=cfg.eval_size)
     tok = task.tokenizer
-    model_cfg = build_model_config(cfg, task)
-    rl = cfg.rl
-    graphdef, params = models.create(model_cfg, cfg.seed)
+    graphdef, params = models.create(build_model_config(cfg, task), cfg.seed)
+    detector = monitor.make_detector(cfg.rl.algo) if cfg.fm != "off" else None
     learner = make_learner(
-        graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, reward_fn=task.jnp_reward
+        graphdef,
+        cfg.rl,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        reward_fn=task.jnp_reward,
+        detector=detector,
     )
-    evaluator = Evaluator(graphdef, task, max_new_tokens=rl.max_new_tokens)
+    evaluator = Evaluator(graphdef, task, max_new_tokens=cfg.rl.max_new_tokens)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints
     )
-    record = _config_record(cfg)
+    run = _Run(cfg, workdir, task, learner, evaluator, checkpointer, _config_record(cfg))
+    return run, graphdef, params, detector
 
+
+def _start_or_resume(run: _Run, graphdef, params, detector):
+    """(state, knobs, initial eval, warm-up seconds): a fresh start or the latest checkpoint."""
+    cfg, checkpointer = run.cfg, run.checkpointer
     latest = checkpointer.latest_step()
     if latest is not None and not cfg.resume:
         raise ValueError(
-            f"{workdir} already holds checkpoints (latest step {latest}); pass "
+            f"{run.workdir} already holds checkpoints (latest step {latest}); pass "
             "--resume to continue that run, or choose a new --workdir"
         )
-    warmup_seconds = 0.0
     if cfg.resume and latest is not None:
         saved = checkpointer.read_meta(latest)["config"]
-        if saved != record:
-            changed = sorted(k for k in record if saved.get(k) != record[k])
+        if saved != run.record:
+            changed = sorted(k for k in run.record if saved.get(k) != run.record[k])
             raise ValueError(
-                f"--resume: {workdir} belongs to a run with a different configuration "
-                f"(differs in: {', '.join(changed)})"
+                f"--resume: {run.workdir} belongs to a run with a different "
+                f"configuration (differs in: {', '.join(changed)})"
             )
-        state, meta = checkpointer.restore(latest, init_state(params, rl, cfg.seed))
-        knobs = knobs_from_dict(meta["knobs"])
-        initial = meta["eval_initial"]
+        target = init_state(params, cfg.rl, cfg.seed, detector)
+        state, meta = checkpointer.restore(latest, target)
         logging.info("resumed from step %d in %s", latest, checkpointer.directory)
-    else:
-        if cfg.warmup_steps:
-            params, warmup_seconds = run_warmup(cfg, graphdef, params, task)
-        state = init_state(params, rl, cfg.seed)
-        knobs = make_knobs(**cfg.knobs)
-        initial = evaluator(state.params["policy"])
-        logging.info(
-            "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
-        )
+        return state, knobs_from_dict(meta["knobs"]), meta["eval_initial"], 0.0
+    warmup_seconds = 0.0
+    if cfg.warmup_steps:
+        params, warmup_seconds = run_warmup(cfg, graphdef, params, run.task)
+    state = init_state(params, cfg.rl, cfg.seed, detector)
+    initial = run.evaluator(state.params["policy"])
+    logging.info(
+        "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
+    )
+    return state, make_knobs(**cfg.knobs), initial, warmup_seconds
 
-    writer = MetricsWriter(workdir, resume_step=int(state.step))
-    start = int(state.step)
-    t_rl = time.time()
-    final = initial
-    pending: tuple[int, Any] | None = None
 
-    def meta_now():
-        return {
-            "config": record,
-            "knobs": knobs_to_dict(knobs),
-            "eval_initial": initial,
-            "data_cursor": int(state.step),
-        }
+def _alarm_event(step: int, values: dict[str, float]) -> dict[str, Any]:
+    flagged = sorted(
+        k.split("/", 1)[1] for k, v in values.items() if k.startswith("flag/") and v > 0
+    )
+    scores = {name: values[f"score/{name}"] for name in flagged if f"score/{name}" in values}
+    return {"step": step, "event": "alarm", "signals": flagged, "scores": scores}
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains according to `cfg`; returns (and writes) the summary."""
+    t_start = time.time()
+    run_, graphdef, params, detector = _setup(cfg)
+    try:
+        state, knobs, initial, warmup_seconds = _start_or_resume(run_, graphdef, params, detector)
+        start = int(state.step)
+        metrics_log = MetricsWriter(run_.workdir, resume_step=start)
+        events = JsonlLog(os.path.join(run_.workdir, "events.jsonl"), resume_step=start)
+        t_rl = time.time()
+        try:
+            state, final = _train(run_, state, knobs, initial, metrics_log, events, t_rl)
+        finally:
+            metrics_log.close()
+            events.close()
+    finally:
+        run_.checkpointer.close()
+    rl_seconds = time.time() - t_rl
+    steps_run = int(state.step) - start
+    alarms = [e for e in _read_events(events.path) if e["event"] == "alarm"]
+    summary = {
+        "eval_accuracy_initial": initial["eval_accuracy"],
+        "eval_accuracy_final": final["eval_accuracy"],
+        "eval_reward_initial": initial["eval_reward"],
+        "eval_reward_final": final["eval_reward"],
+        "steps_completed": int(state.step),
+        "wall_seconds": time.time() - t_start,
+        "warmup_seconds": warmup_seconds,
+        "rl_seconds": rl_seconds,
+        "rl_steps_per_second": steps_run / rl_seconds if steps_run else 0.0,
+        "algo": cfg.rl.algo,
+        "task": cfg.task,
+        "model": cfg.model,
+        "fault": cfg.fault,
+        "fm": cfg.fm,
+        "alarms": [{"step": e["step"], "signals": e["signals"]} for e in alarms],
+        "diagnoses": [],
+        "actions": [],
+        "halted": False,
+    }
+    with open(os.path.join(run_.workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _read_events(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _train(run: _Run, state, knobs, initial, metrics_log, events, t_rl):
+    """The RL loop. Returns (state, last evaluation)."""
+    cfg, rl, task = run.cfg, run.cfg.rl, run.task
+    start, final = int(state.step), initial
+    pending: list = []  # (step, metrics on device) of the step not yet read
 
     def flush(extra=None):
-        nonlocal pending
-        if pending is not None:
-            step_no, metrics = pending
+        while pending:
+            step_no, metrics = pending.pop()
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            writer.write(step_no, {**values, **(extra or {})})
+            metrics_log.write_step(step_no, {**values, **(extra or {})})
+            if values.get("alarm", 0.0) > 0:
+                event = _alarm_event(step_no, values)
+                events.write(event)
+                logging.warning("step %d: alarm on %s", step_no, ", ".join(event["signals"]))
             if step_no % cfg.log_every == 0 or step_no == cfg.steps:
                 rate = (step_no - start) / max(time.time() - t_rl, 1e-9)
                 logging.info(
@@ -218,62 +291,41 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     values["length_mean"],
                     rate,
                 )
-            pending = None
 
-    try:
-        for step_no in range(start + 1, cfg.steps + 1):
-            raw = task.train_batch(step_no - 1, rl.prompts_per_step)
-            batch = to_prompt_batch(raw)
-            if "step" in learner:
-                state, metrics = learner["step"](state, batch, knobs)
+    for step_no in range(start + 1, cfg.steps + 1):
+        raw = task.train_batch(step_no - 1, rl.prompts_per_step)
+        # Inside the hot loop every transfer is explicit: an implicit one is a bug (a hidden
+        # host sync) and raises.
+        with jax.transfer_guard("disallow"):
+            batch = jax.device_put(to_prompt_batch(raw))
+            if "step" in run.learner:
+                state, metrics = run.learner["step"](state, batch, knobs)
             else:
                 answers = [a for a in raw.answer_text for _ in range(rl.group_size)]
-                state, metrics = _text_step(learner, task, state, batch, knobs, answers)
+                state, metrics = _text_step(run.learner, task, state, batch, knobs, answers)
+            flush()  # the previous step's metrics: read one step late
+            pending.append((step_no, metrics))
+        last = step_no == cfg.steps
+        if step_no % cfg.eval_every == 0 or last:
+            final = run.evaluator(state.params["policy"])
+            flush(final)
+            logging.info("step %d: held-out accuracy %.3f", step_no, final["eval_accuracy"])
+        if step_no % cfg.checkpoint_every == 0 or last:
             flush()
-            pending = (step_no, metrics)
-            evaluate = step_no % cfg.eval_every == 0 or step_no == cfg.steps
-            if evaluate:
-                final = evaluator(state.params["policy"])
-                flush(final)
-                logging.info("step %d: held-out accuracy %.3f", step_no, final["eval_accuracy"])
-            if step_no % cfg.checkpoint_every == 0 or step_no == cfg.steps:
-                flush()
-                checkpointer.save(step_no, state, meta_now())
-        flush()
-    finally:
-        checkpointer.close()
-        writer.close()
-
-    rl_seconds = time.time() - t_rl
-    steps_run = int(state.step) - start
-    summary = {
-        "eval_accuracy_initial": initial["eval_accuracy"],
-        "eval_accuracy_final": final["eval_accuracy"],
-        "eval_reward_initial": initial["eval_reward"],
-        "eval_reward_final": final["eval_reward"],
-        "steps_completed": int(state.step),
-        "wall_seconds": time.time() - t_start,
-        "warmup_seconds": warmup_seconds,
-        "rl_seconds": rl_seconds,
-        "rl_steps_per_second": steps_run / rl_seconds if steps_run else 0.0,
-        "algo": rl.algo,
-        "task": cfg.task,
-        "model": cfg.model,
-        "fault": cfg.fault,
-        "fm": cfg.fm,
-        "alarms": [],
-        "diagnoses": [],
-        "actions": [],
-        "halted": False,
-    }
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+            meta = {
+                "config": run.record,
+                "knobs": knobs_to_dict(knobs),
+                "eval_initial": initial,
+                "data_cursor": step_no,
+            }
+            run.checkpointer.save(step_no, state, meta)
+    flush()
+    return state, final
 
 
 def _text_step(learner, task: Task, state: TrainState, batch: PromptBatch, knobs, answers):
     """Rollout on device, reward on the host (text verifiers), learn on device."""
     rollout = learner["rollout"](state, batch, knobs)
-    texts = task.decode_responses(np.asarray(rollout.response))
+    texts = task.decode_responses(jax.device_get(rollout.response))
     rewards = {k: np.asarray(v, np.float32) for k, v in task.text_reward(texts, answers).items()}
-    return learner["learn"](state, rollout, rewards, knobs)
+    return learner["learn"](state, rollout, jax.device_put(rewards), knobs)

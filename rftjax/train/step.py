@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fm.detect import Detector
 from rftjax import algorithms as alg
 from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
 from rftjax.sampling import Rollout, SamplingParams, generate, repeat_rows, response_logprobs
+from rftjax.train import monitor
+from rftjax.train.monitor import FMState
 
 RewardFn = Callable[[jax.Array, jax.Array], dict[str, jax.Array]]
 _SAMPLE, _SHUFFLE = 0, 1  # salts for per-step keys
@@ -30,6 +33,7 @@ class TrainState(NamedTuple):
     ref_params: nnx.State  # frozen reference policy π_ref
     opt_state: optax.OptState
     key: jax.Array  # uint32[2] base key
+    fm: FMState | None = None  # detector history and thresholds when failure management is on
 
 
 class PromptBatch(NamedTuple):
@@ -45,7 +49,9 @@ def make_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=1e-8)
 
 
-def init_state(policy: nnx.State, cfg: RLConfig, seed: int) -> TrainState:
+def init_state(
+    policy: nnx.State, cfg: RLConfig, seed: int, detector: Detector | None = None
+) -> TrainState:
     params = {"policy": policy}
     if cfg.algo == "ppo":
         hidden = policy["model"]["norm"]["weight"].shape[0]
@@ -56,6 +62,7 @@ def init_state(policy: nnx.State, cfg: RLConfig, seed: int) -> TrainState:
         ref_params=jax.tree.map(jnp.copy, policy),
         opt_state=make_optimizer(cfg).init(params),
         key=jax.random.PRNGKey(seed),
+        fm=None if detector is None else monitor.init_fm_state(detector),
     )
 
 
@@ -78,7 +85,7 @@ def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(params),
     }
-    return optax.apply_updates(params, updates), opt_state, stats
+    return optax.apply_updates(params, updates), opt_state, updates, stats
 
 
 def _guard(x, bound):
@@ -126,6 +133,7 @@ def make_learner(
     eos_id: int,
     pad_id: int,
     reward_fn: RewardFn | None = None,
+    detector: Detector | None = None,
 ):
     """Returns compiled `rollout`, `learn`, and (when the reward is jnp) the fused `step`.
 
@@ -133,6 +141,11 @@ def make_learner(
     learn(state, rollout, rewards, knobs) -> (state, metrics); rewards: dict of f32[B] with
       at least "reward" (other keys are reported as reward components).
     step(state, batch, knobs) -> (state, metrics): rollout, reward_fn, learn in one program.
+
+    With a `detector`, the step also computes fm's statistics (trajectory aggregates, sampler /
+    trainer mismatch, optimization and cross-check statistics), runs the detector on them with
+    the history and thresholds in `state.fm`, and adds "alarm" and per-signal flags and scores
+    to the metrics. The state must then come from `init_state(..., detector=detector)`.
     """
     optimizer = make_optimizer(cfg)
     ppo = cfg.algo == "ppo"
@@ -231,6 +244,20 @@ def make_learner(
             loss = loss + knobs.vf_coef * v_loss
             metrics.update(v_m, vf_loss=v_loss)
         metrics["loss"] = loss
+        if detector is not None:
+            metrics.update(
+                monitor.loss_stats(
+                    logp=logp,
+                    old_logp=data["old_logp"],
+                    sampler_logp=data["sampler_logp"],
+                    ref_logp=data["ref_logp"],
+                    entropy=entropy,
+                    adv=data["adv"],
+                    mask=mask,
+                    scores=data["scores"],
+                    group_size=cfg.group_size,
+                )
+            )
         return loss, metrics
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -238,8 +265,13 @@ def make_learner(
     def update(carry, mb, knobs, lr):
         params, opt_state = carry
         grads, metrics = grad_fn(params, mb, knobs)
-        params, opt_state, stats = apply_update(params, opt_state, grads, knobs, lr, optimizer)
-        return (params, opt_state), {**metrics, **stats}
+        new_params, opt_state, updates, stats = apply_update(
+            params, opt_state, grads, knobs, lr, optimizer
+        )
+        metrics.update(stats)
+        if detector is not None:
+            metrics.update(monitor.update_stats(grads, updates, params, lr))
+        return (new_params, opt_state), metrics
 
     def learn(state: TrainState, ro: Rollout, rewards: dict[str, jax.Array], knobs: Knobs):
         scores = _guard(rewards["reward"].astype(jnp.float32), knobs.reward_clip)
@@ -265,6 +297,21 @@ def make_learner(
         metrics = jax.tree.map(jnp.mean, per_update)
         metrics.update(_rollout_stats(ro, rewards, scores, cfg.group_size), lr=lr)
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if detector is not None:
+            metrics.update(
+                monitor.rollout_stats(
+                    response=ro.response,
+                    mask=ro.response_mask,
+                    lengths=ro.lengths,
+                    truncated=ro.truncated,
+                    scores=scores,
+                    group_size=cfg.group_size,
+                    max_len=n,
+                )
+            )
+            flags, fm_state = monitor.observe(detector, metrics, state.fm)
+            metrics.update(flags)
+            new_state = new_state._replace(fm=fm_state)
         return new_state, metrics
 
     fns: dict[str, Any] = {
