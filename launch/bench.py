@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,12 @@ import numpy as np
 from absl import app, flags
 
 from launch import common
+from rftjax import models, sampling
+from rftjax.knobs import make_knobs
+from rftjax.tasks import Task, make_task
+from rftjax.train import monitor
+from rftjax.train.loop import build_model_config, to_prompt_batch
+from rftjax.train.step import init_state, make_learner
 
 flags.DEFINE_enum("what", "step", ["step", "fm_overhead"], "Which benchmark to run.")
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
@@ -43,20 +50,25 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def bench_step(values, repeats: int) -> dict:
-    from rftjax import models
-    from rftjax.knobs import make_knobs
-    from rftjax.tasks import make_task
-    from rftjax.train.loop import build_model_config, to_prompt_batch
-    from rftjax.train.step import init_state, make_learner
+class _Setup(NamedTuple):
+    task: Task
+    rl: object
+    graphdef: object
+    params: object
 
+
+def _setup(values) -> _Setup:
+    """Task, RL config and a freshly initialized model, from the same flags as launch.train."""
     task = make_task(values.task, seed=values.seed)
+    cfg = common.train_config(values, workdir="unused", steps=0, resume=False)
+    graphdef, params = models.create(build_model_config(cfg, task), values.seed)
+    return _Setup(task, cfg.rl, graphdef, params)
+
+
+def bench_step(values, repeats: int) -> dict:
+    task, rl, graphdef, params = _setup(values)
     if task.jnp_reward is None:
         raise ValueError(f"--what=step needs a task with a compiled reward, not {values.task!r}")
-    rl = common.rl_config(values)
-    cfg = common.train_config(values, workdir="unused", steps=0, resume=False)
-    model_cfg = build_model_config(cfg, task)
-    graphdef, params = models.create(model_cfg, values.seed)
     tok = task.tokenizer
     learner = make_learner(
         graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, reward_fn=task.jnp_reward
@@ -105,13 +117,7 @@ def bench_step(values, repeats: int) -> dict:
 
 def bench_decode(values, repeats: int, new_tokens: int) -> dict:
     """KV-cache decoding vs recomputing the full forward for every token, same draws."""
-    from rftjax import models, sampling
-    from rftjax.tasks import make_task
-    from rftjax.train.loop import build_model_config, to_prompt_batch
-
-    task = make_task(values.task, seed=values.seed)
-    cfg = common.train_config(values, workdir="unused", steps=0, resume=False)
-    graphdef, params = models.create(build_model_config(cfg, task), values.seed)
+    task, _, graphdef, params = _setup(values)
     batch = to_prompt_batch(task.train_batch(0, values.prompts_per_step))
     # eos_id=-1: never stop early, so both decoders produce exactly `new_tokens` tokens.
     kw = dict(
@@ -152,17 +158,7 @@ def _memory_bytes(jitted, *args) -> int:
 def bench_fm_overhead(values, repeats: int) -> dict:
     """Step time with fm statistics + detection versus without: same process, alternating
     calls after compilation, median of per-pair ratios."""
-    from rftjax import models
-    from rftjax.knobs import make_knobs
-    from rftjax.tasks import make_task
-    from rftjax.train import monitor
-    from rftjax.train.loop import build_model_config, to_prompt_batch
-    from rftjax.train.step import init_state, make_learner
-
-    task = make_task(values.task, seed=values.seed)
-    rl = common.rl_config(values)
-    cfg = common.train_config(values, workdir="unused", steps=0, resume=False)
-    graphdef, params = models.create(build_model_config(cfg, task), values.seed)
+    task, rl, graphdef, params = _setup(values)
     tok = task.tokenizer
     detector = monitor.make_detector(rl.algo)
     knobs = make_knobs(**common.knob_values(values))

@@ -1,0 +1,50 @@
+"""The benchmark entry point runs and reports its figures (tiny settings: a smoke test, not a
+timing test; the figures themselves are recorded in BUILD_NOTES.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--model_overrides=num_layers=1,hidden_size=32,intermediate_size=64,num_heads=2,num_kv_heads=2",
+    "--prompts_per_step=4",
+    "--group_size=4",
+    "--repeats=3",
+]
+
+
+@pytest.mark.parametrize(
+    "what,keys",
+    [
+        ("step", ["completions_per_second", "ratio_vs_reference", "cache_speedup"]),
+        ("fm_overhead", ["median_ratio", "memory_ratio", "fm_state_bytes"]),
+    ],
+)
+def test_bench_prints_and_writes_its_figures(tmp_path, what, keys):
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.bench",
+            f"--what={what}",
+            f"--json={out}",
+            "--decode_tokens=6",
+            *SMALL,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    flat = {k: v for section in figures.values() for k, v in section.items()}
+    for key in keys:
+        assert key in flat and flat[key] > 0, key
+    if what == "step":
+        assert figures["decode"]["identical_tokens"] is True
