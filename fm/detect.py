@@ -37,7 +37,10 @@ import numpy as np
 _DIRECTIONS = ("up", "down", "both")
 _KINDS = ("score", "invariant")
 _HEAVY_Z = 25.0  # z threshold of statistics whose healthy runs show rare large spikes
-_TRENDING_H = 40.0  # CUSUM threshold of statistics that drift during healthy training
+_TRENDING_H = 40.0
+# The update/param ratio of Adam at a constant lr is tight (1.4826·MAD ≈ 10% of its value) yet
+# wanders by 1-2σ for dozens of healthy steps; an lr spike or stall moves it by ≥ 5σ at once.
+_SLOW_H = 60.0  # CUSUM threshold of statistics that drift during healthy training
 _MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): MAD → σ for Gaussian data
 
 
@@ -403,7 +406,7 @@ def default_signals() -> tuple[Signal, ...]:
         "is_ratio_max": ("up", 0.01, None),
         "is_ess": ("down", 0.01, None),
         "grad_norm": ("both", 0.0, _TRENDING_H, _HEAVY_Z),
-        "update_param_ratio": ("both", 0.0, _TRENDING_H),
+        "update_param_ratio": ("both", 0.0, _SLOW_H),
         "adv_scale_ratio": ("both", 0.01, None),
         "adv_group_mean_max_abs": ("up", 0.05, None),
         "tool_error_rate": ("up", 0.02, None),
