@@ -229,7 +229,7 @@ def main(argv):
         _write_json({"fm_overhead": out})
         return
     step = bench_step(FLAGS, FLAGS.repeats)
-    print(f"GRPO step, {step['config']}")
+    print(f"{FLAGS.algo.upper()} step, {step['config']}")
     ms = {k: step[f"{k}_seconds"] * 1e3 for k in ("step", "rollout", "learn")}
     print(
         f"  step   {ms['step']:7.2f} ms  (rollout {ms['rollout']:.2f} ms, "

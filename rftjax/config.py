@@ -83,6 +83,11 @@ class RLConfig:
                 f"prompts_per_step={self.prompts_per_step} is not divisible by "
                 f"num_minibatches={self.num_minibatches} (a minibatch holds whole groups)"
             )
+        if self.kl_in_reward and self.algo != "ppo":
+            raise ValueError(
+                f"kl_in_reward applies to PPO's per-token rewards; algo="
+                f"{self.algo!r} puts the KL penalty in the loss (leave it False)"
+            )
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.lr_warmup_steps < 0:

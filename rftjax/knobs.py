@@ -32,6 +32,7 @@ class Knobs(NamedTuple):
 
 
 KNOB_NAMES = Knobs._fields
+MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows float32
 
 
 def make_knobs(
@@ -59,6 +60,13 @@ def make_knobs(
             raise ValueError(f"knob {name}={value} must be finite")
     if lr < 0 or lr_scale < 0 or lr_cap <= 0:
         raise ValueError(f"need lr >= 0, lr_scale >= 0, lr_cap > 0; got {lr}, {lr_scale}, {lr_cap}")
+    if temperature != 0 and temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {temperature}"
+        )
+    for name in ("kl_coef", "ent_coef", "vf_coef"):
+        if values[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {values[name]}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if eps_low < 0 or eps_high < 0:

@@ -11,7 +11,7 @@ from rftjax import models, sampling
 from rftjax.sampling import sampler as smp
 
 CFG = models.ModelConfig(
-    vocab_size=24,
+    vocab_size=32,
     hidden_size=32,
     intermediate_size=64,
     num_layers=2,
@@ -173,3 +173,12 @@ def test_generate_compiles_once_for_new_prompts_and_settings(model):
         prompts, mask = _prompts(seed)
         gen(params, prompts, mask, jax.random.PRNGKey(seed), sampling.sampling_params(t, p, k))
     assert gen._cache_size() == 1
+
+
+def test_small_temperature_gives_finite_log_probs():
+    logits = jnp.array([[300.0, 0.0, -300.0]])
+    for t in (1e-3, 1e-9):  # 1e-9 is below the floor and computed at 1e-3
+        lp = np.asarray(sampling.log_probs(logits, jnp.asarray(t)))
+        assert np.isfinite(lp[0, 0]) and lp[0, 0] == pytest.approx(0.0, abs=1e-6)
+    tok, lp = sampling.sample_token(logits, jax.random.PRNGKey(0), sampling.sampling_params(1e-3))
+    assert int(tok[0]) == 0 and np.isfinite(float(lp[0]))

@@ -78,6 +78,14 @@ def test_split_rollout_and_learn_compile_once(task):
     assert learner["rollout"]._cache_size() == 1 and learner["learn"]._cache_size() == 1
 
 
+def test_caller_params_survive_the_donated_step(task):
+    cfg, _, learner, _ = _setup(task)
+    _, params = models.create(MODEL, 0)
+    state = init_state(params, cfg, 0)
+    learner["step"](state, _batch(task, 0), make_knobs())
+    assert np.isfinite(np.asarray(params["model"]["norm"]["weight"])).all()  # not deleted
+
+
 def test_constant_rewards_give_no_update_without_regularizers(task):
     # Equal rewards in every group: all GRPO advantages are 0, so with β = 0 and no entropy bonus
     # the gradient is exactly 0 and Adam leaves the parameters where they are.

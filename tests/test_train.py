@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from rftjax.config import RLConfig, TrainConfig
@@ -101,6 +102,23 @@ def test_resumed_run_continues_with_identical_metrics(tmp_path):
     assert "score/grad_norm" in _records(broken)[0]
 
 
+def test_resume_with_nothing_left_keeps_the_final_evaluation(tmp_path):
+    first = run(_config(tmp_path, 4))
+    again = run(_config(tmp_path, 4, resume=True))
+    assert again["steps_completed"] == 4
+    assert again["eval_accuracy_final"] == first["eval_accuracy_final"]
+    assert again["eval_accuracy_initial"] == first["eval_accuracy_initial"]
+
+
+def test_all_padding_prompt_rows_are_refused():
+    from rftjax.tasks import Batch
+    from rftjax.train.loop import to_prompt_batch
+
+    bad = Batch(np.array([[1, 5], [0, 0]]), np.array([[1, 1], [0, 0]]), np.zeros((2, 2)), ("", ""))
+    with pytest.raises(ValueError, match="left-padded"):
+        to_prompt_batch(bad)
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     run(_config(tmp_path, 2))
     changed = dataclasses.replace(
@@ -118,6 +136,9 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         ("--task=nope", "unknown task 'nope'"),
         ("--fault=RF1", "--fault='RF1'"),
         ("--fm=full", "accepted: off, detect"),
+        ("--kl_in_reward", "kl_in_reward applies to PPO"),
+        ("--temperature=1e-5", "temperature must be 0 (greedy) or >= 0.001"),
+        ("--kl_coef=-0.1", "kl_coef must be >= 0"),
         ("--model=huge", "unknown model preset 'huge'"),
         ("--model_overrides=depth=2", "unknown model override 'depth'"),
         ("--top_p=1.5", "top_p must be in (0, 1]"),

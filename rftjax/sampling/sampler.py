@@ -50,13 +50,23 @@ class Rollout(NamedTuple):
 
 
 def log_probs(logits: jax.Array, temperature: jax.Array) -> jax.Array:
-    """Log-softmax at the sampling temperature (T <= 0 -> T = 1). logits [..., V]."""
-    t = jnp.where(temperature > 0, temperature, 1.0)
-    return jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+    """Log-softmax at the sampling temperature (T <= 0 -> T = 1). logits [..., V].
+
+    T is floored at 1e-3 (a knob set lower would overflow logits / T in float32), and the max
+    logit is subtracted before dividing, so large logits stay finite at small T.
+    """
+    t = jnp.where(temperature > 0, jnp.maximum(temperature, 1e-3), 1.0)
+    x = logits.astype(jnp.float32)
+    x = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    return jax.nn.log_softmax(x / t, axis=-1)
 
 
 def _restrict(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Sets logits outside the top-k / nucleus (top-p) set to -inf. logits [B, V]."""
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf. logits [B, V].
+
+    Tokens whose logit ties exactly with the cutoff are all kept, so on exact ties top-k may
+    keep more than k tokens.
+    """
     vocab = logits.shape[-1]
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     rank = jnp.arange(vocab)

@@ -57,7 +57,11 @@ class MetricsWriter(JsonlLog):
 
     def __init__(self, workdir: str, *, resume_step: int = 0):
         super().__init__(os.path.join(workdir, "metrics.jsonl"), resume_step=resume_step)
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # purge_step drops TensorBoard events of steps that a resumed run writes again.
+        self._tb = SummaryWriter(
+            os.path.join(workdir, "tensorboard"),
+            purge_step=resume_step + 1 if resume_step else None,
+        )
 
     def write_step(self, step: int, values: dict[str, Any]) -> None:
         self.write({"step": int(step), **values})

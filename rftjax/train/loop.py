@@ -48,6 +48,12 @@ def build_model_config(cfg: TrainConfig, task: Task) -> models.ModelConfig:
 
 
 def to_prompt_batch(batch) -> PromptBatch:
+    """Checks the left-padding layout (every row ends in a real token) and casts to int32."""
+    if not np.all(np.asarray(batch.prompt_mask)[:, -1]):
+        raise ValueError(
+            "prompts must be left-padded with at least one real token per row "
+            "(the last prompt column is padding in some row)"
+        )
     return PromptBatch(
         np.asarray(batch.prompts, np.int32),
         np.asarray(batch.prompt_mask, np.int32),
@@ -194,7 +200,8 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
         target = init_state(params, cfg.rl, cfg.seed, detector)
         state, meta = checkpointer.restore(latest, target)
         logging.info("resumed from step %d in %s", latest, checkpointer.directory)
-        return state, knobs_from_dict(meta["knobs"]), meta["eval_initial"], 0.0
+        evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
+        return state, knobs_from_dict(meta["knobs"]), evals, 0.0
     warmup_seconds = 0.0
     if cfg.warmup_steps:
         params, warmup_seconds = run_warmup(cfg, graphdef, params, run.task)
@@ -203,7 +210,7 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
     logging.info(
         "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
     )
-    return state, make_knobs(**cfg.knobs), initial, warmup_seconds
+    return state, make_knobs(**cfg.knobs), {"initial": initial, "last": initial}, warmup_seconds
 
 
 def _alarm_event(step: int, values: dict[str, float]) -> dict[str, Any]:
@@ -219,13 +226,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.time()
     run_, graphdef, params, detector = _setup(cfg)
     try:
-        state, knobs, initial, warmup_seconds = _start_or_resume(run_, graphdef, params, detector)
+        state, knobs, evals, warmup_seconds = _start_or_resume(run_, graphdef, params, detector)
+        initial = evals["initial"]
         start = int(state.step)
         metrics_log = MetricsWriter(run_.workdir, resume_step=start)
         events = JsonlLog(os.path.join(run_.workdir, "events.jsonl"), resume_step=start)
         t_rl = time.time()
         try:
-            state, final = _train(run_, state, knobs, initial, metrics_log, events, t_rl)
+            state, final = _train(run_, state, knobs, evals, metrics_log, events, t_rl)
         finally:
             metrics_log.close()
             events.close()
@@ -264,10 +272,11 @@ def _read_events(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _train(run: _Run, state, knobs, initial, metrics_log, events, t_rl):
+def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl):
     """The RL loop. Returns (state, last evaluation)."""
     cfg, rl, task = run.cfg, run.cfg.rl, run.task
-    start, final = int(state.step), initial
+    # A resumed run that has nothing left to do reports the evaluation its checkpoint holds.
+    start, initial, final = int(state.step), evals["initial"], evals["last"]
     pending: list = []  # (step, metrics on device) of the step not yet read
 
     def flush(extra=None):
@@ -316,6 +325,7 @@ def _train(run: _Run, state, knobs, initial, metrics_log, events, t_rl):
                 "config": run.record,
                 "knobs": knobs_to_dict(knobs),
                 "eval_initial": initial,
+                "eval_last": final,
                 "data_cursor": step_no,
             }
             run.checkpointer.save(step_no, state, meta)

@@ -52,7 +52,8 @@ def make_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
 def init_state(
     policy: nnx.State, cfg: RLConfig, seed: int, detector: Detector | None = None
 ) -> TrainState:
-    params = {"policy": policy}
+    # Own copies: the train state is donated to the compiled step, the caller's arrays are not.
+    params = {"policy": jax.tree.map(jnp.copy, policy)}
     if cfg.algo == "ppo":
         hidden = policy["model"]["norm"]["weight"].shape[0]
         params["value_head"] = {"weight": jnp.zeros((hidden,)), "bias": jnp.zeros(())}
@@ -294,7 +295,11 @@ def make_learner(
         (params, opt_state), per_update = jax.lax.scan(
             lambda c, mb: update(c, mb, knobs, lr), (state.params, state.opt_state), minibatches
         )
-        metrics = jax.tree.map(jnp.mean, per_update)
+        # Over several updates: maxima stay maxima, everything else is averaged.
+        metrics = {
+            k: (jnp.max if k.endswith(("_max", "max_abs")) else jnp.mean)(v)
+            for k, v in per_update.items()
+        }
         metrics.update(_rollout_stats(ro, rewards, scores, cfg.group_size), lr=lr)
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         if detector is not None:
