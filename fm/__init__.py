@@ -5,6 +5,6 @@ A library in the spirit of optax: pure functions of generic inputs (`fm.stats`) 
 train step. fm depends only on jax, numpy and optax; it never imports the trainer around it.
 """
 
-from fm import detect, stats
+from fm import detect, stats, taxonomy
 
-__all__ = ["detect", "stats"]
+__all__ = ["detect", "stats", "taxonomy"]

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from fm import taxonomy
 from rftjax.config import RLConfig, TrainConfig
 from rftjax.train.loop import run
 
@@ -198,3 +199,16 @@ def test_alarm_event_names_the_flagged_signals():
         "signals": ["grad_norm", "nonfinite_grads"],
         "scores": {"grad_norm": 21.5},
     }
+
+
+def test_fault_list_prints_the_catalog():
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--fault=list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split()[0] for line in proc.stdout.splitlines()[1:17]]
+    assert lines == [f.id for f in taxonomy.CATALOG]

@@ -181,7 +181,10 @@ def _setup(cfg: TrainConfig):
 
 
 def _start_or_resume(run: _Run, graphdef, params, detector):
-    """(state, knobs, initial eval, warm-up seconds): a fresh start or the latest checkpoint."""
+    """A fresh start (warm-up, initial evaluation) or the latest checkpoint.
+
+    Returns (state, knobs, {"initial": eval, "last": eval}, warm-up seconds).
+    """
     cfg, checkpointer = run.cfg, run.checkpointer
     latest = checkpointer.latest_step()
     if latest is not None and not cfg.resume:
