@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import small_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
-    "--model_overrides=num_layers=1,hidden_size=32,intermediate_size=64,num_heads=2,num_kv_heads=2",
+    f"--model_overrides={small_shapes.OVERRIDES}",
     "--prompts_per_step=4",
     "--group_size=4",
     "--repeats=3",

@@ -6,20 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import small_shapes
 
 from rftjax import models
 from rftjax.models import transformer as tf
 
-SMALL = models.ModelConfig(
-    vocab_size=32,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    qkv_bias=True,
-    tie_word_embeddings=False,
-)
+SMALL = small_shapes.MODEL
 
 
 def test_param_names_are_hugging_face_names():

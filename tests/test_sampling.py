@@ -6,20 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import small_shapes
 
 from rftjax import models, sampling
 from rftjax.sampling import sampler as smp
 
-CFG = models.ModelConfig(
-    vocab_size=32,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    qkv_bias=True,
-    tie_word_embeddings=True,
-)
+CFG = small_shapes.MODEL.replace(tie_word_embeddings=True)
 PAD, N, GROUP = 0, 8, 2
 
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import small_shapes
 
 from fm import taxonomy
 from rftjax.config import RLConfig, TrainConfig
@@ -15,7 +16,7 @@ from rftjax.train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHRUNK = [
-    "--model_overrides=num_layers=1,hidden_size=32,intermediate_size=64,num_heads=2,num_kv_heads=2",
+    f"--model_overrides={small_shapes.OVERRIDES}",
     "--warmup_steps=20",
     "--warmup_batch_size=32",
     "--eval_size=32",
@@ -77,7 +78,7 @@ def _config(workdir, steps, **kw):
     return TrainConfig(
         workdir=str(workdir),
         steps=steps,
-        model_overrides=SHRUNK[0].split("=", 1)[1],
+        model_overrides=small_shapes.OVERRIDES,
         warmup_steps=10,
         warmup_batch_size=16,
         eval_size=16,

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import small_shapes
 
 from rftjax import models
 from rftjax.config import RLConfig, TrainConfig
@@ -65,8 +66,7 @@ def test_jsonl_task_trains_through_host_rewards(tmp_path):
         workdir=str(tmp_path / "run"),
         task=f"jsonl:{path}",
         steps=3,
-        model_overrides="num_layers=1,hidden_size=32,intermediate_size=64,"
-        "num_heads=2,num_kv_heads=2",
+        model_overrides=small_shapes.OVERRIDES,
         warmup_steps=5,
         warmup_batch_size=8,
         eval_size=16,
