@@ -14,3 +14,5 @@ MODEL = models.ModelConfig(
 )
 # `--model_overrides` of a 1-layer model for end-to-end runs of the tiny preset's tokenizer.
 OVERRIDES = "num_layers=1,hidden_size=32,intermediate_size=64,num_heads=2,num_kv_heads=2"
+# Entry-point flags of a small run: that model and 4 prompts × 4 completions a step.
+RUN_FLAGS = (f"--model_overrides={OVERRIDES}", "--prompts_per_step=4", "--group_size=4")

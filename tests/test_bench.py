@@ -10,12 +10,7 @@ import pytest
 import small_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = [
-    f"--model_overrides={small_shapes.OVERRIDES}",
-    "--prompts_per_step=4",
-    "--group_size=4",
-    "--repeats=3",
-]
+SMALL = [*small_shapes.RUN_FLAGS, "--repeats=3"]
 
 
 @pytest.mark.parametrize(

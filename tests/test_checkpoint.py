@@ -3,21 +3,14 @@
 import jax
 import numpy as np
 import pytest
+import small_shapes
 
 from rftjax import models
 from rftjax.checkpoint import Checkpointer
 from rftjax.config import RLConfig
 from rftjax.train.step import init_state
 
-MODEL = models.ModelConfig(
-    vocab_size=16,
-    hidden_size=16,
-    intermediate_size=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    qkv_bias=True,
-)
+MODEL = small_shapes.MODEL
 
 
 def _state(seed, algo="ppo"):

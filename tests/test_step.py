@@ -18,7 +18,7 @@ MODEL = models.ModelConfig(
 REQUIRED = (
     "reward_mean",
     "reward_std",
-    "frac_zero_std",
+    "frac_zero_std_groups",
     "adv_mean",
     "adv_std",
     "adv_max_abs",
@@ -94,7 +94,7 @@ def test_constant_rewards_give_no_update_without_regularizers(task):
     before = jax.tree.map(np.array, state.params)
     ro = learner["rollout"](state, _batch(task, 0), knobs)
     state, metrics = learner["learn"](state, ro, {"reward": jnp.ones(16)}, knobs)
-    assert float(metrics["grad_norm"]) == 0.0 and float(metrics["frac_zero_std"]) == 1.0
+    assert float(metrics["grad_norm"]) == 0.0 and float(metrics["frac_zero_std_groups"]) == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -16,12 +16,10 @@ from rftjax.train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHRUNK = [
-    f"--model_overrides={small_shapes.OVERRIDES}",
+    *small_shapes.RUN_FLAGS,
     "--warmup_steps=20",
     "--warmup_batch_size=32",
     "--eval_size=32",
-    "--prompts_per_step=4",
-    "--group_size=4",
     "--eval_every=3",
     "--checkpoint_every=3",
     "--log_every=2",

@@ -360,7 +360,7 @@ def _rollout_stats(ro: Rollout, rewards, scores, group_size: int) -> dict[str, j
     stats = {
         "reward_mean": scores.mean(),
         "reward_std": scores.std(),
-        "frac_zero_std": alg.group_stats(scores, group_size=group_size)["frac_zero_std"],
+        "frac_zero_std_groups": alg.group_stats(scores, group_size=group_size)["frac_zero_std"],
         "length_mean": lengths.mean(),
         "length_max": lengths.max(),
         "clip_ratio": ro.truncated.astype(jnp.float32).mean(),
