@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from faults import SEVERITIES
 from rftjax.config import AGG_MODES, ALGOS, FM_MODES, KL_KINDS, RLConfig, TrainConfig
 
 
@@ -19,9 +20,13 @@ def define_run_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "Seed of model init, data and sampling.")
     flags.DEFINE_string("fault", "none", "Fault type id, 'none', or 'list' to print the catalog.")
-    flags.DEFINE_string("fault_severity", "moderate", "subtle | moderate | severe")
-    flags.DEFINE_integer("fault_onset", 0, "RL step at which the fault starts.")
-    flags.DEFINE_integer("fault_duration", -1, "Steps the fault lasts; -1: to the end.")
+    flags.DEFINE_enum("fault_severity", "moderate", SEVERITIES, "Preset strength of the fault.")
+    flags.DEFINE_string("fault_variant", "", "Variant of the fault type (default: its first).")
+    flags.DEFINE_float("fault_magnitude", None, "Explicit strength; overrides --fault_severity.")
+    flags.DEFINE_integer(
+        "fault_onset", -1, "First RL step with the fault active; -1: a third of --steps."
+    )
+    flags.DEFINE_integer("fault_duration", -1, "Steps the fault lasts; <= 0: to the end.")
     flags.DEFINE_enum("fm", "off", FM_MODES, "Failure management: off, detect, full.")
     flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:2,fsdp:4 (default: one device).")
     flags.DEFINE_integer("prompts_per_step", 16, "Unique prompts per RL step.")
@@ -121,6 +126,11 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         resume=resume,
         fm=values.fm,
         fault=values.fault,
+        fault_severity=values.fault_severity,
+        fault_variant=values.fault_variant,
+        fault_magnitude=values.fault_magnitude,
+        fault_onset=values.fault_onset if values.fault_onset >= 0 else max(1, steps // 3),
+        fault_duration=values.fault_duration,
         mesh=values.mesh,
     )
 

@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags, logging
 
-from fm import taxonomy
+import faults
 from launch import common
 
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and summary.json.")
@@ -24,10 +24,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.fault == "list":
-        print(f"{'id':4} {'family':22} {'hook':17} fault")
-        for f in taxonomy.CATALOG:
-            print(f"{f.id:4} {f.family:22} {f.hook:17} {f.name}")
-        print("Injection of these types is not available in this version (accepted: --fault=none).")
+        print("\n".join(faults.listing()))
         return
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required (the folder for checkpoints and logs)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import faults
+
 ALGOS = ("grpo", "ppo")
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_KINDS = ("k1", "k2", "k3")
@@ -125,6 +127,11 @@ class TrainConfig:
     resume: bool = False
     fm: str = "off"
     fault: str = "none"
+    fault_severity: str = "moderate"
+    fault_variant: str = ""
+    fault_magnitude: float | None = None  # overrides the severity preset
+    fault_onset: int = 1  # first active RL step (1-based)
+    fault_duration: int = -1  # <= 0: to the end
     mesh: str = ""
 
     def __post_init__(self):
@@ -155,7 +162,44 @@ class TrainConfig:
                 "version; leave --mesh empty for one device"
             )
         if self.fault != "none":
-            raise ValueError(
-                f"--fault={self.fault!r}: fault injection is not available in this "
-                "version; accepted: none"
-            )
+            self.fault_params()  # names a bad type, variant, severity or onset
+            if self.fault_onset > self.steps:
+                raise ValueError(
+                    f"--fault_onset={self.fault_onset} is after the last step ({self.steps}): "
+                    "the fault would never be active"
+                )
+
+    def fault_params(self):
+        """The injection's runtime parameters (`faults.FaultParams`); None for no fault."""
+        if self.fault == "none":
+            return None
+        return faults.params_for(
+            self.fault,
+            onset=self.fault_onset,
+            duration=self.fault_duration,
+            severity=self.fault_severity,
+            variant=self.fault_variant or None,
+            magnitude=self.fault_magnitude,
+            seed=self.seed,
+        )
+
+    def fault_record(self) -> dict[str, Any] | str:
+        """The fault as summary.json records it."""
+        if self.fault == "none":
+            return "none"
+        spec = faults.spec(self.fault)
+        variant = spec.variants[faults.variant_index(self.fault, self.fault_variant or None)]
+        custom = self.fault_magnitude is not None
+        magnitude = (
+            self.fault_magnitude
+            if custom
+            else faults.magnitude_of(self.fault, self.fault_severity, variant)
+        )
+        return {
+            "type": self.fault,
+            "variant": variant,
+            "severity": "custom" if custom else self.fault_severity,
+            "magnitude": magnitude,
+            "onset": self.fault_onset,
+            "duration": self.fault_duration,
+        }

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import small_shapes
 
+import faults
 from fm import taxonomy
 from rftjax.config import RLConfig, TrainConfig
 from rftjax.train.loop import run
@@ -134,7 +135,10 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     "flag,message",
     [
         ("--task=nope", "unknown task 'nope'"),
-        ("--fault=RF1", "--fault='RF1'"),
+        ("--fault=XX9", "unknown fault type 'XX9'"),
+        ("--fault=TE1", "tool-using rollouts"),
+        ("--fault=RF1 --fault_variant=bogus", "RF1 has no variant 'bogus'; accepted: flip, noise"),
+        ("--fault=CA1 --fault_onset=5", "--fault_onset=5 is after the last step (1)"),
         ("--fm=full", "accepted: off, detect"),
         ("--kl_in_reward", "kl_in_reward applies to PPO"),
         ("--temperature=1e-5", "temperature must be 0 (greedy) or >= 0.001"),
@@ -209,5 +213,8 @@ def test_fault_list_prints_the_catalog():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line.split()[0] for line in proc.stdout.splitlines()[1:17]]
-    assert lines == [f.id for f in taxonomy.CATALOG]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:] if not line.startswith(" ")]
+    assert [r[0] for r in rows] == [f.id for f in taxonomy.CATALOG]
+    assert [r[1] for r in rows] == [f.family for f in taxonomy.CATALOG]
+    for name, preset in zip(faults.SPECS["PG3"].variants, faults.SPECS["PG3"].presets):
+        assert f"{name}: " in proc.stdout and " / ".join(f"{v:g}" for v in preset) in proc.stdout

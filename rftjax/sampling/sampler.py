@@ -12,6 +12,7 @@ may be drawn but not the reported log-probs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -27,13 +28,15 @@ class SamplingParams(NamedTuple):
     temperature: jax.Array  # <= 0: greedy
     top_p: jax.Array  # 1.0: off
     top_k: jax.Array  # int32, <= 0: off
+    max_tokens: jax.Array | int = 0  # int32, stop after this many new tokens; <= 0: N
 
 
-def sampling_params(temperature=1.0, top_p=1.0, top_k=0) -> SamplingParams:
+def sampling_params(temperature=1.0, top_p=1.0, top_k=0, max_tokens=0) -> SamplingParams:
     return SamplingParams(
         jnp.asarray(temperature, jnp.float32),
         jnp.asarray(top_p, jnp.float32),
         jnp.asarray(top_k, jnp.int32),
+        jnp.asarray(max_tokens, jnp.int32),
     )
 
 
@@ -138,12 +141,16 @@ def generate(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
+    logits_hook: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> Rollout:
     """Samples group_size completions of each prompt; B = Bp × group_size rows.
 
     The unique prompts [Bp, P] are prefilled once and their cache is shared by the group; then
-    up to N tokens are decoded in a while loop that stops when every row has emitted EOS.
+    up to N tokens (or `sampling.max_tokens` when smaller and > 0) are decoded in a while loop
+    that stops when every row has emitted EOS. `logits_hook(logits [B, V], i)` may change the
+    logits of decode position i before sampling (fault injection: a mismatched engine).
     """
+    hook = logits_hook or (lambda x, i: x)
     model = nnx.merge(graphdef, params)
     p = prompts.shape[1]
     n, length = max_new_tokens, p + max_new_tokens
@@ -153,8 +160,9 @@ def generate(
     b = prompts.shape[0]
     prompt_valid = prompt_mask.astype(bool)
     prompt_lens = prompt_valid.sum(-1).astype(jnp.int32)
-    logits = repeat_rows(model.head(last_hidden), group_size)
+    logits = hook(repeat_rows(model.head(last_hidden), group_size), jnp.zeros((), jnp.int32))
     tok, lp = sample_token(logits, jax.random.fold_in(key, 0), sampling)
+    limit = jnp.where(sampling.max_tokens > 0, jnp.minimum(sampling.max_tokens, n), n)
     slots = jnp.arange(length)
 
     zeros = jnp.zeros((b, n))
@@ -168,7 +176,7 @@ def generate(
     )
 
     def cond(s: _Loop):
-        return (s.i < n) & ~jnp.all(s.done)
+        return (s.i < limit) & ~jnp.all(s.done)
 
     def body(s: _Loop):
         prev = s.i - 1
@@ -180,7 +188,8 @@ def generate(
         step_mask = ((slots <= slot)[None, :] & c.valid)[:, None, :]
         pos = (prompt_lens + prev)[:, None]
         hidden, c = model.trunk(prev_tok, pos, step_mask, c)
-        tok, lp = sample_token(model.head(hidden[:, 0]), jax.random.fold_in(key, s.i), sampling)
+        logits = hook(model.head(hidden[:, 0]), s.i)
+        tok, lp = sample_token(logits, jax.random.fold_in(key, s.i), sampling)
         active = ~s.done
         tok = jnp.where(active, tok, pad_id)
         put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], s.i, axis=1)
@@ -234,12 +243,14 @@ def generate_recompute(
     tokens = jnp.concatenate([prompts, jnp.full((b, n), pad_id, jnp.int32)], axis=1)
     valid = jnp.concatenate([prompt_valid, jnp.zeros((b, n), bool)], axis=1)
 
+    limit = jnp.where(sampling.max_tokens > 0, jnp.minimum(sampling.max_tokens, n), n)
+
     def body(i, carry):
         tokens, valid, logp, done = carry
         logits, _, _ = full_forward(graphdef, params, tokens, valid)
         last = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
         tok, lp = sample_token(last, jax.random.fold_in(key, i), sampling)
-        active = ~done
+        active = ~done & (i < limit)
         tok = jnp.where(active, tok, pad_id)
         tokens = tokens.at[:, p + i].set(tok)
         valid = valid.at[:, p + i].set(active)

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+import faults
 from rftjax import models
 from rftjax.checkpoint import Checkpointer
 from rftjax.config import TrainConfig
@@ -155,6 +156,8 @@ class _Run(NamedTuple):
     evaluator: Evaluator
     checkpointer: Checkpointer
     record: dict
+    fault: faults.Fault | None
+    fault_params: faults.FaultParams | None
 
 
 def _setup(cfg: TrainConfig):
@@ -164,6 +167,10 @@ def _setup(cfg: TrainConfig):
     tok = task.tokenizer
     graphdef, params = models.create(build_model_config(cfg, task), cfg.seed)
     detector = monitor.make_detector(cfg.rl.algo) if cfg.fm != "off" else None
+    fault = None
+    if cfg.fault != "none":
+        setup = faults.Setup(cfg.rl.group_size, cfg.rl.max_new_tokens, cfg.rl.normalize_adv_std)
+        fault = faults.make(cfg.fault, setup)
     learner = make_learner(
         graphdef,
         cfg.rl,
@@ -171,12 +178,23 @@ def _setup(cfg: TrainConfig):
         pad_id=tok.pad_token_id,
         reward_fn=task.jnp_reward,
         detector=detector,
+        fault=fault,
     )
     evaluator = Evaluator(graphdef, task, max_new_tokens=cfg.rl.max_new_tokens)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints
     )
-    run = _Run(cfg, workdir, task, learner, evaluator, checkpointer, _config_record(cfg))
+    run = _Run(
+        cfg,
+        workdir,
+        task,
+        learner,
+        evaluator,
+        checkpointer,
+        _config_record(cfg),
+        fault,
+        cfg.fault_params(),
+    )
     return run, graphdef, params, detector
 
 
@@ -200,7 +218,7 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
                 f"--resume: {run.workdir} belongs to a run with a different "
                 f"configuration (differs in: {', '.join(changed)})"
             )
-        target = init_state(params, cfg.rl, cfg.seed, detector)
+        target = init_state(params, cfg.rl, cfg.seed, detector, run.fault)
         state, meta = checkpointer.restore(latest, target)
         logging.info("resumed from step %d in %s", latest, checkpointer.directory)
         evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
@@ -208,7 +226,7 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
     warmup_seconds = 0.0
     if cfg.warmup_steps:
         params, warmup_seconds = run_warmup(cfg, graphdef, params, run.task)
-    state = init_state(params, cfg.rl, cfg.seed, detector)
+    state = init_state(params, cfg.rl, cfg.seed, detector, run.fault)
     initial = run.evaluator(state.params["policy"])
     logging.info(
         "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
@@ -258,7 +276,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "algo": cfg.rl.algo,
         "task": cfg.task,
         "model": cfg.model,
-        "fault": cfg.fault,
+        "fault": cfg.fault_record(),
         "fm": cfg.fm,
         "alarms": [{"step": e["step"], "signals": e["signals"]} for e in alarms],
         "diagnoses": [],
@@ -310,11 +328,14 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl):
         # host sync) and raises.
         with jax.transfer_guard("disallow"):
             batch = jax.device_put(to_prompt_batch(raw))
+            fparams = run.fault_params
             if "step" in run.learner:
-                state, metrics = run.learner["step"](state, batch, knobs)
+                state, metrics = run.learner["step"](state, batch, knobs, fparams)
             else:
                 answers = [a for a in raw.answer_text for _ in range(rl.group_size)]
-                state, metrics = _text_step(run.learner, task, state, batch, knobs, answers)
+                state, metrics = _text_step(
+                    run.learner, task, state, batch, knobs, fparams, answers
+                )
             flush()  # the previous step's metrics: read one step late
             pending.append((step_no, metrics))
         last = step_no == cfg.steps
@@ -336,9 +357,11 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl):
     return state, final
 
 
-def _text_step(learner, task: Task, state: TrainState, batch: PromptBatch, knobs, answers):
+def _text_step(learner, task: Task, state: TrainState, batch: PromptBatch, knobs, fparams, answers):
     """Rollout on device, reward on the host (text verifiers), learn on device."""
-    rollout = learner["rollout"](state, batch, knobs)
+    if fparams is not None:
+        state = learner["prepare"](state, fparams)
+    rollout = learner["rollout"](state, batch, knobs, fparams)
     texts = task.decode_responses(jax.device_get(rollout.response))
     rewards = {k: np.asarray(v, np.float32) for k, v in task.text_reward(texts, answers).items()}
-    return learner["learn"](state, rollout, jax.device_put(rewards), knobs)
+    return learner["learn"](state, rollout, jax.device_put(rewards), knobs, fparams)

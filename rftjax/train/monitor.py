@@ -54,14 +54,15 @@ def loss_stats(
 
 
 def rollout_stats(
-    *, response, mask, lengths, truncated, scores, group_size: int, max_len: int
+    *, response, mask, loss_mask, lengths, truncated, scores, group_size: int, max_len: int
 ) -> dict[str, jax.Array]:
-    """Trajectory-level aggregates of a rollout."""
+    """Trajectory-level aggregates of a rollout; the mask check compares the loss mask with
+    the response lengths."""
     return fs.merge(
         fs.reward_stats(scores, group_size=group_size),
         fs.length_stats(lengths, truncated, max_len=max_len),
         fs.token_stats(response, mask),
-        fs.consistency_stats(mask, lengths),
+        fs.consistency_stats(loss_mask, lengths),
     )
 
 

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import faults
+from faults import Fault, FaultParams
 from fm.detect import Detector
 from rftjax import algorithms as alg
 from rftjax.config import RLConfig
@@ -34,6 +36,7 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     key: jax.Array  # uint32[2] base key
     fm: FMState | None = None  # detector history and thresholds when failure management is on
+    fault: Any = None  # state an injected fault carries (PG2: the sampler's stale weights)
 
 
 class PromptBatch(NamedTuple):
@@ -50,7 +53,11 @@ def make_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
 
 
 def init_state(
-    policy: nnx.State, cfg: RLConfig, seed: int, detector: Detector | None = None
+    policy: nnx.State,
+    cfg: RLConfig,
+    seed: int,
+    detector: Detector | None = None,
+    fault: Fault | None = None,
 ) -> TrainState:
     # Own copies: the train state is donated to the compiled step, the caller's arrays are not.
     params = {"policy": jax.tree.map(jnp.copy, policy)}
@@ -64,12 +71,16 @@ def init_state(
         opt_state=make_optimizer(cfg).init(params),
         key=jax.random.PRNGKey(seed),
         fm=None if detector is None else monitor.init_fm_state(detector),
+        fault=fault.state_init(policy) if fault is not None and fault.state_init else None,
     )
 
 
-def learning_rate(knobs: Knobs, step: jax.Array, warmup_steps: int) -> jax.Array:
+def learning_rate(
+    knobs: Knobs, step: jax.Array, warmup_steps: int, schedule_hook=lambda lr: lr
+) -> jax.Array:
+    """lr × scale × linear warm-up, through `schedule_hook` (fault injection), then capped."""
     warm = jnp.minimum(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    return jnp.minimum(knobs.lr * knobs.lr_scale * warm, knobs.lr_cap)
+    return jnp.minimum(schedule_hook(knobs.lr * knobs.lr_scale * warm), knobs.lr_cap)
 
 
 def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
@@ -107,13 +118,13 @@ def grpo_advantages(old_logp, old_values, data, knobs, cfg: RLConfig):
     adv = alg.group_advantages(
         data["scores"], group_size=cfg.group_size, normalize_std=cfg.normalize_adv_std
     )
-    return adv[:, None] * data["mask"], jnp.zeros_like(data["mask"])
+    return adv[:, None] * data["loss_mask"], jnp.zeros_like(data["loss_mask"])
 
 
 def gae_advantages(old_logp, old_values, data, knobs, cfg: RLConfig):
     """PPO: sequence score on the last token (minus β·k1 per token with KL-in-reward), GAE(γ, λ)
     with the value head's estimates, optionally whitened over the batch."""
-    mask = data["mask"]
+    mask = data["loss_mask"]
     kl = old_logp - data["ref_logp"] if cfg.kl_in_reward else None
     token_r = alg.token_rewards(data["scores"], mask, kl=kl, kl_coef=knobs.kl_coef)
     adv, ret = alg.gae(token_r, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -135,13 +146,21 @@ def make_learner(
     pad_id: int,
     reward_fn: RewardFn | None = None,
     detector: Detector | None = None,
+    fault: Fault | None = None,
 ):
-    """Returns compiled `rollout`, `learn`, and (when the reward is jnp) the fused `step`.
+    """Returns compiled `prepare`, `rollout`, `learn`, and (jnp reward) the fused `step`.
 
-    rollout(state, batch, knobs) -> Rollout with B = prompts × group_size rows.
-    learn(state, rollout, rewards, knobs) -> (state, metrics); rewards: dict of f32[B] with
-      at least "reward" (other keys are reported as reward components).
-    step(state, batch, knobs) -> (state, metrics): rollout, reward_fn, learn in one program.
+    prepare(state, fparams) -> state: between-step hooks of a fault (weights, optimizer state);
+      the identity without a fault. Call it before `rollout` when not using `step`.
+    rollout(state, batch, knobs, fparams) -> Rollout with B = prompts × group_size rows.
+    learn(state, rollout, rewards, knobs, fparams) -> (state, metrics); rewards: dict of f32[B]
+      with at least "reward" (other keys are reported as reward components).
+    step(state, batch, knobs, fparams) -> (state, metrics): prepare, rollout, reward_fn, learn
+      in one program.
+
+    With a `fault` (from `faults.make`), its hooks act at the trainer's hook points under the
+    runtime `fparams` (`faults.FaultParams`; None without a fault), and the metrics gain
+    "fault_active". The state must then come from `init_state(..., fault=fault)`.
 
     With a `detector`, the step also computes fm's statistics (trajectory aggregates, sampler /
     trainer mismatch, optimization and cross-check statistics), runs the detector on them with
@@ -149,17 +168,31 @@ def make_learner(
     to the metrics. The state must then come from `init_state(..., detector=detector)`.
     """
     optimizer = make_optimizer(cfg)
+    hooks = fault.hooks if fault is not None else faults.NO_HOOKS
     ppo = cfg.algo == "ppo"
     n = cfg.max_new_tokens
     agg = dict(mode=cfg.loss_agg, max_len=n)
     precompute = cfg.updates_per_step > 1
 
-    def rollout(state: TrainState, batch: PromptBatch, knobs: Knobs) -> Rollout:
+    def fault_ctx(state: TrainState, fparams: FaultParams | None):
+        return None if fault is None else faults.context(fparams, state.step)
+
+    def prepare(state: TrainState, fparams: FaultParams | None = None) -> TrainState:
+        ctx = fault_ctx(state, fparams)
+        return state._replace(
+            params=hooks.params(state.params, ctx), opt_state=hooks.opt_state(state.opt_state, ctx)
+        )
+
+    def rollout(state: TrainState, batch: PromptBatch, knobs: Knobs, fparams=None) -> Rollout:
+        ctx = fault_ctx(state, fparams)
         key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SAMPLE)
-        sampling = SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k)
-        return generate(
+        batch = hooks.data(batch, ctx)
+        sampling = hooks.sampler(
+            SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k, jnp.int32(0)), ctx
+        )
+        ro = generate(
             graphdef,
-            state.params["policy"],
+            hooks.rollout_params(state.params["policy"], state.fault, ctx),
             batch.prompts,
             batch.prompt_mask,
             key,
@@ -168,7 +201,9 @@ def make_learner(
             max_new_tokens=n,
             eos_id=eos_id,
             pad_id=pad_id,
+            logits_hook=None if fault is None else (lambda x, i: hooks.logits(x, i, ctx)),
         )
+        return ro._replace(logp=hooks.rollout_logprobs(ro.logp, ro.response_mask, ctx))
 
     def policy_forward(policy, data, knobs):
         """Log-probs, entropies, hidden states of rows whose groups are contiguous."""
@@ -189,9 +224,10 @@ def make_learner(
         values = _value(params, hidden) if ppo else jnp.zeros_like(logp)
         return logp, entropy, values
 
-    def targets(old_logp, old_values, data, knobs):
+    def targets(old_logp, old_values, data, knobs, ctx):
         """Advantages and returns from constants (behaviour log-probs and values)."""
         adv, ret = ADVANTAGE_ESTIMATORS[cfg.algo](old_logp, old_values, data, knobs, cfg)
+        adv = hooks.advantages(adv, data["scores"], data["loss_mask"], ctx)
         return {
             "old_logp": old_logp,
             "old_values": old_values,
@@ -199,12 +235,14 @@ def make_learner(
             "returns": ret,
         }
 
-    def loss_fn(params, data, knobs):
-        mask = data["mask"]
+    def loss_fn(params, data, knobs, ctx):
+        # Attention sees every real token (data["mask"]); the loss, KL, entropy and ratios
+        # count only the policy's actions (data["loss_mask"]).
+        mask = data["loss_mask"]
         logp, entropy, values = forward(params, data, knobs)
         if not precompute:  # one update: the behaviour policy is the current one
             sg = jax.lax.stop_gradient
-            data = {**data, **targets(sg(logp), sg(values), data, knobs)}
+            data = {**data, **targets(sg(logp), sg(values), data, knobs, ctx)}
         is_ratio = jnp.exp(jnp.clip(data["old_logp"] - data["sampler_logp"], -20.0, 20.0))
         is_w = jnp.where(knobs.is_cap > 0, jnp.minimum(is_ratio, knobs.is_cap), 1.0)
         pg_loss, pg_m = alg.policy_loss(
@@ -263,9 +301,10 @@ def make_learner(
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def update(carry, mb, knobs, lr):
+    def update(carry, mb, knobs, lr, ctx):
         params, opt_state = carry
-        grads, metrics = grad_fn(params, mb, knobs)
+        grads, metrics = grad_fn(params, mb, knobs, ctx)
+        grads = hooks.gradients(grads, ctx)
         new_params, opt_state, updates, stats = apply_update(
             params, opt_state, grads, knobs, lr, optimizer
         )
@@ -274,26 +313,36 @@ def make_learner(
             metrics.update(monitor.update_stats(grads, updates, params, lr))
         return (new_params, opt_state), metrics
 
-    def learn(state: TrainState, ro: Rollout, rewards: dict[str, jax.Array], knobs: Knobs):
-        scores = _guard(rewards["reward"].astype(jnp.float32), knobs.reward_clip)
+    def learn(state: TrainState, ro: Rollout, rewards: dict, knobs: Knobs, fparams=None):
+        ctx = fault_ctx(state, fparams)
+        knobs = hooks.regularizers(knobs, ctx)
+        raw = rewards["reward"].astype(jnp.float32)
+        scores = _guard(hooks.rewards(raw, rewards, ro, ctx), knobs.reward_clip)
+        loss_mask = hooks.loss_mask(ro.response_mask, ro, ctx)
         data = {
             "tokens": ro.tokens,
             "valid": ro.valid,
             "mask": ro.response_mask,
+            "loss_mask": loss_mask,
             "sampler_logp": ro.logp,
             "scores": scores,
         }
-        data["ref_logp"] = policy_forward(state.ref_params, data, knobs)[0]
+        ref_params = hooks.ref_params(state.ref_params, ctx)
+        data["ref_logp"] = policy_forward(ref_params, data, knobs)[0]
         if precompute:
             old_logp, _, old_values = forward(state.params, data, knobs)
-            data.update(targets(old_logp, old_values, data, knobs))
-        lr = learning_rate(knobs, state.step, cfg.lr_warmup_steps)
+            data.update(targets(old_logp, old_values, data, knobs, ctx))
+        lr = learning_rate(
+            knobs, state.step, cfg.lr_warmup_steps, lambda x: hooks.learning_rate(x, ctx)
+        )
         key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SHUFFLE)
         minibatches = _minibatches(
             data, key, cfg.num_epochs, cfg.num_minibatches, cfg.prompts_per_step, cfg.group_size
         )
         (params, opt_state), per_update = jax.lax.scan(
-            lambda c, mb: update(c, mb, knobs, lr), (state.params, state.opt_state), minibatches
+            lambda c, mb: update(c, mb, knobs, lr, ctx),
+            (state.params, state.opt_state),
+            minibatches,
         )
         # Over several updates: maxima stay maxima, everything else is averaged.
         metrics = {
@@ -302,11 +351,18 @@ def make_learner(
         }
         metrics.update(_rollout_stats(ro, rewards, scores, cfg.group_size), lr=lr)
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if fault is not None:
+            metrics["fault_active"] = ctx.active.astype(jnp.float32)
+            if fault.state_update is not None:
+                new_state = new_state._replace(
+                    fault=fault.state_update(state.fault, params["policy"], ctx)
+                )
         if detector is not None:
             metrics.update(
                 monitor.rollout_stats(
                     response=ro.response,
                     mask=ro.response_mask,
+                    loss_mask=loss_mask,
                     lengths=ro.lengths,
                     truncated=ro.truncated,
                     scores=scores,
@@ -320,15 +376,18 @@ def make_learner(
         return new_state, metrics
 
     fns: dict[str, Any] = {
+        "prepare": jax.jit(prepare, donate_argnums=0),
         "rollout": jax.jit(rollout),
         "learn": jax.jit(learn, donate_argnums=0),
     }
     if reward_fn is not None:
 
-        def step(state, batch, knobs):
-            ro = rollout(state, batch, knobs)
+        def step(state, batch, knobs, fparams=None):
+            state = prepare(state, fparams)
+            ro = rollout(state, batch, knobs, fparams)
+            batch = hooks.data(batch, fault_ctx(state, fparams))
             answers = repeat_rows(batch.answers, cfg.group_size)
-            return learn(state, ro, reward_fn(ro.response, answers), knobs)
+            return learn(state, ro, reward_fn(ro.response, answers), knobs, fparams)
 
         fns["step"] = jax.jit(step, donate_argnums=0)
     return fns

@@ -1,0 +1,83 @@
+"""Credit-assignment faults (CA1-CA4): advantages, grouping, loss masks, zero-signal groups.
+
+Completions of one prompt are contiguous rows (group g holds rows g·G ... g·G + G - 1).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from faults.base import Ctx, Fault, Hooks, Setup, gate, is_variant, row_draw
+
+
+def ca1(setup: Setup) -> Fault:
+    """Advantage sign flip: each group's advantages are negated with probability `magnitude`
+    (1: every group, the policy is pushed away from what is rewarded)."""
+    g = setup.group_size
+
+    def advantages(adv, scores, mask, ctx: Ctx):
+        del scores, mask
+        flip = row_draw(ctx.key, adv.shape[0], ctx.magnitude, g)[:, None]
+        return gate(ctx.active & flip, -adv, adv)
+
+    return Fault("CA1", Hooks(advantages=advantages))
+
+
+def _group_baseline(scores, group_size: int, normalize_std: bool, shift: int):
+    """Group-relative advantages f32[B] computed with the statistics of group g + shift."""
+    r = scores.astype(jnp.float32).reshape(-1, group_size)
+    mean = jnp.roll(r.mean(axis=1, keepdims=True), -shift, axis=0)
+    centered = r - mean
+    if normalize_std:
+        centered = centered / (jnp.roll(r.std(axis=1, keepdims=True), -shift, axis=0) + 1e-6)
+    return centered.reshape(-1)
+
+
+def ca2(setup: Setup) -> Fault:
+    """Grouping or normalization bug. Variant "misgroup": a fraction `magnitude` of groups is
+    normalized with the next group's mean (and std), as when group ids are off by one, so their
+    advantages no longer average to zero; "scale": advantages are multiplied by `magnitude`
+    (a silent shrink when < 1, an inflation when > 1)."""
+    g, norm = setup.group_size, setup.normalize_std
+
+    def advantages(adv, scores, mask, ctx: Ctx):
+        wrong = _group_baseline(scores, g, norm, 1) - _group_baseline(scores, g, norm, 0)
+        picked = row_draw(ctx.key, adv.shape[0], ctx.magnitude, g)
+        misgrouped = adv + jnp.where(picked, wrong, 0.0)[:, None] * mask
+        changed = jnp.where(is_variant(ctx, 0), misgrouped, adv * ctx.magnitude)
+        return gate(ctx.active, changed, adv)
+
+    return Fault("CA2", Hooks(advantages=advantages))
+
+
+def ca3(setup: Setup) -> Fault:
+    """Mask, padding or EOS bug in the loss mask (attention is untouched). Variant "drop_eos":
+    in a fraction `magnitude` of rows the EOS token is left out of the loss, so ending the answer
+    is never reinforced; "count_padding": in a fraction `magnitude` of rows every slot, padding
+    after EOS included, counts as an action."""
+    del setup
+
+    def loss_mask(mask, rollout, ctx: Ctx):
+        rows = row_draw(ctx.key, mask.shape[0], ctx.magnitude)[:, None]
+        slots = jnp.arange(mask.shape[1])[None, :]
+        eos = (slots == rollout.lengths[:, None] - 1) & ~rollout.truncated[:, None]
+        dropped = jnp.where(eos, 0.0, mask)
+        changed = jnp.where(is_variant(ctx, 0), dropped, jnp.ones_like(mask))
+        return gate(ctx.active & rows, changed, mask)
+
+    return Fault("CA3", Hooks(loss_mask=loss_mask))
+
+
+def ca4(setup: Setup) -> Fault:
+    """Zero-signal groups: the verifier caches its score by prompt, so in a fraction
+    `magnitude` of groups every completion gets the first completion's reward; those groups
+    have zero reward variance and give GRPO no gradient."""
+    g = setup.group_size
+
+    def rewards(scores, reward_dict, rollout, ctx: Ctx):
+        del reward_dict, rollout
+        cached = jnp.repeat(scores.reshape(-1, g)[:, 0], g)
+        hit = row_draw(ctx.key, scores.shape[0], ctx.magnitude, g)
+        return gate(ctx.active & hit, cached, scores)
+
+    return Fault("CA4", Hooks(rewards=rewards))
