@@ -216,5 +216,6 @@ def test_fault_list_prints_the_catalog():
     rows = [line.split() for line in proc.stdout.splitlines()[1:] if not line.startswith(" ")]
     assert [r[0] for r in rows] == [f.id for f in taxonomy.CATALOG]
     assert [r[1] for r in rows] == [f.family for f in taxonomy.CATALOG]
-    for name, preset in zip(faults.SPECS["PG3"].variants, faults.SPECS["PG3"].presets):
+    spec = faults.SPECS["PG3"]
+    for name, preset in zip(spec.variants, spec.presets, strict=True):
         assert f"{name}: " in proc.stdout and " / ".join(f"{v:g}" for v in preset) in proc.stdout
