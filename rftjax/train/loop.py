@@ -62,20 +62,37 @@ def to_prompt_batch(batch) -> PromptBatch:
     )
 
 
+# Compiled functions by everything static that shapes them: runs of one process that share a
+# model, task kind and step configuration (a campaign's runs across seeds, severities and
+# onsets) compile once. Keys hold only hashable static configuration.
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compiled(key: tuple, build):
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
 class Evaluator:
     """Greedy accuracy on the task's held-out prompts."""
 
-    def __init__(self, graphdef, task: Task, *, max_new_tokens: int):
+    def __init__(self, graphdef, task: Task, *, max_new_tokens: int, cache_key: tuple = ()):
         tok = task.tokenizer
         self.task = task
         self.batch = task.eval_batch()
-        self.greedy = wu.make_greedy(
-            graphdef,
-            max_new_tokens=max_new_tokens,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
+        self.greedy = _compiled(
+            ("greedy", *cache_key, max_new_tokens),
+            lambda: wu.make_greedy(
+                graphdef,
+                max_new_tokens=max_new_tokens,
+                eos_id=tok.eos_token_id,
+                pad_id=tok.pad_token_id,
+            ),
         )
-        self.reward = jax.jit(task.jnp_reward) if task.jnp_reward is not None else None
+        self.reward = None
+        if task.jnp_reward is not None:
+            self.reward = _compiled(("reward", task.jnp_reward), lambda: jax.jit(task.jnp_reward))
 
     def __call__(self, policy) -> dict[str, float]:
         response = self.greedy(policy, self.batch.prompts, self.batch.prompt_mask)
@@ -165,22 +182,31 @@ def _setup(cfg: TrainConfig):
     os.makedirs(workdir, exist_ok=True)
     task = make_task(cfg.task, seed=cfg.seed, eval_size=cfg.eval_size)
     tok = task.tokenizer
-    graphdef, params = models.create(build_model_config(cfg, task), cfg.seed)
-    detector = monitor.make_detector(cfg.rl.algo) if cfg.fm != "off" else None
-    fault = None
-    if cfg.fault != "none":
-        setup = faults.Setup(cfg.rl.group_size, cfg.rl.max_new_tokens, cfg.rl.normalize_adv_std)
-        fault = faults.make(cfg.fault, setup)
-    learner = make_learner(
-        graphdef,
-        cfg.rl,
-        eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id,
-        reward_fn=task.jnp_reward,
-        detector=detector,
-        fault=fault,
-    )
-    evaluator = Evaluator(graphdef, task, max_new_tokens=cfg.rl.max_new_tokens)
+    model_cfg = build_model_config(cfg, task)
+    graphdef, params = models.create(model_cfg, cfg.seed)
+    static = (model_cfg, type(task).__name__, task.jnp_reward, tok.eos_token_id, tok.pad_token_id)
+
+    def build():
+        detector = monitor.make_detector(cfg.rl.algo) if cfg.fm != "off" else None
+        fault = None
+        if cfg.fault != "none":
+            rl = cfg.rl
+            fault = faults.make(
+                cfg.fault, faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std)
+            )
+        learner = make_learner(
+            graphdef,
+            cfg.rl,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            reward_fn=task.jnp_reward,
+            detector=detector,
+            fault=fault,
+        )
+        return learner, detector, fault
+
+    learner, detector, fault = _compiled(("learner", *static, cfg.rl, cfg.fm, cfg.fault), build)
+    evaluator = Evaluator(graphdef, task, max_new_tokens=cfg.rl.max_new_tokens, cache_key=static)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints
     )
