@@ -145,6 +145,13 @@ def gate(on: jax.Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(on, n.astype(o.dtype), o), new, old)
 
 
+def when(on: jax.Array, fn, x):
+    """`fn(x)` if `on`, else `x`, as a `lax.cond`: for changes of whole weight trees, so that
+    inactive steps neither compute the change nor pass the weights through a select (which
+    could change how the compiler fuses the rest of the step)."""
+    return jax.lax.cond(on, fn, lambda y: y, x)
+
+
 def row_draw(key: jax.Array, rows: int, prob: jax.Array, group_size: int = 1) -> jax.Array:
     """bool[rows]: each row (or each group of `group_size` contiguous rows) with prob `prob`."""
     hit = jax.random.uniform(key, (rows // group_size,)) < prob

@@ -42,14 +42,14 @@ def pg2(setup: Setup) -> Fault:
     del setup
 
     def rollout_params(policy, stale, ctx: Ctx):
-        return gate(ctx.active, stale, policy)
+        return jax.lax.cond(ctx.active, lambda: stale, lambda: policy)
 
     def state_init(policy):
         return jax.tree.map(jnp.copy, policy)
 
     def state_update(stale, policy, ctx: Ctx):
         sync = ~ctx.active | (ctx.step % _lag(ctx) == 0)
-        return gate(sync, policy, stale)
+        return jax.lax.cond(sync, lambda: jax.tree.map(jnp.copy, policy), lambda: stale)
 
     return Fault("PG2", Hooks(rollout_params=rollout_params), state_init, state_update)
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from faults.base import Ctx, Fault, Hooks, Setup, gate, is_variant
+from faults.base import Ctx, Fault, Hooks, Setup, gate, is_variant, when
 
 
 def od1(setup: Setup) -> Fault:
@@ -74,19 +74,19 @@ def od3(setup: Setup) -> Fault:
     del setup
 
     def params(p, ctx: Ctx):
-        policy = _perturb(p["policy"], ctx.key, ctx.magnitude)
-        return {**p, "policy": gate(ctx.first & is_variant(ctx, 0), policy, p["policy"])}
+        corrupt = lambda policy: _perturb(policy, ctx.key, ctx.magnitude)
+        return {**p, "policy": when(ctx.first & is_variant(ctx, 0), corrupt, p["policy"])}
 
     def ref_params(ref, ctx: Ctx):
         # A fixed corruption (keyed by the fault, not the step): the same bad weights each step.
-        bad = _perturb(ref, ctx.run_key, ctx.magnitude)
-        return gate(ctx.active & is_variant(ctx, 1), bad, ref)
+        corrupt = lambda r: _perturb(r, ctx.run_key, ctx.magnitude)
+        return when(ctx.active & is_variant(ctx, 1), corrupt, ref)
 
     def opt_state(state, ctx: Ctx):
         if not isinstance(state, optax.ScaleByAdamState):
             raise TypeError(f"OD3 'optimizer' expects an Adam state, got {type(state).__name__}")
-        nu = jax.tree.map(lambda v: v * ctx.magnitude, state.nu)
-        return state._replace(nu=gate(ctx.first & is_variant(ctx, 2), nu, state.nu))
+        shrink = lambda nu: jax.tree.map(lambda v: v * ctx.magnitude, nu)
+        return state._replace(nu=when(ctx.first & is_variant(ctx, 2), shrink, state.nu))
 
     return Fault("OD3", Hooks(params=params, ref_params=ref_params, opt_state=opt_state))
 

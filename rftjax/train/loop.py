@@ -77,19 +77,27 @@ def _compiled(key: tuple, build):
 class Evaluator:
     """Greedy accuracy on the task's held-out prompts."""
 
-    def __init__(self, graphdef, task: Task, *, max_new_tokens: int, cache_key: tuple = ()):
+    def __init__(
+        self, graphdef, task: Task, *, max_new_tokens: int, cache_key: tuple | None = None
+    ):
+        """`cache_key`: the static configuration the graph comes from (model config, task
+        kind, ...); evaluators with equal keys share one compiled decoder. None: no sharing."""
         tok = task.tokenizer
         self.task = task
         self.batch = task.eval_batch()
-        self.greedy = _compiled(
-            ("greedy", *cache_key, max_new_tokens),
-            lambda: wu.make_greedy(
+
+        def build():
+            return wu.make_greedy(
                 graphdef,
                 max_new_tokens=max_new_tokens,
                 eos_id=tok.eos_token_id,
                 pad_id=tok.pad_token_id,
-            ),
-        )
+            )
+
+        if cache_key is None:
+            self.greedy = build()
+        else:
+            self.greedy = _compiled(("greedy", *cache_key, max_new_tokens), build)
         self.reward = None
         if task.jnp_reward is not None:
             self.reward = _compiled(("reward", task.jnp_reward), lambda: jax.jit(task.jnp_reward))

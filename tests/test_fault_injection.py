@@ -1,0 +1,122 @@
+"""Faults inside the compiled step: identical to a clean run before onset, visible after it in the
+signals the taxonomy names, and one compilation whatever the onset, duration or magnitude."""
+
+import jax
+import numpy as np
+import pytest
+
+import faults
+from fm import taxonomy
+from rftjax import models
+from rftjax.config import RLConfig
+from rftjax.knobs import make_knobs
+from rftjax.tasks import make_task
+from rftjax.train import monitor
+from rftjax.train import warmup as wu
+from rftjax.train.loop import to_prompt_batch
+from rftjax.train.step import init_state, make_learner
+
+MODEL = models.ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2
+)
+# Sorting with partial credit: after a short warm-up most groups hold different rewards.
+TASK = make_task("sort", seed=0, eval_size=16)
+CFG = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=TASK.max_new_tokens_hint)
+STEPS, ONSET = 8, 4
+KNOBS = make_knobs(lr=3e-3)
+# A signal "deviates" when its mean over the faulted steps moves by more than this fraction of
+# the clean mean (plus a small absolute floor), in the direction the taxonomy gives.
+REL_CHANGE, FLOOR = 0.2, 1e-3
+
+
+@pytest.fixture(scope="module")
+def task():
+    return TASK
+
+
+@pytest.fixture(scope="module")
+def warm(task):
+    """A policy that earns about half the reward (RL signals need rewards that vary)."""
+    graphdef, params = models.create(MODEL, 0)
+    optimizer = wu.sft_optimizer(3e-3)
+    step = wu.make_sft_step(graphdef, optimizer, pad_id=task.tokenizer.pad_token_id)
+    state = wu.SFTState(params, optimizer.init(params))
+    for i in range(40):
+        b = task.train_batch(10_000 + i, 64)
+        state, _ = step(state, b.prompts, b.prompt_mask, b.answers)
+    return graphdef, state.params
+
+
+def _learner(task, graphdef, fault):
+    tok = task.tokenizer
+    return make_learner(
+        graphdef,
+        CFG,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        reward_fn=task.jnp_reward,
+        detector=monitor.make_detector("grpo"),
+        fault=fault,
+    )
+
+
+def _run(task, warm, fault=None, fparams=None):
+    """Metrics of each step and the policy after each step (host copies)."""
+    graphdef, params = warm
+    learner = _learner(task, graphdef, fault)
+    state = init_state(params, CFG, 0, monitor.make_detector("grpo"), fault)
+    metrics, policies = [], []
+    for i in range(STEPS):
+        batch = to_prompt_batch(task.train_batch(i, CFG.prompts_per_step))
+        state, m = learner["step"](state, batch, KNOBS, fparams)
+        metrics.append(jax.device_get(m))
+        policies.append(jax.device_get(state.params["policy"]))
+    return learner, state, metrics, policies
+
+
+@pytest.fixture(scope="module")
+def clean(task, warm):
+    return _run(task, warm)
+
+
+def _mean(metrics, key, steps):
+    return float(np.mean([metrics[i][key] for i in steps]))
+
+
+@pytest.mark.parametrize("type_id", sorted(faults.SPECS))
+def test_fault_is_silent_before_onset_and_visible_after(task, warm, clean, type_id):
+    fault = faults.make(type_id, faults.Setup(CFG.group_size, CFG.max_new_tokens))
+    fparams = faults.params_for(type_id, onset=ONSET, severity="severe")
+    learner, state, metrics, policies = _run(task, warm, fault, fparams)
+    _, _, clean_metrics, clean_policies = clean
+
+    # Before onset: bit for bit the clean run (every metric, and the weights).
+    for i in range(ONSET - 1):
+        assert metrics[i]["fault_active"] == 0.0
+        for key, value in clean_metrics[i].items():
+            np.testing.assert_array_equal(metrics[i][key], value, err_msg=f"step {i + 1} {key}")
+        pairs = zip(jax.tree.leaves(policies[i]), jax.tree.leaves(clean_policies[i]), strict=True)
+        for a, b in pairs:
+            np.testing.assert_array_equal(a, b)
+    assert all(metrics[i]["fault_active"] == 1.0 for i in range(ONSET - 1, STEPS))
+
+    # After onset: at least one of the taxonomy's signals moves the stated way.
+    after = range(ONSET - 1, STEPS)
+    moved = {}
+    for key, direction in taxonomy.get(type_id).signals:
+        c, f = _mean(clean_metrics, key, after), _mean(metrics, key, after)
+        change = f - c
+        if not np.isfinite(f):
+            moved[key] = change  # a non-finite signal is as visible as it gets
+        elif abs(change) > REL_CHANGE * abs(c) + FLOOR:
+            if direction == "~" or np.sign(change) == (1 if direction == "+" else -1):
+                moved[key] = change
+    assert moved, {k: _mean(metrics, k, after) for k, _ in taxonomy.get(type_id).signals}
+
+    # Other onsets, durations, magnitudes and variants reuse the compiled step.
+    other = faults.make_params(
+        onset=2, duration=3, magnitude=0.5, variant=len(faults.SPECS[type_id].variants) - 1
+    )
+    batch = to_prompt_batch(task.train_batch(0, CFG.prompts_per_step))
+    learner["step"](state, batch, KNOBS, other)
+    assert learner["step"]._cache_size() == 1
