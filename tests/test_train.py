@@ -103,6 +103,26 @@ def test_resumed_run_continues_with_identical_metrics(tmp_path):
     assert "score/grad_norm" in _records(broken)[0]
 
 
+def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_path):
+    # PG2 keeps the sampler's stale weights in the train state: a resumed run must restore them.
+    fault = dict(fault="PG2", fault_onset=3, fault_severity="moderate")
+    straight = tmp_path / "straight"
+    summary = run(_config(straight, 6, **fault))
+    broken = tmp_path / "broken"
+    run(_config(broken, 4, **fault))
+    run(_config(broken, 6, resume=True, **fault))
+    assert _records(straight) == _records(broken)
+    assert [r["fault_active"] for r in _records(straight)] == [0, 0, 1, 1, 1, 1]
+    assert summary["fault"] == {
+        "type": "PG2",
+        "variant": "lag",
+        "severity": "moderate",
+        "magnitude": 8,
+        "onset": 3,
+        "duration": -1,
+    }
+
+
 def test_resume_with_nothing_left_keeps_the_final_evaluation(tmp_path):
     first = run(_config(tmp_path, 4))
     again = run(_config(tmp_path, 4, resume=True))
