@@ -2,6 +2,7 @@
 signals the taxonomy names, and one compilation whatever the onset, duration or magnitude."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -120,3 +121,29 @@ def test_fault_is_silent_before_onset_and_visible_after(task, warm, clean, type_
     batch = to_prompt_batch(task.train_batch(0, CFG.prompts_per_step))
     learner["step"](state, batch, KNOBS, other)
     assert learner["step"]._cache_size() == 1
+
+
+@pytest.mark.parametrize("type_id", ["OD3", "RF1"])
+def test_split_rollout_and_learn_inject_like_the_fused_step(task, warm, type_id):
+    # Host-side rewards (text tasks) use prepare -> rollout -> learn; the fault must act there
+    # exactly as in the fused step, and each function compiles once.
+    graphdef, params = warm
+    fault = faults.make(type_id, faults.Setup(CFG.group_size, CFG.max_new_tokens))
+    learner = _learner(task, graphdef, fault)
+    fused = init_state(params, CFG, 0, monitor.make_detector("grpo"), fault)
+    split = init_state(params, CFG, 0, monitor.make_detector("grpo"), fault)
+    for i, onset in enumerate([1, 2, 1]):
+        fparams = faults.params_for(type_id, onset=onset, severity="severe")
+        raw = task.train_batch(i, CFG.prompts_per_step)
+        batch = to_prompt_batch(raw)
+        fused, m_fused = learner["step"](fused, batch, KNOBS, fparams)
+        split = learner["prepare"](split, fparams)
+        ro = learner["rollout"](split, batch, KNOBS, fparams)
+        answers = jnp.repeat(jnp.asarray(batch.answers), CFG.group_size, axis=0)
+        split, m_split = learner["learn"](
+            split, ro, task.jnp_reward(ro.response, answers), KNOBS, fparams
+        )
+        for key in ("reward_mean", "grad_norm", "kl_ref", "fault_active"):
+            np.testing.assert_allclose(m_split[key], m_fused[key], rtol=1e-5, err_msg=key)
+    for name in ("prepare", "rollout", "learn"):
+        assert learner[name]._cache_size() == 1, name
