@@ -2,6 +2,7 @@
 
   python -m launch.bench --what=step [--json FILE] [model / batch flags of launch.train]
 
+`fault_overhead`: per fault type, the step carrying an inactive fault versus the clean step.
 `step`: GRPO throughput of the configured step (completions/s, generated tokens/s, learner
 tokens/s, and the rollout / learn split), its ratio to the established trainers' figure on this
 machine class, and the speed-up of KV-cache decoding over full recompute at 64 new tokens.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import faults
 from launch import common
 from rftjax import models, sampling
 from rftjax.knobs import make_knobs
@@ -27,8 +29,11 @@ from rftjax.train import monitor
 from rftjax.train.loop import build_model_config, to_prompt_batch
 from rftjax.train.step import init_state, make_learner
 
-flags.DEFINE_enum("what", "step", ["step", "fm_overhead"], "Which benchmark to run.")
+flags.DEFINE_enum(
+    "what", "step", ["step", "fm_overhead", "fault_overhead"], "Which benchmark to run."
+)
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+flags.DEFINE_string("fault_types", "all", "fault_overhead: comma-separated type ids, or 'all'.")
 flags.DEFINE_integer("repeats", 50, "Timed calls per measurement (after compilation).")
 flags.DEFINE_integer("decode_tokens", 64, "New tokens for the KV-cache vs recompute comparison.")
 common.define_run_flags()
@@ -155,6 +160,64 @@ def _memory_bytes(jitted, *args) -> int:
     return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
 
 
+def _alternate(a: dict, b: dict, batches, knobs, repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds per step of two compiled steps called alternately (a, b then b, a, ...) on the
+    same batches. `a` / `b` hold "step", "state" (updated in place) and optional "fparams"."""
+    times = {id(a): [], id(b): []}
+    for i in range(repeats):
+        for v in (a, b) if i % 2 == 0 else (b, a):
+            t0 = time.perf_counter()
+            v["state"], m = v["step"](
+                v["state"], batches[i % len(batches)], knobs, v.get("fparams")
+            )
+            jax.block_until_ready(m)
+            times[id(v)].append(time.perf_counter() - t0)
+    return np.asarray(times[id(a)]), np.asarray(times[id(b)])
+
+
+def bench_fault_overhead(values, repeats: int) -> dict:
+    """Per fault type: the step carrying the fault, not yet active (a campaign run before its
+    onset), against the clean step; alternating calls in one process, median per-pair ratio."""
+    task, rl, graphdef, params = _setup(values)
+    tok = task.tokenizer
+    knobs = make_knobs(**common.knob_values(values))
+    batches = [
+        jax.device_put(to_prompt_batch(task.train_batch(i, rl.prompts_per_step))) for i in range(8)
+    ]
+    setup = faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std)
+
+    def runner(fault, fparams):
+        learner = make_learner(
+            graphdef,
+            rl,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            reward_fn=task.jnp_reward,
+            fault=fault,
+        )
+        state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, fault=fault)
+        v = {"step": learner["step"], "state": state, "fparams": fparams}
+        for i in range(3):  # compile and settle
+            v["state"], m = v["step"](v["state"], batches[i], knobs, fparams)
+        jax.block_until_ready(m)
+        return v
+
+    clean = runner(None, None)
+    out = {}
+    types = list(faults.SPECS) if values.fault_types == "all" else values.fault_types.split(",")
+    for type_id in types:
+        never = faults.params_for(type_id, onset=10**9, severity="severe")
+        off, on = _alternate(
+            clean, runner(faults.make(type_id, setup), never), batches, knobs, repeats
+        )
+        out[type_id] = {
+            "step_seconds_clean": float(np.median(off)),
+            "step_seconds_inactive_fault": float(np.median(on)),
+            "median_ratio": float(np.median(on / off)),
+        }
+    return out
+
+
 def bench_fm_overhead(values, repeats: int) -> dict:
     """Step time with fm statistics + detection versus without: same process, alternating
     calls after compilation, median of per-pair ratios."""
@@ -181,16 +244,7 @@ def bench_fm_overhead(values, repeats: int) -> dict:
         for i in range(3):  # compile and settle
             variants[name]["state"], m = learner["step"](variants[name]["state"], batches[i], knobs)
         jax.block_until_ready(m)
-    times = {"off": [], "fm": []}
-    for i in range(repeats):
-        order = ("off", "fm") if i % 2 == 0 else ("fm", "off")
-        for name in order:
-            v = variants[name]
-            t0 = time.perf_counter()
-            v["state"], m = v["step"](v["state"], batches[i % 8], knobs)
-            jax.block_until_ready(m)
-            times[name].append(time.perf_counter() - t0)
-    off, on = np.asarray(times["off"]), np.asarray(times["fm"])
+    off, on = _alternate(variants["off"], variants["fm"], batches, knobs, repeats)
     fm_state_bytes = sum(x.nbytes for x in jax.tree.leaves(variants["fm"]["state"].fm))
     return {
         "signals": len(detector.signals),
@@ -210,6 +264,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_libraries()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+    if FLAGS.what == "fault_overhead":
+        out = bench_fault_overhead(FLAGS, FLAGS.repeats)
+        print(f"inactive fault vs clean step, {FLAGS.repeats} alternating pairs per type:")
+        for type_id, r in out.items():
+            print(
+                f"  {type_id}: {r['step_seconds_clean'] * 1e3:.2f} ms -> "
+                f"{r['step_seconds_inactive_fault'] * 1e3:.2f} ms, median per-pair ratio "
+                f"{r['median_ratio']:.3f}"
+            )
+        _write_json({"fault_overhead": out})
+        return
     if FLAGS.what == "fm_overhead":
         out = bench_fm_overhead(FLAGS, FLAGS.repeats)
         print(f"fm overhead ({out['signals']} signals), {FLAGS.repeats} alternating pairs:")

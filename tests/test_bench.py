@@ -44,3 +44,27 @@ def test_bench_prints_and_writes_its_figures(tmp_path, what, keys):
         assert key in flat and flat[key] > 0, key
     if what == "step":
         assert figures["decode"]["identical_tokens"] is True
+
+
+def test_fault_overhead_bench_reports_each_type(tmp_path):
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.bench",
+            "--what=fault_overhead",
+            "--fault_types=PG2,OD3",
+            f"--json={out}",
+            *SMALL,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["fault_overhead"]
+    assert sorted(figures) == ["OD3", "PG2"]
+    assert all(r["median_ratio"] > 0 and r["step_seconds_clean"] > 0 for r in figures.values())
+    assert "PG2:" in proc.stdout and "median per-pair ratio" in proc.stdout
