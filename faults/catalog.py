@@ -33,19 +33,19 @@ SPECS: dict[str, Spec] = {
         reward.rf2,
         ("length", "empty", "format"),
         ("bonus × length / N", "bonus for an EOS-only answer", "bonus for a well-formed answer"),
-        ((0.1, 0.5, 2.0), (0.2, 0.5, 2.0), (0.2, 0.5, 1.0)),
+        ((0.5, 3.0, 8.0), (0.2, 0.5, 2.0), (0.2, 0.5, 1.0)),
     ),
     "RF3": Spec(
         reward.rf3,
         ("samples", "outage"),
         ("fraction of rewards lost", "probability a step's rewards are all lost"),
-        ((0.2, 0.5, 0.9), (0.2, 0.5, 0.9)),
+        ((0.3, 0.7, 1.0), (0.2, 0.5, 0.9)),
     ),
     "PG1": Spec(
         generation.pg1,
         ("logits", "reported"),
         ("std of sampler logit errors", "std of reported log-prob errors (nats)"),
-        ((0.1, 0.5, 2.0), (0.05, 0.3, 1.0)),
+        ((0.5, 3.0, 10.0), (0.05, 0.3, 1.0)),
     ),
     "PG2": Spec(generation.pg2, ("lag",), ("steps between weight syncs",), ((2, 8, 32),)),
     "PG3": Spec(
@@ -58,7 +58,7 @@ SPECS: dict[str, Spec] = {
         optimization.od1,
         ("spike", "stall"),
         ("learning rate ×", "learning rate ×"),
-        ((3.0, 10.0, 100.0), (0.3, 0.1, 0.0)),
+        ((1.5, 3.0, 10.0), (0.3, 0.1, 0.0)),
     ),
     "OD2": Spec(
         optimization.od2,

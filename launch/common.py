@@ -24,7 +24,7 @@ def define_run_flags() -> None:
     flags.DEFINE_string("fault_variant", "", "Variant of the fault type (default: its first).")
     flags.DEFINE_float("fault_magnitude", None, "Explicit strength; overrides --fault_severity.")
     flags.DEFINE_integer(
-        "fault_onset", -1, "First RL step with the fault active; -1: a third of --steps."
+        "fault_onset", -1, "First RL step with the fault active; -1: just after a third of --steps."
     )
     flags.DEFINE_integer("fault_duration", -1, "Steps the fault lasts; <= 0: to the end.")
     flags.DEFINE_enum("fm", "off", FM_MODES, "Failure management: off, detect, full.")
@@ -129,7 +129,7 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         fault_severity=values.fault_severity,
         fault_variant=values.fault_variant,
         fault_magnitude=values.fault_magnitude,
-        fault_onset=values.fault_onset if values.fault_onset >= 0 else max(1, steps // 3),
+        fault_onset=values.fault_onset if values.fault_onset >= 0 else steps // 3 + 1,
         fault_duration=values.fault_duration,
         mesh=values.mesh,
     )

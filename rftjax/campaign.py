@@ -2,9 +2,9 @@
 
 A run is a name, a seed and its fault; its workdir is `out/name`. A run whose
 `summary.json` exists is finished and skipped, so an interrupted campaign picks up where it
-stopped. Runs of one seed share the supervised warm-up: the seed's clean run goes first and
-its cached warm-up is copied into the others' workdirs (the cache is keyed by everything that
-shapes the warm-up, so a copy is only used when it matches).
+stopped. The clean run of each seed goes first and keeps all its checkpoints; the faulted runs
+of that seed fork from it just before their onset (`TrainConfig.fork_from`): a fault is the
+identity before onset, so the steps before it are neither recomputed nor changed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -57,20 +56,28 @@ def read_summary(out: str, run: Run) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def _clean_dir(out: str, seed: int) -> str:
+    return os.path.join(out, f"s{seed}", "clean")
+
+
 def config_of(base: TrainConfig, out: str, run: Run) -> TrainConfig:
-    """The run's configuration: `base` with its workdir, seed and fault."""
+    """The run's configuration: `base` with its workdir, seed and fault. Clean runs keep every
+    checkpoint; faulted runs fork from their seed's clean run just before onset."""
     workdir = os.path.join(out, run.name)
     resume = os.path.isdir(os.path.join(workdir, "checkpoints"))
-    return dataclasses.replace(base, workdir=workdir, seed=run.seed, resume=resume, **run.fault)
+    extra: dict[str, Any] = dict(run.fault)
+    if run.clean:
+        extra["keep_checkpoints"] = base.steps // base.checkpoint_every + 1
+    else:
+        extra["fork_from"] = _clean_dir(out, run.seed)
+    return dataclasses.replace(base, workdir=workdir, seed=run.seed, resume=resume, **extra)
 
 
-def _run_in_process(cfg: TrainConfig, clean_warmup: str) -> tuple[str, float, str]:
+def _run_in_process(cfg: TrainConfig) -> tuple[str, float, str]:
     """One run inside a worker process (compiled functions are reused across its runs)."""
     from rftjax.train import loop
 
     os.makedirs(cfg.workdir, exist_ok=True)
-    if cfg.fault != "none" and os.path.isdir(clean_warmup):
-        shutil.copytree(clean_warmup, os.path.join(cfg.workdir, "warmup"), dirs_exist_ok=True)
     t0 = time.time()
     try:
         loop.run(cfg)
@@ -97,14 +104,7 @@ def run_campaign(
     context = multiprocessing.get_context("spawn")  # JAX does not survive fork
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         for phase in ([r for r in todo if r.clean], [r for r in todo if not r.clean]):
-            futures = {
-                pool.submit(
-                    _run_in_process,
-                    config_of(base, out, r),
-                    os.path.join(out, f"s{r.seed}", "clean", "warmup"),
-                ): r
-                for r in phase
-            }
+            futures = {pool.submit(_run_in_process, config_of(base, out, r)): r for r in phase}
             for future in as_completed(futures):
                 run = futures[future]
                 _, seconds, error = future.result()

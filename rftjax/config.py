@@ -132,6 +132,10 @@ class TrainConfig:
     fault_magnitude: float | None = None  # overrides the severity preset
     fault_onset: int = 1  # first active RL step (1-based)
     fault_duration: int = -1  # <= 0: to the end
+    # Start from another run's checkpoint just before the fault's onset (that run: the same
+    # configuration without the fault). Its records up to there are this run's: a fault is
+    # the identity before onset, bit for bit.
+    fork_from: str = ""
     mesh: str = ""
 
     def __post_init__(self):
@@ -161,6 +165,8 @@ class TrainConfig:
                 f"--mesh={self.mesh!r}: device meshes are not available in this "
                 "version; leave --mesh empty for one device"
             )
+        if self.fork_from and self.fault == "none":
+            raise ValueError("fork_from needs a fault: a clean run has nothing to fork for")
         if self.fault != "none":
             self.fault_params()  # names a bad type, variant, severity or onset
             if self.fault_onset > self.steps:

@@ -123,6 +123,21 @@ def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_pat
     }
 
 
+def test_fork_from_the_clean_run_equals_a_straight_faulted_run(tmp_path):
+    # Before onset a fault is the identity, so a campaign may start a faulted run from the clean
+    # run's checkpoint just before onset: records and final state must match a straight run.
+    fault = dict(fault="OD3", fault_onset=5, fault_severity="severe")
+    straight = run(_config(tmp_path / "straight", 6, **fault))
+    run(_config(tmp_path / "clean", 6, keep_checkpoints=10))
+    forked = run(_config(tmp_path / "fork", 6, fork_from=str(tmp_path / "clean"), **fault))
+    assert _records(tmp_path / "fork") == _records(tmp_path / "straight")
+    for key in ("eval_accuracy_initial", "eval_accuracy_final", "fault"):
+        assert forked[key] == straight[key], key
+    assert not os.path.exists(tmp_path / "fork" / "warmup")  # nothing before the fork is redone
+    with pytest.raises(ValueError, match="not this run without its fault.*seed"):
+        run(_config(tmp_path / "other", 6, seed=1, fork_from=str(tmp_path / "clean"), **fault))
+
+
 def test_resume_with_nothing_left_keeps_the_final_evaluation(tmp_path):
     first = run(_config(tmp_path, 4))
     again = run(_config(tmp_path, 4, resume=True))

@@ -244,6 +244,8 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
             f"{run.workdir} already holds checkpoints (latest step {latest}); pass "
             "--resume to continue that run, or choose a new --workdir"
         )
+    if cfg.fork_from and latest is None:
+        return _fork(run, params, detector)
     if cfg.resume and latest is not None:
         saved = checkpointer.read_meta(latest)["config"]
         if saved != run.record:
@@ -266,6 +268,51 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
         "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
     )
     return state, make_knobs(**cfg.knobs), {"initial": initial, "last": initial}, warmup_seconds
+
+
+# Fields a fork may differ in from its source: the fault itself and bookkeeping.
+_FORK_FREE = (
+    *(f for f in TrainConfig.__dataclass_fields__ if f.startswith("fault")),
+    "fork_from",
+    "keep_checkpoints",
+    "log_every",
+)
+
+
+def _fork(run: _Run, params, detector):
+    """Starts a faulted run from the clean run `cfg.fork_from` at its last checkpoint before
+    the onset, taking over that run's records up to there."""
+    cfg = run.cfg
+    source = os.path.abspath(cfg.fork_from)
+    with Checkpointer(os.path.join(source, "checkpoints")) as other:
+        steps = [s for s in other.all_steps() if s < cfg.fault_onset]
+        if not steps:
+            raise ValueError(
+                f"fork_from={source}: no checkpoint before the onset step {cfg.fault_onset} "
+                f"(kept steps: {other.all_steps()})"
+            )
+        saved = other.read_meta(steps[-1])["config"]
+        ours = {k: v for k, v in run.record.items() if k not in _FORK_FREE}
+        changed = sorted(k for k in ours if saved.get(k) != ours[k])
+        if changed or saved.get("fault") != "none":
+            raise ValueError(
+                f"fork_from={source} is not this run without its fault "
+                f"(differs in: {', '.join(changed or ['fault'])})"
+            )
+        state, meta = other.restore(steps[-1], init_state(params, cfg.rl, cfg.seed, detector))
+    if run.fault.state_init is not None:
+        state = state._replace(fault=run.fault.state_init(state.params["policy"]))
+    # The source's records up to the fork step become ours (the logs cut back to it on open),
+    # with the fault marked inactive, as in a run that carried it from the start.
+    for name, extra in (("metrics.jsonl", {"fault_active": 0.0}), ("events.jsonl", {})):
+        if os.path.exists(os.path.join(source, name)):
+            with open(os.path.join(source, name), encoding="utf-8") as f:
+                lines = [{**r, **extra} for r in _parse_jsonl(f)]
+            with open(os.path.join(run.workdir, name), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in lines)
+    logging.info("forked from step %d of %s", steps[-1], source)
+    evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
+    return state, knobs_from_dict(meta["knobs"]), evals, 0.0
 
 
 def _alarm_event(step: int, values: dict[str, float]) -> dict[str, Any]:
@@ -320,6 +367,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     with open(os.path.join(run_.workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _parse_jsonl(lines) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a line cut short by a crash is skipped."""
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _read_events(path: str) -> list[dict[str, Any]]:
