@@ -22,6 +22,7 @@ from faults.base import (
 from faults.catalog import (
     BLOCKED,
     SPECS,
+    check,
     listing,
     magnitude_of,
     make,
@@ -36,6 +37,7 @@ __all__ = [
     "NO_HOOKS",
     "SEVERITIES",
     "SPECS",
+    "check",
     "Ctx",
     "Fault",
     "FaultParams",

@@ -9,7 +9,8 @@ fault returns its input bit for bit.
 
 Hook signatures (the trainer calls all of them; `ctx` is the step's `Ctx`):
 
-  data(batch, ctx) -> batch                      prompts / answers of the step
+  data(batch, ctx) -> batch                      prompts / answers (fused step; host-side
+                                                 rewards read their own answer texts)
   sampler(sampling, ctx) -> sampling             the sampler's SamplingParams
   logits(logits [B, V], i, ctx) -> logits        the sampler's logits at decode position i
   rollout_params(policy, stale, ctx) -> policy   the weights the sampler uses
@@ -107,19 +108,25 @@ class Fault(NamedTuple):
         return tuple(n for n in HOOK_NAMES if getattr(self.hooks, n) is not _keep)
 
 
-def make_params(
-    *, onset: int, duration: int = -1, magnitude: float, variant: int = 0, seed: int = 0
-) -> FaultParams:
+def check_params(*, onset: int, magnitude: float) -> None:
+    """Raises ValueError for settings no run can have (no arrays built: cheap, host only)."""
     if onset < 0:
         raise ValueError(f"fault onset must be a step >= 0, got {onset}")
     if not np.isfinite(magnitude):
         raise ValueError(f"fault magnitude must be finite, got {magnitude}")
+
+
+def make_params(
+    *, onset: int, duration: int = -1, magnitude: float, variant: int = 0, seed: int = 0
+) -> FaultParams:
+    check_params(onset=onset, magnitude=magnitude)
     return FaultParams(
         onset=jnp.asarray(onset, jnp.int32),
         duration=jnp.asarray(duration, jnp.int32),
         magnitude=jnp.asarray(magnitude, jnp.float32),
         variant=jnp.asarray(variant, jnp.int32),
-        # Salted: the fault's draws stay independent of the run's own keys of the same seed.
+        # Salted: apart from the run's own per-step keys of the same seed (which are
+        # fold_in(PRNGKey(seed), step) for steps far below the salt).
         key=jax.random.fold_in(jax.random.PRNGKey(seed), _FAULT_SALT),
     )
 
@@ -131,7 +138,7 @@ def context(p: FaultParams, steps_done: jax.Array) -> Ctx:
     within = (p.duration <= 0) | (step < p.onset + p.duration)
     return Ctx(
         active=started & within,
-        first=step == p.onset,
+        first=step == jnp.maximum(p.onset, 1),  # onset 0 means from the first step
         step=step,
         key=jax.random.fold_in(p.key, step),
         run_key=p.key,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from faults import credit, generation, optimization, reward
-from faults.base import SEVERITIES, Fault, FaultParams, Setup, make_params
+from faults.base import SEVERITIES, Fault, FaultParams, Setup, check_params, make_params
 from fm import taxonomy
 
 
@@ -127,6 +127,21 @@ def magnitude_of(type_id: str, severity: str, variant: str | None = None) -> flo
         raise ValueError(f"severity {severity!r} is not one of {', '.join(SEVERITIES)}")
     index = variant_index(type_id, variant)
     return float(spec(type_id).presets[index][SEVERITIES.index(severity)])
+
+
+def check(
+    type_id: str,
+    *,
+    onset: int,
+    severity: str = "moderate",
+    variant: str | None = None,
+    magnitude: float | None = None,
+) -> None:
+    """Validates a fault's settings with the messages `params_for` gives, building no arrays."""
+    if magnitude is None:
+        magnitude = magnitude_of(type_id, severity, variant)
+    variant_index(type_id, variant)
+    check_params(onset=onset, magnitude=magnitude)
 
 
 def params_for(

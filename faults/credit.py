@@ -23,27 +23,23 @@ def ca1(setup: Setup) -> Fault:
     return Fault("CA1", Hooks(advantages=advantages))
 
 
-def _group_baseline(scores, group_size: int, normalize_std: bool, shift: int):
-    """Group-relative advantages f32[B] computed with the statistics of group g + shift."""
-    r = scores.astype(jnp.float32).reshape(-1, group_size)
-    mean = jnp.roll(r.mean(axis=1, keepdims=True), -shift, axis=0)
-    centered = r - mean
-    if normalize_std:
-        centered = centered / (jnp.roll(r.std(axis=1, keepdims=True), -shift, axis=0) + 1e-6)
-    return centered.reshape(-1)
+def _baseline_error(scores, group_size: int):
+    """f32[B]: mean reward of a row's own group minus that of the next group (cyclically)."""
+    means = scores.astype(jnp.float32).reshape(-1, group_size).mean(axis=1)
+    return jnp.repeat(means - jnp.roll(means, -1), group_size)
 
 
 def ca2(setup: Setup) -> Fault:
-    """Grouping or normalization bug. Variant "misgroup": a fraction `magnitude` of groups is
-    normalized with the next group's mean (and std), as when group ids are off by one, so their
-    advantages no longer average to zero; "scale": advantages are multiplied by `magnitude`
-    (a silent shrink when < 1, an inflation when > 1)."""
-    g, norm = setup.group_size, setup.normalize_std
+    """Grouping or normalization bug. Variant "misgroup": a fraction `magnitude` of groups
+    subtracts the next group's mean reward as its baseline (group ids off by one), so their
+    advantages are shifted by the difference of the two means and no longer average to zero;
+    "scale": advantages are multiplied by `magnitude` (a silent shrink when < 1)."""
+    g = setup.group_size
 
     def advantages(adv, scores, mask, ctx: Ctx):
-        wrong = _group_baseline(scores, g, norm, 1) - _group_baseline(scores, g, norm, 0)
         picked = row_draw(ctx.key, adv.shape[0], ctx.magnitude, g)
-        misgrouped = adv + jnp.where(picked, wrong, 0.0)[:, None] * mask
+        shift = jnp.where(picked, _baseline_error(scores, g), 0.0)
+        misgrouped = adv + shift[:, None] * mask
         changed = jnp.where(is_variant(ctx, 0), misgrouped, adv * ctx.magnitude)
         return gate(ctx.active, changed, adv)
 

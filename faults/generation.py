@@ -36,9 +36,10 @@ def _lag(ctx: Ctx) -> jax.Array:
 
 
 def pg2(setup: Setup) -> Fault:
-    """Stale policy: while active the sampler's weights are refreshed only on steps divisible
-    by `magnitude` (a weight sync that runs every k steps), so rollouts come from weights up to
-    k steps old. Carries the sampler's copy of the weights in the train state."""
+    """Stale policy: while active the sampler's weights are refreshed only after steps
+    divisible by k = `magnitude` (a weight sync that runs every k steps), so rollouts come from
+    weights up to k - 1 updates old (k = 1: always fresh). Carries the sampler's copy of the
+    weights in the train state."""
     del setup
 
     def rollout_params(policy, stale, ctx: Ctx):

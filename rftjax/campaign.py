@@ -67,7 +67,7 @@ def config_of(base: TrainConfig, out: str, run: Run) -> TrainConfig:
     resume = os.path.isdir(os.path.join(workdir, "checkpoints"))
     extra: dict[str, Any] = dict(run.fault)
     if run.clean:
-        extra["keep_checkpoints"] = base.steps // base.checkpoint_every + 1
+        extra.update(fault="none", keep_checkpoints=base.steps // base.checkpoint_every + 1)
     else:
         extra["fork_from"] = _clean_dir(out, run.seed)
     return dataclasses.replace(base, workdir=workdir, seed=run.seed, resume=resume, **extra)

@@ -168,7 +168,13 @@ class TrainConfig:
         if self.fork_from and self.fault == "none":
             raise ValueError("fork_from needs a fault: a clean run has nothing to fork for")
         if self.fault != "none":
-            self.fault_params()  # names a bad type, variant, severity or onset
+            faults.check(  # names a bad type, variant, severity or onset
+                self.fault,
+                onset=self.fault_onset,
+                severity=self.fault_severity,
+                variant=self.fault_variant or None,
+                magnitude=self.fault_magnitude,
+            )
             if self.fault_onset > self.steps:
                 raise ValueError(
                     f"--fault_onset={self.fault_onset} is after the last step ({self.steps}): "

@@ -61,10 +61,10 @@ def _learner(task, graphdef, fault):
     )
 
 
-def _run(task, warm, fault=None, fparams=None):
+def _run(task, warm, fault=None, fparams=None, learner=None):
     """Metrics of each step and the policy after each step (host copies)."""
     graphdef, params = warm
-    learner = _learner(task, graphdef, fault)
+    learner = learner or _learner(task, graphdef, fault)
     state = init_state(params, CFG, 0, monitor.make_detector("grpo"), fault)
     metrics, policies = [], []
     for i in range(STEPS):
@@ -113,6 +113,16 @@ def test_fault_is_silent_before_onset_and_visible_after(task, warm, clean, type_
             if direction == "~" or np.sign(change) == (1 if direction == "+" else -1):
                 moved[key] = change
     assert moved, {k: _mean(metrics, k, after) for k, _ in taxonomy.get(type_id).signals}
+
+    # Every other variant: silent before onset too (one compilation serves them all).
+    for variant in range(1, len(faults.SPECS[type_id].variants)):
+        name = faults.SPECS[type_id].variants[variant]
+        vparams = faults.params_for(type_id, onset=ONSET, severity="severe", variant=name)
+        _, _, vmetrics, _ = _run(task, warm, fault, vparams, learner=learner)
+        for i in range(ONSET - 1):
+            for key, value in clean_metrics[i].items():
+                np.testing.assert_array_equal(vmetrics[i][key], value, err_msg=f"{name} {key}")
+        assert vmetrics[ONSET - 1]["fault_active"] == 1.0
 
     # Other onsets, durations, magnitudes and variants reuse the compiled step.
     other = faults.make_params(

@@ -82,6 +82,9 @@ def test_activity_window_follows_onset_and_duration():
     forever = [bool(ctx(s, onset=3, duration=-1).active) for s in range(1, 7)]
     assert forever == [False, False, True, True, True, True]
     assert [bool(ctx(s, onset=3).first) for s in range(1, 6)] == [0, 0, 1, 0, 0]
+    # Onset 0 means from the start: one-time events happen in the first step.
+    assert [bool(ctx(s, onset=0).first) for s in range(1, 4)] == [1, 0, 0]
+    assert all(bool(ctx(s, onset=0).active) for s in range(1, 4))
 
 
 def test_presets_and_variants_resolve_and_bad_names_are_refused():
@@ -209,8 +212,9 @@ def test_od2_adds_noise_of_the_stated_norm_or_poisons_gradients():
 
 
 def test_od2_nonfinite_injection_leaves_gradients_of_inactive_steps_finite():
-    # The NaN branch is computed but unselected before onset: the gradients (and their own
-    # gradients, were this differentiated) must be untouched.
+    # The NaN branch is computed but unselected before onset: the gradients must be untouched.
+    # (The hook acts after value_and_grad, so no NaN can reach a backward pass; the compiled
+    # step's bit-identity before onset is checked in test_fault_injection.py.)
     hook = faults.make("OD2", SETUP).hooks.gradients
     before = hook(GRADS, ctx(2, onset=5, magnitude=1.0, variant=1))
     for g, p in zip(jax.tree.leaves(GRADS), jax.tree.leaves(before), strict=True):
@@ -270,15 +274,17 @@ def test_ca1_negates_advantages_of_whole_groups():
 
 
 def test_ca2_uses_the_next_groups_baseline_or_rescales():
-    # Groups (1, 0) and (0.5, 1): own baselines mean 0.5 / std 0.5 and mean 0.75 / std 0.25.
-    # Group 0 with group 1's statistics: (1 - 0.75) / 0.25 = 1, (0 - 0.75) / 0.25 = -3;
-    # group 1 with group 0's: (0.5 - 0.5) / 0.5 = 0, (1 - 0.5) / 0.5 = 1.
+    # Groups (1, 0) and (0.5, 1) have mean rewards 0.5 and 0.75. With the next group's mean as
+    # baseline, group 0's advantages shift by 0.5 - 0.75 = -0.25 and group 1's (whose next
+    # group is group 0) by 0.75 - 0.5 = +0.25; masked slots stay 0.
     hook = faults.make("CA2", SETUP).hooks.advantages
     own = jnp.array([1.0, -1.0, -1.0, 1.0])
-    adv = own[:, None] * jnp.ones((4, 2))
-    wrong = hook(adv, SCORES, jnp.ones((4, 2)), ctx(magnitude=1.0))
-    np.testing.assert_allclose(wrong[:, 0], [1.0, -3.0, 0.0, 1.0], atol=1e-4)
-    np.testing.assert_allclose(wrong[:, 0].reshape(2, 2).mean(1), [-1.0, 0.5], atol=1e-4)
+    adv = own[:, None] * jnp.array([[1.0, 0.0]])
+    mask = jnp.array([[1.0, 0.0]] * 4)
+    wrong = hook(adv, SCORES, mask, ctx(magnitude=1.0))
+    np.testing.assert_allclose(wrong[:, 0], [0.75, -1.25, -0.75, 1.25], atol=1e-6)
+    np.testing.assert_array_equal(wrong[:, 1], 0.0)
+    np.testing.assert_allclose(wrong[:, 0].reshape(2, 2).mean(1), [-0.25, 0.25], atol=1e-6)
     scaled = hook(adv, SCORES, jnp.ones((4, 2)), ctx(magnitude=0.01, variant=1))
     np.testing.assert_allclose(scaled, adv * 0.01)
 

@@ -123,10 +123,12 @@ def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_pat
     }
 
 
-def test_fork_from_the_clean_run_equals_a_straight_faulted_run(tmp_path):
+@pytest.mark.parametrize("fault_id", ["OD3", "PG2"])
+def test_fork_from_the_clean_run_equals_a_straight_faulted_run(tmp_path, fault_id):
     # Before onset a fault is the identity, so a campaign may start a faulted run from the clean
     # run's checkpoint just before onset: records and final state must match a straight run.
-    fault = dict(fault="OD3", fault_onset=5, fault_severity="severe")
+    # OD3 corrupts the weights at onset (the first forked step); PG2 carries fault state.
+    fault = dict(fault=fault_id, fault_onset=5, fault_severity="severe")
     straight = run(_config(tmp_path / "straight", 6, **fault))
     run(_config(tmp_path / "clean", 6, keep_checkpoints=10))
     forked = run(_config(tmp_path / "fork", 6, fork_from=str(tmp_path / "clean"), **fault))
@@ -136,6 +138,15 @@ def test_fork_from_the_clean_run_equals_a_straight_faulted_run(tmp_path):
     assert not os.path.exists(tmp_path / "fork" / "warmup")  # nothing before the fork is redone
     with pytest.raises(ValueError, match="not this run without its fault.*seed"):
         run(_config(tmp_path / "other", 6, seed=1, fork_from=str(tmp_path / "clean"), **fault))
+
+
+def test_fork_without_a_checkpoint_before_onset_starts_from_scratch(tmp_path):
+    fault = dict(fault="CA1", fault_onset=2, fault_severity="severe")
+    run(_config(tmp_path / "clean", 4, keep_checkpoints=10))  # checkpoints at 2 and 4
+    forked = run(_config(tmp_path / "fork", 4, fork_from=str(tmp_path / "clean"), **fault))
+    straight = run(_config(tmp_path / "straight", 4, **fault))
+    assert _records(tmp_path / "fork") == _records(tmp_path / "straight")
+    assert forked["eval_accuracy_final"] == straight["eval_accuracy_final"]
 
 
 def test_resume_with_nothing_left_keeps_the_final_evaluation(tmp_path):

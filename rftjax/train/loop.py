@@ -245,14 +245,22 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
             "--resume to continue that run, or choose a new --workdir"
         )
     if cfg.fork_from and latest is None:
-        return _fork(run, params, detector)
+        forked = _fork(run, params, detector)
+        if forked is not None:
+            return forked
     if cfg.resume and latest is not None:
         saved = checkpointer.read_meta(latest)["config"]
         if saved != run.record:
             changed = sorted(k for k in run.record if saved.get(k) != run.record[k])
+            hint = ""
+            if "fault_onset" in changed:
+                hint = (
+                    f"; the saved run's fault onset is step {saved.get('fault_onset')} (the "
+                    "default onset follows --steps: pass --fault_onset explicitly)"
+                )
             raise ValueError(
                 f"--resume: {run.workdir} belongs to a run with a different "
-                f"configuration (differs in: {', '.join(changed)})"
+                f"configuration (differs in: {', '.join(changed)}){hint}"
             )
         target = init_state(params, cfg.rl, cfg.seed, detector, run.fault)
         state, meta = checkpointer.restore(latest, target)
@@ -281,16 +289,21 @@ _FORK_FREE = (
 
 def _fork(run: _Run, params, detector):
     """Starts a faulted run from the clean run `cfg.fork_from` at its last checkpoint before
-    the onset, taking over that run's records up to there."""
+    the onset, taking over that run's records up to there. None when there is no such
+    checkpoint (the run then starts from scratch)."""
     cfg = run.cfg
     source = os.path.abspath(cfg.fork_from)
+    if not os.path.isdir(os.path.join(source, "checkpoints")):
+        raise ValueError(f"fork_from={source} holds no checkpoints/ folder")
     with Checkpointer(os.path.join(source, "checkpoints")) as other:
         steps = [s for s in other.all_steps() if s < cfg.fault_onset]
         if not steps:
-            raise ValueError(
-                f"fork_from={source}: no checkpoint before the onset step {cfg.fault_onset} "
-                f"(kept steps: {other.all_steps()})"
+            logging.info(
+                "fork_from: %s has no checkpoint before onset step %d; starting from scratch",
+                source,
+                cfg.fault_onset,
             )
+            return None
         saved = other.read_meta(steps[-1])["config"]
         ours = {k: v for k, v in run.record.items() if k not in _FORK_FREE}
         changed = sorted(k for k in ours if saved.get(k) != ours[k])

@@ -41,12 +41,24 @@ def init_fm_state(detector: detect.Detector) -> FMState:
 
 
 def loss_stats(
-    *, logp, old_logp, sampler_logp, ref_logp, entropy, adv, mask, scores, group_size: int
+    *,
+    logp,
+    old_logp,
+    sampler_logp,
+    ref_logp,
+    entropy,
+    adv,
+    mask,
+    sampled_mask,
+    scores,
+    group_size: int,
 ) -> dict[str, jax.Array]:
-    """Token-level statistics of one update (all inputs [B, T] except scores [B])."""
+    """Token-level statistics of one update (all inputs [B, T] except scores [B]). `mask` is
+    the loss mask; sampler/trainer mismatch is measured over `sampled_mask`, the tokens the
+    sampler produced, whatever the loss counts."""
     sg = jax.lax.stop_gradient
     return fs.merge(
-        fs.mismatch_stats(sampler_logp, sg(old_logp), mask),
+        fs.mismatch_stats(sampler_logp, sg(old_logp), sampled_mask),
         fs.kl_stats(sg(logp), ref_logp, mask),
         fs.entropy_stats(sg(entropy), mask),
         fs.advantage_stats(adv, mask, scores, group_size=group_size),

@@ -243,6 +243,7 @@ def make_learner(
         if not precompute:  # one update: the behaviour policy is the current one
             sg = jax.lax.stop_gradient
             data = {**data, **targets(sg(logp), sg(values), data, knobs, ctx)}
+        sampled = data["mask"]  # tokens the sampler produced (and reported log-probs for)
         is_ratio = jnp.exp(jnp.clip(data["old_logp"] - data["sampler_logp"], -20.0, 20.0))
         is_w = jnp.where(knobs.is_cap > 0, jnp.minimum(is_ratio, knobs.is_cap), 1.0)
         pg_loss, pg_m = alg.policy_loss(
@@ -266,8 +267,8 @@ def make_learner(
             "pg_loss": pg_loss,
             "kl_ref": kl,
             "entropy": ent,
-            "is_ratio_mean": alg.masked_mean(is_ratio, mask),
-            "is_ratio_max": jnp.max(jnp.where(mask > 0, is_ratio, 0.0)),
+            "is_ratio_mean": alg.masked_mean(is_ratio, sampled),
+            "is_ratio_max": jnp.max(jnp.where(sampled > 0, is_ratio, 0.0)),
             **_adv_stats(data["adv"], mask),
         }
         if ppo:
@@ -293,6 +294,7 @@ def make_learner(
                     entropy=entropy,
                     adv=data["adv"],
                     mask=mask,
+                    sampled_mask=sampled,
                     scores=data["scores"],
                     group_size=cfg.group_size,
                 )
