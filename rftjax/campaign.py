@@ -121,29 +121,52 @@ def run_campaign(
     return failed
 
 
-def severity_table(out: str, runs: Sequence[Run]) -> dict[str, Any]:
-    """Final held-out accuracy per (type, severity): mean over seeds, and its change from the
-    clean runs of the same seeds (paired by seed)."""
+def first_alarm_after(summary: dict[str, Any], onset: int) -> int | None:
+    """Steps from onset to the first alarm at or after it (None: no alarm)."""
+    later = [a["step"] for a in summary["alarms"] if a["step"] >= onset]
+    return min(later) - onset if later else None
+
+
+def severity_table(out: str, runs: Sequence[Run], *, window: int = 200) -> dict[str, Any]:
+    """Final held-out accuracy per (type, severity): mean over seeds and its change from the
+    clean runs of the same seeds (paired by seed). With fm on, also how often the in-step
+    detector raised an alarm within `window` steps of onset (and the median delay), and the
+    clean runs' alarms per 1,000 steps from the same onset on."""
     clean = {r.seed: read_summary(out, r) for r in runs if r.clean}
     rows: dict[str, dict[str, Any]] = {}
+    onsets = []
     for run in runs:
         s = read_summary(out, run)
         if run.clean or s is None or clean.get(run.seed) is None:
             continue
         fault = s["fault"]
-        row = rows.setdefault(f"{fault['type']}-{fault['severity']}", {"deltas": [], "finals": []})
+        onsets.append(fault["onset"])
+        key = f"{fault['type']}-{fault['severity']}"
+        row = rows.setdefault(key, {"deltas": [], "finals": [], "delays": []})
         row.update(type=fault["type"], variant=fault["variant"], severity=fault["severity"])
         row["magnitude"] = fault["magnitude"]
         row["finals"].append(s["eval_accuracy_final"])
         row["deltas"].append(s["eval_accuracy_final"] - clean[run.seed]["eval_accuracy_final"])
+        delay = first_alarm_after(s, fault["onset"])
+        row["delays"].append(delay if delay is not None and delay < window else None)
     for row in rows.values():
         row["final_mean"] = float(np.mean(row["finals"]))
         row["delta_mean"] = float(np.mean(row["deltas"]))
         row["seeds"] = len(row["finals"])
-    finals = [c["eval_accuracy_final"] for c in clean.values() if c is not None]
+        hits = [d for d in row["delays"] if d is not None]
+        row["detected"] = len(hits) / len(row["delays"])
+        row["delay_median"] = float(np.median(hits)) if hits else None
+    done = [c for c in clean.values() if c is not None]
+    onset = min(onsets) if onsets else 1
+    clean_alarms = sum(len([a for a in c["alarms"] if a["step"] >= onset]) for c in done)
+    clean_steps = sum(max(c["steps_completed"] - onset + 1, 0) for c in done)
+    finals = [c["eval_accuracy_final"] for c in done]
     return {
         "clean_final_mean": float(np.mean(finals)) if finals else float("nan"),
         "clean_finals": finals,
+        "clean_alarms_per_1000_steps": 1000 * clean_alarms / clean_steps if clean_steps else 0.0,
+        "fm": done[0]["fm"] if done else "off",
+        "window": window,
         "rows": rows,
     }
 
@@ -153,9 +176,19 @@ def markdown(table: dict[str, Any]) -> str:
     by_type: dict[str, dict[str, dict]] = {}
     for row in table["rows"].values():
         by_type.setdefault(row["type"], {})[row["severity"]] = row
+    fm = table["fm"] != "off"
+    legend = "Cell: magnitude: final accuracy (change vs clean, seeds)"
+    if fm:
+        legend += (
+            f"; detected: runs with an alarm within {table['window']} steps of onset (median "
+            f"delay). Clean runs from the same onset on: "
+            f"{table['clean_alarms_per_1000_steps']:.2f} alarms per 1,000 steps."
+        )
     lines = [
         f"Clean final accuracy: {table['clean_final_mean']:.3f} "
         f"(seeds: {', '.join(f'{x:.3f}' for x in table['clean_finals'])})",
+        "",
+        legend,
         "",
         "| type | variant | " + " | ".join(SEVERITIES) + " |",
         "|---|---|" + "---|" * len(SEVERITIES),
@@ -166,12 +199,18 @@ def markdown(table: dict[str, Any]) -> str:
         cells = []
         for severity in SEVERITIES:
             row = by_type[type_id].get(severity)
-            cells.append(
-                ""
-                if row is None
-                else f"{row['magnitude']:g}: {row['final_mean']:.3f} "
+            if row is None:
+                cells.append("")
+                continue
+            cell = (
+                f"{row['magnitude']:g}: {row['final_mean']:.3f} "
                 f"({row['delta_mean']:+.3f}, n={row['seeds']})"
             )
+            if fm:
+                delay = row["delay_median"]
+                cell += f"; detected {row['detected']:.0%}"
+                cell += f" ({delay:.0f})" if delay is not None else ""
+            cells.append(cell)
         variant = next(iter(by_type[type_id].values()))["variant"]
         lines.append(f"| {type_id} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
