@@ -175,41 +175,56 @@ def _alternate(a: dict, b: dict, batches, knobs, repeats: int) -> tuple[np.ndarr
     return np.asarray(times[id(a)]), np.asarray(times[id(b)])
 
 
+def _runner(setup: _Setup, values, batches, knobs, *, detector=None, fault=None, fparams=None):
+    """A compiled step with its own copy of the state, compiled and run three times."""
+    task, rl, graphdef, params = setup
+    tok = task.tokenizer
+    learner = make_learner(
+        graphdef,
+        rl,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        reward_fn=task.jnp_reward,
+        detector=detector,
+        fault=fault,
+    )
+    state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, detector, fault)
+    memory = _memory_bytes(learner["step"], state, batches[0], knobs, fparams)
+    v = {"step": learner["step"], "state": state, "fparams": fparams, "memory": memory}
+    for i in range(3):  # compile and settle
+        v["state"], m = v["step"](v["state"], batches[i], knobs, fparams)
+    jax.block_until_ready(m)
+    return v
+
+
+def _batches(setup: _Setup) -> list:
+    task, rl = setup.task, setup.rl
+    return [
+        jax.device_put(to_prompt_batch(task.train_batch(i, rl.prompts_per_step))) for i in range(8)
+    ]
+
+
 def bench_fault_overhead(values, repeats: int) -> dict:
     """Per fault type: the step carrying the fault, not yet active (a campaign run before its
     onset), against the clean step; alternating calls in one process, median per-pair ratio."""
-    task, rl, graphdef, params = _setup(values)
-    tok = task.tokenizer
+    setup = _setup(values)
+    rl = setup.rl
     knobs = make_knobs(**common.knob_values(values))
-    batches = [
-        jax.device_put(to_prompt_batch(task.train_batch(i, rl.prompts_per_step))) for i in range(8)
-    ]
-    setup = faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std)
-
-    def runner(fault, fparams):
-        learner = make_learner(
-            graphdef,
-            rl,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            reward_fn=task.jnp_reward,
-            fault=fault,
-        )
-        state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, fault=fault)
-        v = {"step": learner["step"], "state": state, "fparams": fparams}
-        for i in range(3):  # compile and settle
-            v["state"], m = v["step"](v["state"], batches[i], knobs, fparams)
-        jax.block_until_ready(m)
-        return v
-
-    clean = runner(None, None)
+    batches = _batches(setup)
+    fault_setup = faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std)
+    clean = _runner(setup, values, batches, knobs)
     out = {}
     types = list(faults.SPECS) if values.fault_types == "all" else values.fault_types.split(",")
     for type_id in types:
-        never = faults.params_for(type_id, onset=10**9, severity="severe")
-        off, on = _alternate(
-            clean, runner(faults.make(type_id, setup), never), batches, knobs, repeats
+        faulted = _runner(
+            setup,
+            values,
+            batches,
+            knobs,
+            fault=faults.make(type_id, fault_setup),
+            fparams=faults.params_for(type_id, onset=10**9, severity="severe"),
         )
+        off, on = _alternate(clean, faulted, batches, knobs, repeats)
         out[type_id] = {
             "step_seconds_clean": float(np.median(off)),
             "step_seconds_inactive_fault": float(np.median(on)),
@@ -221,29 +236,14 @@ def bench_fault_overhead(values, repeats: int) -> dict:
 def bench_fm_overhead(values, repeats: int) -> dict:
     """Step time with fm statistics + detection versus without: same process, alternating
     calls after compilation, median of per-pair ratios."""
-    task, rl, graphdef, params = _setup(values)
-    tok = task.tokenizer
-    detector = monitor.make_detector(rl.algo)
+    setup = _setup(values)
+    detector = monitor.make_detector(setup.rl.algo)
     knobs = make_knobs(**common.knob_values(values))
-    batches = [
-        jax.device_put(to_prompt_batch(task.train_batch(i, rl.prompts_per_step))) for i in range(8)
-    ]
-    variants = {}
-    for name, det in (("off", None), ("fm", detector)):
-        learner = make_learner(
-            graphdef,
-            rl,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            reward_fn=task.jnp_reward,
-            detector=det,
-        )
-        state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, det)
-        memory = _memory_bytes(learner["step"], state, batches[0], knobs)
-        variants[name] = {"step": learner["step"], "state": state, "memory": memory}
-        for i in range(3):  # compile and settle
-            variants[name]["state"], m = learner["step"](variants[name]["state"], batches[i], knobs)
-        jax.block_until_ready(m)
+    batches = _batches(setup)
+    variants = {
+        "off": _runner(setup, values, batches, knobs),
+        "fm": _runner(setup, values, batches, knobs, detector=detector),
+    }
     off, on = _alternate(variants["off"], variants["fm"], batches, knobs, repeats)
     fm_state_bytes = sum(x.nbytes for x in jax.tree.leaves(variants["fm"]["state"].fm))
     return {
