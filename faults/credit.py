@@ -30,17 +30,18 @@ def _baseline_error(scores, group_size: int):
 
 
 def ca2(setup: Setup) -> Fault:
-    """Grouping or normalization bug. Variant "misgroup": a fraction `magnitude` of groups
-    subtracts the next group's mean reward as its baseline (group ids off by one), so their
-    advantages are shifted by the difference of the two means and no longer average to zero;
-    "scale": advantages are multiplied by `magnitude` (a silent shrink when < 1)."""
+    """Grouping or normalization bug. Variant "scale": advantages are multiplied by `magnitude`
+    (a silent shrink when < 1: the KL term then dominates the update); "misgroup": a fraction
+    `magnitude` of groups subtracts the next group's mean reward as its baseline (group ids off
+    by one), so their advantages are shifted by the difference of the two means and no longer
+    average to zero."""
     g = setup.group_size
 
     def advantages(adv, scores, mask, ctx: Ctx):
         picked = row_draw(ctx.key, adv.shape[0], ctx.magnitude, g)
         shift = jnp.where(picked, _baseline_error(scores, g), 0.0)
         misgrouped = adv + shift[:, None] * mask
-        changed = jnp.where(is_variant(ctx, 0), misgrouped, adv * ctx.magnitude)
+        changed = jnp.where(is_variant(ctx, 0), adv * ctx.magnitude, misgrouped)
         return gate(ctx.active, changed, adv)
 
     return Fault("CA2", Hooks(advantages=advantages))

@@ -32,10 +32,10 @@ def _noise_like(tree, key):
 
 
 def od2(setup: Setup) -> Fault:
-    """Exploding or non-finite gradients. Variant "explode": random noise of global norm
-    magnitude × ‖g‖ is added (a corrupted backward pass: the update direction is lost, which a
-    global-norm clip cannot repair); "nonfinite": with probability `magnitude` per step the
-    first entry of every gradient tensor is NaN (an overflow in the backward pass)."""
+    """Non-finite or exploding gradients. Variant "nonfinite": with probability `magnitude` per
+    step the first entry of every gradient tensor is NaN (an overflow in the backward pass);
+    "explode": random noise of global norm magnitude × ‖g‖ is added (a corrupted backward
+    pass; the global-norm clip bounds the step but not its direction)."""
     del setup
 
     def gradients(grads, ctx: Ctx):
@@ -49,7 +49,7 @@ def od2(setup: Setup) -> Fault:
             return jnp.where(first, jnp.asarray(jnp.nan, g.dtype), g)
 
         nonfinite = gate(hit, jax.tree.map(poison, grads), grads)
-        changed = gate(is_variant(ctx, 0), exploded, nonfinite)
+        changed = gate(is_variant(ctx, 0), nonfinite, exploded)
         return gate(ctx.active, changed, grads)
 
     return Fault("OD2", Hooks(gradients=gradients))

@@ -200,14 +200,14 @@ GRADS = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(4)}
 
 def test_od2_adds_noise_of_the_stated_norm_or_poisons_gradients():
     hook = faults.make("OD2", SETUP).hooks.gradients
-    exploded = hook(GRADS, ctx(magnitude=5.0))
+    exploded = hook(GRADS, ctx(magnitude=5.0, variant=1))
     diff = jax.tree.map(lambda x, y: x - y, exploded, GRADS)
     assert float(optax.tree.norm(diff)) == pytest.approx(5.0 * float(optax.tree.norm(GRADS)))
-    poisoned = hook(GRADS, ctx(magnitude=1.0, variant=1))
+    poisoned = hook(GRADS, ctx(magnitude=1.0, variant=0))
     for g, p in zip(jax.tree.leaves(GRADS), jax.tree.leaves(poisoned), strict=True):
         assert np.isnan(np.asarray(p).reshape(-1)[0])
         np.testing.assert_array_equal(np.asarray(p).reshape(-1)[1:], np.asarray(g).reshape(-1)[1:])
-    spared = hook(GRADS, ctx(magnitude=0.0, variant=1))
+    spared = hook(GRADS, ctx(magnitude=0.0, variant=0))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(spared))
 
 
@@ -216,7 +216,7 @@ def test_od2_nonfinite_injection_leaves_gradients_of_inactive_steps_finite():
     # (The hook acts after value_and_grad, so no NaN can reach a backward pass; the compiled
     # step's bit-identity before onset is checked in test_fault_injection.py.)
     hook = faults.make("OD2", SETUP).hooks.gradients
-    before = hook(GRADS, ctx(2, onset=5, magnitude=1.0, variant=1))
+    before = hook(GRADS, ctx(2, onset=5, magnitude=1.0, variant=0))
     for g, p in zip(jax.tree.leaves(GRADS), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(g, p)
 
@@ -281,11 +281,11 @@ def test_ca2_uses_the_next_groups_baseline_or_rescales():
     own = jnp.array([1.0, -1.0, -1.0, 1.0])
     adv = own[:, None] * jnp.array([[1.0, 0.0]])
     mask = jnp.array([[1.0, 0.0]] * 4)
-    wrong = hook(adv, SCORES, mask, ctx(magnitude=1.0))
+    wrong = hook(adv, SCORES, mask, ctx(magnitude=1.0, variant=1))
     np.testing.assert_allclose(wrong[:, 0], [0.75, -1.25, -0.75, 1.25], atol=1e-6)
     np.testing.assert_array_equal(wrong[:, 1], 0.0)
     np.testing.assert_allclose(wrong[:, 0].reshape(2, 2).mean(1), [-0.25, 0.25], atol=1e-6)
-    scaled = hook(adv, SCORES, jnp.ones((4, 2)), ctx(magnitude=0.01, variant=1))
+    scaled = hook(adv, SCORES, jnp.ones((4, 2)), ctx(magnitude=0.01, variant=0))
     np.testing.assert_allclose(scaled, adv * 0.01)
 
 
