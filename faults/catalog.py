@@ -66,7 +66,7 @@ SPECS: dict[str, Spec] = {
         optimization.od2,
         ("nonfinite", "explode"),
         ("probability of a NaN gradient per step", "noise norm / gradient norm"),
-        ((0.0005, 0.005, 0.05), (0.5, 5.0, 50.0)),
+        ((0.002, 0.02, 0.2), (0.5, 5.0, 50.0)),
     ),
     "OD3": Spec(
         optimization.od3,
