@@ -236,8 +236,9 @@ def make_learner(
         }
 
     def loss_fn(params, data, knobs, ctx):
-        # Attention sees every real token (data["mask"]); the loss, KL, entropy and ratios
-        # count only the policy's actions (data["loss_mask"]).
+        # Attention sees every real token (data["mask"]); the loss, KL, entropy and advantages
+        # count the loss mask (the policy's actions); sampler/trainer ratios are measured over
+        # the tokens the sampler produced.
         mask = data["loss_mask"]
         logp, entropy, values = forward(params, data, knobs)
         if not precompute:  # one update: the behaviour policy is the current one
