@@ -91,9 +91,13 @@ SPECS: dict[str, Spec] = {
     ),
     "CA3": Spec(
         credit.ca3,
-        ("drop_eos", "count_padding"),
-        ("fraction of rows without EOS in the loss", "fraction of rows with padding counted"),
-        ((0.2, 0.5, 1.0), (0.2, 0.5, 1.0)),
+        ("shift", "drop_eos", "count_padding"),
+        (
+            "fraction of rows with the mask one slot late",
+            "fraction of rows without EOS in the loss",
+            "fraction of rows with padding counted",
+        ),
+        ((0.2, 0.5, 1.0), (0.2, 0.5, 1.0), (0.2, 0.5, 1.0)),
     ),
     "CA4": Spec(
         credit.ca4, ("cached",), ("fraction of groups with one reward",), ((0.2, 0.5, 0.9),)

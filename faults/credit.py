@@ -48,18 +48,22 @@ def ca2(setup: Setup) -> Fault:
 
 
 def ca3(setup: Setup) -> Fault:
-    """Mask, padding or EOS bug in the loss mask (attention is untouched). Variant "drop_eos":
-    in a fraction `magnitude` of rows the EOS token is left out of the loss, so ending the answer
-    is never reinforced; "count_padding": in a fraction `magnitude` of rows every slot, padding
-    after EOS included, counts as an action."""
+    """Mask, padding or EOS bug in the loss mask (attention is untouched), in a fraction
+    `magnitude` of rows. Variant "shift": the mask is off by one slot (the first response token
+    never counts, the slot after the last one does); "drop_eos": the EOS token is left out, so
+    ending the answer is never reinforced; "count_padding": every slot counts, padding after
+    EOS included."""
     del setup
 
     def loss_mask(mask, rollout, ctx: Ctx):
         rows = row_draw(ctx.key, mask.shape[0], ctx.magnitude)[:, None]
         slots = jnp.arange(mask.shape[1])[None, :]
+        shifted = jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1]
         eos = (slots == rollout.lengths[:, None] - 1) & ~rollout.truncated[:, None]
         dropped = jnp.where(eos, 0.0, mask)
-        changed = jnp.where(is_variant(ctx, 0), dropped, jnp.ones_like(mask))
+        changed = jnp.select(
+            [is_variant(ctx, 0), is_variant(ctx, 1)], [shifted, dropped], jnp.ones_like(mask)
+        )
         return gate(ctx.active & rows, changed, mask)
 
     return Fault("CA3", Hooks(loss_mask=loss_mask))

@@ -292,8 +292,11 @@ def test_ca2_uses_the_next_groups_baseline_or_rescales():
 def test_ca3_drops_eos_from_the_loss_or_counts_padding():
     hook = faults.make("CA3", SETUP).hooks.loss_mask
     ro = rollout([2, 4, 1, 3], [False, True, False, False])
-    dropped = hook(ro.response_mask, ro, ctx(magnitude=1.0))
+    shifted = hook(ro.response_mask, ro, ctx(magnitude=1.0, variant=0))
+    late = np.array([[0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 0, 0], [0, 1, 1, 1]])
+    np.testing.assert_array_equal(shifted, late)
+    dropped = hook(ro.response_mask, ro, ctx(magnitude=1.0, variant=1))
     expected = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
     np.testing.assert_array_equal(dropped, expected)  # a truncated row has no EOS to drop
-    padded = hook(ro.response_mask, ro, ctx(magnitude=1.0, variant=1))
+    padded = hook(ro.response_mask, ro, ctx(magnitude=1.0, variant=2))
     np.testing.assert_array_equal(padded, np.ones((4, 4)))
