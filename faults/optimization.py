@@ -38,19 +38,23 @@ def od2(setup: Setup) -> Fault:
     pass; the global-norm clip bounds the step but not its direction)."""
     del setup
 
-    def gradients(grads, ctx: Ctx):
+    def poison(g):
+        first = (jnp.arange(g.size) == 0).reshape(g.shape)
+        return jnp.where(first, jnp.asarray(jnp.nan, g.dtype), g)
+
+    def explode(grads, ctx: Ctx):
         noise = _noise_like(grads, ctx.key)
         scale = ctx.magnitude * optax.tree.norm(grads) / (optax.tree.norm(noise) + 1e-12)
-        exploded = jax.tree.map(lambda g, z: g + (scale * z).astype(g.dtype), grads, noise)
+        return jax.tree.map(lambda g, z: g + (scale * z).astype(g.dtype), grads, noise)
+
+    def gradients(grads, ctx: Ctx):
         hit = jax.random.uniform(ctx.key) < ctx.magnitude
-
-        def poison(g):
-            first = (jnp.arange(g.size) == 0).reshape(g.shape)
-            return jnp.where(first, jnp.asarray(jnp.nan, g.dtype), g)
-
-        nonfinite = gate(hit, jax.tree.map(poison, grads), grads)
-        changed = gate(is_variant(ctx, 0), nonfinite, exploded)
-        return gate(ctx.active, changed, grads)
+        nonfinite = lambda g: when(hit, lambda t: jax.tree.map(poison, t), g)
+        # lax.cond: inactive steps draw no noise over the whole gradient tree.
+        changed = lambda g: jax.lax.cond(
+            is_variant(ctx, 0), nonfinite, lambda t: explode(t, ctx), g
+        )
+        return when(ctx.active, changed, grads)
 
     return Fault("OD2", Hooks(gradients=gradients))
 
