@@ -12,23 +12,34 @@ from typing import Any
 from tensorboardX import SummaryWriter
 
 
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file ([] if absent); a line cut short by a crash is skipped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
+    """Replaces `path` with `records`, atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
 def _truncate_jsonl(path: str, last_step: int) -> list[dict[str, Any]]:
     """Keeps records with step <= last_step (and drops a line cut short by a crash)."""
     if not os.path.exists(path):
         return []
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", math.inf) <= last_step:
-                kept.append(record)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    kept = [r for r in read_jsonl(path) if r.get("step", math.inf) <= last_step]
+    write_jsonl(path, kept)
     return kept
 
 

@@ -27,7 +27,7 @@ from rftjax.knobs import knobs_from_dict, knobs_to_dict, make_knobs
 from rftjax.tasks import Task, make_task
 from rftjax.train import monitor
 from rftjax.train import warmup as wu
-from rftjax.train.logs import JsonlLog, MetricsWriter
+from rftjax.train.logs import JsonlLog, MetricsWriter, read_jsonl, write_jsonl
 from rftjax.train.step import PromptBatch, TrainState, init_state, make_learner
 
 
@@ -318,11 +318,8 @@ def _fork(run: _Run, params, detector):
     # The source's records up to the fork step become ours (the logs cut back to it on open),
     # with the fault marked inactive, as in a run that carried it from the start.
     for name, extra in (("metrics.jsonl", {"fault_active": 0.0}), ("events.jsonl", {})):
-        if os.path.exists(os.path.join(source, name)):
-            with open(os.path.join(source, name), encoding="utf-8") as f:
-                lines = [{**r, **extra} for r in _parse_jsonl(f)]
-            with open(os.path.join(run.workdir, name), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in lines)
+        records = read_jsonl(os.path.join(source, name))
+        write_jsonl(os.path.join(run.workdir, name), [{**r, **extra} for r in records])
     logging.info("forked from step %d of %s", steps[-1], source)
     evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
     return state, knobs_from_dict(meta["knobs"]), evals, 0.0
@@ -380,17 +377,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     with open(os.path.join(run_.workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
-
-
-def _parse_jsonl(lines) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a line cut short by a crash is skipped."""
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _read_events(path: str) -> list[dict[str, Any]]:

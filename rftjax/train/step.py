@@ -185,8 +185,11 @@ def make_learner(
 
     def rollout(state: TrainState, batch: PromptBatch, knobs: Knobs, fparams=None) -> Rollout:
         ctx = fault_ctx(state, fparams)
+        return sample(state, hooks.data(batch, ctx), knobs, ctx)
+
+    def sample(state: TrainState, batch: PromptBatch, knobs: Knobs, ctx) -> Rollout:
+        """The rollout of a batch the data hook has already seen."""
         key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SAMPLE)
-        batch = hooks.data(batch, ctx)
         sampling = hooks.sampler(
             SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k, jnp.int32(0)), ctx
         )
@@ -387,8 +390,9 @@ def make_learner(
 
         def step(state, batch, knobs, fparams=None):
             state = prepare(state, fparams)
-            ro = rollout(state, batch, knobs, fparams)
-            batch = hooks.data(batch, fault_ctx(state, fparams))
+            ctx = fault_ctx(state, fparams)
+            batch = hooks.data(batch, ctx)
+            ro = sample(state, batch, knobs, ctx)
             answers = repeat_rows(batch.answers, cfg.group_size)
             return learn(state, ro, reward_fn(ro.response, answers), knobs, fparams)
 
