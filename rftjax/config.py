@@ -136,6 +136,8 @@ class TrainConfig:
     # configuration without the fault). Its records up to there are this run's: a fault is
     # the identity before onset, bit for bit.
     fork_from: str = ""
+    # Write trajectories.jsonl: one line a step with per-completion arrays (FaultBench).
+    record_trajectories: bool = False
     mesh: str = ""
 
     def __post_init__(self):

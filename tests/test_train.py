@@ -103,6 +103,29 @@ def test_resumed_run_continues_with_identical_metrics(tmp_path):
     assert "score/grad_norm" in _records(broken)[0]
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_trajectory_records_agree_with_the_step_metrics(tmp_path, epochs):
+    # One update: rows come from the loss's own forward; several: from the precomputed one.
+    rl = RLConfig(prompts_per_step=4, group_size=4, num_epochs=epochs)
+    run(dataclasses.replace(_config(tmp_path, 3, record_trajectories=True), rl=rl))
+    rows = [json.loads(line) for line in open(tmp_path / "trajectories.jsonl", encoding="utf-8")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r, m in zip(rows, _records(tmp_path), strict=True):
+        assert r["group"] == [g for g in range(4) for _ in range(4)]
+        assert r["index"] == list(range(4)) * 4
+        np.testing.assert_allclose(np.mean(r["score"]), m["reward_mean"], rtol=1e-5)
+        np.testing.assert_allclose(np.mean(r["length"]), m["length_mean"], rtol=1e-5)
+        # The trainer recomputes the sampler's log-probs (same weights before the update).
+        np.testing.assert_allclose(r["trainer_logp_sum"], r["sampler_logp_sum"], atol=1e-4)
+        np.testing.assert_allclose(r["is_ratio"], 1.0, atol=1e-4)
+        assert max(r["sampler_logp_sum"]) < 0 and r["tool_calls"] == [0] * 16
+        # GRPO: a completion's advantage is its group-normalized score.
+        score = np.asarray(r["score"]).reshape(4, 4)
+        centred = score - score.mean(1, keepdims=True)
+        expected = centred / (score.std(1, keepdims=True) + 1e-6)
+        np.testing.assert_allclose(r["advantage"], expected.ravel(), atol=1e-4)
+
+
 def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_path):
     # PG2 keeps the sampler's stale weights in the train state: a resumed run must restore them.
     fault = dict(fault="PG2", fault_onset=3, fault_severity="moderate")

@@ -50,6 +50,11 @@ class Rollout(NamedTuple):
     logp: jax.Array  # float32 [B, N]: sampler log-probs, 0 where masked
     lengths: jax.Array  # int32 [B]
     truncated: jax.Array  # bool [B]: no EOS within N tokens
+    # Tool use (None without tools): per-row counts int32 [B] and aborted bool [B].
+    tool_calls: jax.Array | None = None
+    tool_errors: jax.Array | None = None
+    turns: jax.Array | None = None
+    aborted: jax.Array | None = None
 
 
 def log_probs(logits: jax.Array, temperature: jax.Array) -> jax.Array:

@@ -210,10 +210,12 @@ def _setup(cfg: TrainConfig):
             reward_fn=task.jnp_reward,
             detector=detector,
             fault=fault,
+            trajectories=cfg.record_trajectories,
         )
         return learner, detector, fault
 
-    learner, detector, fault = _compiled(("learner", *static, cfg.rl, cfg.fm, cfg.fault), build)
+    key = ("learner", *static, cfg.rl, cfg.fm, cfg.fault, cfg.record_trajectories)
+    learner, detector, fault = _compiled(key, build)
     evaluator = Evaluator(graphdef, task, max_new_tokens=cfg.rl.max_new_tokens, cache_key=static)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints
@@ -317,7 +319,10 @@ def _fork(run: _Run, params, detector):
         state = state._replace(fault=run.fault.state_init(state.params["policy"]))
     # The source's records up to the fork step become ours (the logs cut back to it on open),
     # with the fault marked inactive, as in a run that carried it from the start.
-    for name, extra in (("metrics.jsonl", {"fault_active": 0.0}), ("events.jsonl", {})):
+    logs = [("metrics.jsonl", {"fault_active": 0.0}), ("events.jsonl", {})]
+    if cfg.record_trajectories:
+        logs.append(("trajectories.jsonl", {}))
+    for name, extra in logs:
         records = read_jsonl(os.path.join(source, name))
         write_jsonl(os.path.join(run.workdir, name), [{**r, **extra} for r in records])
     logging.info("forked from step %d of %s", steps[-1], source)
@@ -343,12 +348,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         start = int(state.step)
         metrics_log = MetricsWriter(run_.workdir, resume_step=start)
         events = JsonlLog(os.path.join(run_.workdir, "events.jsonl"), resume_step=start)
+        traj_log = None
+        if cfg.record_trajectories:
+            path = os.path.join(run_.workdir, "trajectories.jsonl")
+            traj_log = JsonlLog(path, resume_step=start)
         t_rl = time.time()
         try:
-            state, final = _train(run_, state, knobs, evals, metrics_log, events, t_rl)
+            state, final = _train(
+                run_, state, knobs, evals, metrics_log, events, t_rl, traj_log=traj_log
+            )
         finally:
             metrics_log.close()
             events.close()
+            if traj_log is not None:
+                traj_log.close()
     finally:
         run_.checkpointer.close()
     rl_seconds = time.time() - t_rl
@@ -384,7 +397,7 @@ def _read_events(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl):
+def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=None):
     """The RL loop. Returns (state, last evaluation)."""
     cfg, rl, task = run.cfg, run.cfg.rl, run.task
     # A resumed run that has nothing left to do reports the evaluation its checkpoint holds.
@@ -394,7 +407,11 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl):
     def flush(extra=None):
         while pending:
             step_no, metrics = pending.pop()
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = jax.device_get(metrics)
+            rows = metrics.pop("trajectories", None)
+            if traj_log is not None:
+                traj_log.write({"step": step_no, **{k: v.tolist() for k, v in rows.items()}})
+            values = {k: float(v) for k, v in metrics.items()}
             metrics_log.write_step(step_no, {**values, **(extra or {})})
             if values.get("alarm", 0.0) > 0:
                 event = _alarm_event(step_no, values)

@@ -147,6 +147,7 @@ def make_learner(
     reward_fn: RewardFn | None = None,
     detector: Detector | None = None,
     fault: Fault | None = None,
+    trajectories: bool = False,
 ):
     """Returns compiled `prepare`, `rollout`, `learn`, and (jnp reward) the fused `step`.
 
@@ -166,6 +167,9 @@ def make_learner(
     trainer mismatch, optimization and cross-check statistics), runs the detector on them with
     the history and thresholds in `state.fm`, and adds "alarm" and per-signal flags and scores
     to the metrics. The state must then come from `init_state(..., detector=detector)`.
+
+    With `trajectories`, the metrics also hold "trajectories": a dict of per-completion arrays
+    [B] (see `trajectory_record`) for FaultBench's trajectory-level records.
     """
     optimizer = make_optimizer(cfg)
     hooks = fault.hooks if fault is not None else faults.NO_HOOKS
@@ -288,6 +292,10 @@ def make_learner(
             loss = loss + knobs.vf_coef * v_loss
             metrics.update(v_m, vf_loss=v_loss)
         metrics["loss"] = loss
+        if trajectories and not precompute:  # rows of the one update; else taken in `learn`
+            metrics["trajectories"] = _row_stats(
+                jax.lax.stop_gradient(logp), data["sampler_logp"], data["adv"], mask, sampled
+            )
         if detector is not None:
             metrics.update(
                 monitor.loss_stats(
@@ -350,11 +358,20 @@ def make_learner(
             (state.params, state.opt_state),
             minibatches,
         )
+        rows = per_update.pop("trajectories", None)
         # Over several updates: maxima stay maxima, everything else is averaged.
         metrics = {
             k: (jnp.max if k.endswith(("_max", "max_abs")) else jnp.mean)(v)
             for k, v in per_update.items()
         }
+        if trajectories:
+            if rows is None:  # several updates: the trainer's view before the first one
+                rows = _row_stats(
+                    data["old_logp"], ro.logp, data["adv"], loss_mask, ro.response_mask
+                )
+            else:
+                rows = jax.tree.map(lambda x: x[0], rows)
+            rows = trajectory_record(ro, raw, scores, data["ref_logp"], rows, cfg.group_size)
         metrics.update(_rollout_stats(ro, rewards, scores, cfg.group_size), lr=lr)
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         if fault is not None:
@@ -379,6 +396,8 @@ def make_learner(
             flags, fm_state = monitor.observe(detector, metrics, state.fm)
             metrics.update(flags)
             new_state = new_state._replace(fm=fm_state)
+        if trajectories:
+            metrics["trajectories"] = rows
         return new_state, metrics
 
     fns: dict[str, Any] = {
@@ -410,6 +429,49 @@ def _minibatches(data, key, epochs: int, num_mb: int, num_groups: int, group_siz
     ).reshape(epochs * num_mb, num_groups // num_mb)
     rows = (perms[..., None] * group_size + jnp.arange(group_size)).reshape(epochs * num_mb, -1)
     return jax.tree.map(lambda x: x[rows], data)
+
+
+def _row_stats(trainer_logp, sampler_logp, adv, loss_mask, sampled):
+    """Per-completion sums and means of token arrays [B, T]."""
+    count = jnp.maximum(loss_mask.sum(-1), 1.0)
+    log_ratio = jnp.clip(trainer_logp - sampler_logp, -20.0, 20.0)
+    return {
+        "trainer_logp_sum": (trainer_logp * sampled).sum(-1),
+        "advantage": (adv * loss_mask).sum(-1) / count,
+        "is_ratio": (jnp.exp(log_ratio) * sampled).sum(-1) / jnp.maximum(sampled.sum(-1), 1.0),
+    }
+
+
+def _row_repetition(tokens, mask):
+    """Per row: fraction of sampled tokens after the first that equal the previous one."""
+    valid = mask[:, 1:] * mask[:, :-1]
+    same = (tokens[:, 1:] == tokens[:, :-1]) * valid
+    return same.sum(-1) / jnp.maximum(valid.sum(-1), 1.0)
+
+
+def trajectory_record(ro: Rollout, raw, scores, ref_logp, rows, group_size: int) -> dict:
+    """Per-completion arrays [B]: group (prompt row in the step) and index in the group, raw
+    reward and the score the learner saw (after reward hooks and guards), length, truncated,
+    sampler / trainer / reference log-prob sums over sampled tokens, the sequence advantage
+    (mean over the loss mask), the mean sampler→trainer importance ratio, repetition, and
+    tool calls and errors (0 without tools)."""
+    b = ro.lengths.shape[0]
+    mask = ro.response_mask
+    zeros = jnp.zeros((b,), jnp.int32)
+    return {
+        "group": jnp.arange(b, dtype=jnp.int32) // group_size,
+        "index": jnp.arange(b, dtype=jnp.int32) % group_size,
+        "reward": raw,
+        "score": scores,
+        "length": ro.lengths,
+        "truncated": ro.truncated.astype(jnp.int32),
+        "sampler_logp_sum": (ro.logp * mask).sum(-1),
+        "ref_logp_sum": (ref_logp * mask).sum(-1),
+        "repetition": _row_repetition(ro.response, mask),
+        "tool_calls": zeros if ro.tool_calls is None else ro.tool_calls,
+        "tool_errors": zeros if ro.tool_errors is None else ro.tool_errors,
+        **rows,
+    }
 
 
 def _adv_stats(adv, mask):
