@@ -23,6 +23,11 @@ Hook signatures (the trainer calls all of them; `ctx` is the step's `Ctx`):
   learning_rate(lr, ctx) -> lr                   before the lr cap (a guard a user sets)
   params(params, ctx), opt_state(opt_state, ctx) the train state between steps
   ref_params(ref, ctx) -> ref                    the reference weights as the step reads them
+  tool_results(result, rows, i, ctx) -> result   a tool round-trip's `rftjax.tools.ToolResult`
+                                                 (status, observation) for rows [B] served
+                                                 at decode position i
+  observations(result, rows, i, ctx) -> result   the observation tokens fed back (after
+                                                 tool_results)
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class Hooks(NamedTuple):
     params: Callable = _keep
     opt_state: Callable = _keep
     ref_params: Callable = _keep
+    tool_results: Callable = _keep
+    observations: Callable = _keep
 
 
 HOOK_NAMES = Hooks._fields

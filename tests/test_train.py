@@ -126,6 +126,16 @@ def test_trajectory_records_agree_with_the_step_metrics(tmp_path, epochs):
         np.testing.assert_allclose(r["advantage"], expected.ravel(), atol=1e-4)
 
 
+def test_tool_task_runs_end_to_end_and_reports_tool_use(tmp_path):
+    rl = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=22)
+    cfg = dataclasses.replace(_config(tmp_path, 3, task="calc", fm="detect"), rl=rl)
+    summary = run(cfg)
+    records = _records(tmp_path)
+    assert all(0 <= r["tool_calls_mean"] <= 2 and "score/tool_error_rate" in r for r in records)
+    assert 0 <= summary["eval_tool_rate_correct_final"] <= 1
+    assert "eval_tool_rate_initial" in summary and "eval_tool_rate" in records[1]
+
+
 def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_path):
     # PG2 keeps the sampler's stale weights in the train state: a resumed run must restore them.
     fault = dict(fault="PG2", fault_onset=3, fault_severity="moderate")

@@ -12,6 +12,7 @@ may be drawn but not the reported log-probs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rftjax.models import full_forward, init_cache, positions_from_valid
+from rftjax.tools.protocol import LIMIT, ToolResult
 
 
 class SamplingParams(NamedTuple):
@@ -102,13 +104,106 @@ def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams):
     return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
 
 
+class _Tools(NamedTuple):
+    """Per-row tool state inside the decode loop."""
+
+    queue: jax.Array  # int32 [B, R]: observation tokens still to feed
+    qlen: jax.Array  # int32 [B]
+    qpos: jax.Array  # int32 [B]: next queue slot
+    opened: jax.Array  # int32 [B]: position of the open <call>, -1 if none
+    calls: jax.Array  # int32 [B]
+    errors: jax.Array  # int32 [B]
+    aborted: jax.Array  # bool [B]
+    obs: jax.Array  # float32 [B, N]: 1 on observation tokens
+
+
 class _Loop(NamedTuple):
     i: jax.Array
     response: jax.Array
     logp: jax.Array
-    mask: jax.Array
+    mask: jax.Array  # float32 [B, N]: tokens the policy sampled
     done: jax.Array
     cache: object
+    tools: _Tools | None = None
+
+
+def _init_tools(b: int, n: int, spec) -> _Tools:
+    zeros = jnp.zeros((b,), jnp.int32)
+    return _Tools(
+        queue=jnp.zeros((b, spec.max_obs), jnp.int32),
+        qlen=zeros,
+        qpos=zeros,
+        opened=zeros - 1,
+        calls=zeros,
+        errors=zeros,
+        aborted=jnp.zeros((b,), bool),
+        obs=jnp.zeros((b, n)),
+    )
+
+
+def _serve(spec, response, opened, rows, i):
+    """One host round-trip for the rows that closed a call at position i (skipped, with no
+    host call, when there are none)."""
+    b, r = response.shape[0], spec.max_obs
+    shapes = (
+        jax.ShapeDtypeStruct((b, r), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+
+    def call(args):
+        return jax.pure_callback(spec.serve, shapes, *args, vmap_method="sequential")
+
+    def skip(args):
+        del args
+        return tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
+
+    tokens, length, status = jax.lax.cond(jnp.any(rows), call, skip, (response, opened, rows, i))
+    return ToolResult(tokens, length, status, jnp.zeros((b,), bool))
+
+
+def _emit(s: _Loop, i, tok, lp, *, eos_id, pad_id, spec, tool_hook) -> _Loop:
+    """Writes position i of every row: the sampled token, or for a row that is being fed an
+    observation, the next observation token (attention 1, policy mask 0, log-prob 0); then
+    serves the calls that this position closed."""
+    active = ~s.done
+    t = s.tools
+    if t is not None:
+        forced = active & (t.qpos < t.qlen)
+        queued = jnp.take_along_axis(t.queue, jnp.minimum(t.qpos, spec.max_obs - 1)[:, None], 1)
+        tok = jnp.where(forced, queued[:, 0], tok)
+    else:
+        forced = jnp.zeros_like(active)
+    policy = active & ~forced
+    tok = jnp.where(active, tok, pad_id)
+    put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], i, axis=1)
+    s = s._replace(
+        response=put(s.response, tok),
+        logp=put(s.logp, jnp.where(policy, lp, 0.0)),
+        mask=put(s.mask, policy.astype(jnp.float32)),
+        done=s.done | (policy & (tok == eos_id)),
+    )
+    if t is None:
+        return s
+    opened = jnp.where(policy & (tok == spec.call_start), i, t.opened)
+    closed = policy & (tok == spec.call_end)
+    over = closed & (t.calls >= spec.max_turns)
+    rows = closed & ~over
+    res = _serve(spec, s.response, opened, rows, i)
+    res = tool_hook(res, rows, i) if tool_hook is not None else res
+    status = jnp.where(over, LIMIT, res.status)
+    aborted = t.aborted | over | (rows & res.abort)
+    t = _Tools(
+        queue=jnp.where(rows[:, None], res.tokens, t.queue),
+        qlen=jnp.where(rows, res.length, t.qlen),
+        qpos=jnp.where(rows, 0, t.qpos + forced),
+        opened=jnp.where(closed, -1, opened),
+        calls=t.calls + rows,
+        errors=t.errors + (closed & (status != 0)),
+        aborted=aborted,
+        obs=put(t.obs, forced.astype(jnp.float32)),
+    )
+    return s._replace(done=s.done | aborted, tools=t)
 
 
 def prefill(model, prompts: jax.Array, prompt_mask: jax.Array, length: int):
@@ -147,6 +242,8 @@ def generate(
     eos_id: int,
     pad_id: int,
     logits_hook: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    tools=None,
+    tool_hook: Callable | None = None,
 ) -> Rollout:
     """Samples group_size completions of each prompt; B = Bp × group_size rows.
 
@@ -154,6 +251,13 @@ def generate(
     up to N tokens (or `sampling.max_tokens` when smaller and > 0) are decoded in a while loop
     that stops when every row has emitted EOS. `logits_hook(logits [B, V], i)` may change the
     logits of decode position i before sampling (fault injection: a mismatched engine).
+
+    With `tools` (a `rftjax.tools.ToolSpec`), a row that samples ``</call>`` is answered by the
+    environment (one host round-trip per position for all rows that closed a call there) and
+    the observation is fed to the model token by token through the same KV cache: those
+    positions are real context (`Rollout.valid`) but not the policy's tokens
+    (`response_mask` 0, log-prob 0). `tool_hook(result, rows, i)` may change a round-trip's
+    `ToolResult` (fault injection: a failing or corrupted tool).
     """
     hook = logits_hook or (lambda x, i: x)
     model = nnx.merge(graphdef, params)
@@ -173,12 +277,15 @@ def generate(
     zeros = jnp.zeros((b, n))
     state = _Loop(
         i=jnp.ones((), jnp.int32),
-        response=jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok),
-        logp=zeros.at[:, 0].set(lp),
-        mask=zeros.at[:, 0].set(1.0),
-        done=tok == eos_id,
+        response=jnp.full((b, n), pad_id, jnp.int32),
+        logp=zeros,
+        mask=zeros,
+        done=jnp.zeros((b,), bool),
         cache=cache,
+        tools=None if tools is None else _init_tools(b, n, tools),
     )
+    emit = functools.partial(_emit, eos_id=eos_id, pad_id=pad_id, spec=tools, tool_hook=tool_hook)
+    state = emit(state, jnp.zeros((), jnp.int32), tok, lp)
 
     def cond(s: _Loop):
         return (s.i < limit) & ~jnp.all(s.done)
@@ -187,7 +294,8 @@ def generate(
         prev = s.i - 1
         slot = p + prev
         prev_tok = jax.lax.dynamic_slice_in_dim(s.response, prev, 1, axis=1)
-        prev_real = jax.lax.dynamic_slice_in_dim(s.mask, prev, 1, axis=1) > 0
+        real = s.mask if s.tools is None else s.mask + s.tools.obs
+        prev_real = jax.lax.dynamic_slice_in_dim(real, prev, 1, axis=1) > 0
         c = s.cache
         c = c._replace(valid=jax.lax.dynamic_update_slice_in_dim(c.valid, prev_real, slot, 1))
         step_mask = ((slots <= slot)[None, :] & c.valid)[:, None, :]
@@ -195,31 +303,28 @@ def generate(
         hidden, c = model.trunk(prev_tok, pos, step_mask, c)
         logits = hook(model.head(hidden[:, 0]), s.i)
         tok, lp = sample_token(logits, jax.random.fold_in(key, s.i), sampling)
-        active = ~s.done
-        tok = jnp.where(active, tok, pad_id)
-        put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], s.i, axis=1)
-        return _Loop(
-            i=s.i + 1,
-            response=put(s.response, tok),
-            logp=put(s.logp, jnp.where(active, lp, 0.0)),
-            mask=put(s.mask, active.astype(jnp.float32)),
-            done=s.done | (tok == eos_id),
-            cache=c,
-        )
+        return emit(s._replace(cache=c), s.i, tok, lp)._replace(i=s.i + 1)
 
     final = jax.lax.while_loop(cond, body, state)
-    return _finish(prompts, prompt_valid, final.response, final.mask, final.logp, final.done)
+    return _finish(prompts, prompt_valid, final)
 
 
-def _finish(prompts, prompt_valid, response, mask, logp, done) -> Rollout:
-    return Rollout(
-        tokens=jnp.concatenate([prompts, response], axis=1),
-        valid=jnp.concatenate([prompt_valid, mask > 0], axis=1),
-        response=response,
+def _finish(prompts, prompt_valid, final: _Loop) -> Rollout:
+    mask, t = final.mask, final.tools
+    real = mask if t is None else mask + t.obs
+    ro = Rollout(
+        tokens=jnp.concatenate([prompts, final.response], axis=1),
+        valid=jnp.concatenate([prompt_valid, real > 0], axis=1),
+        response=final.response,
         response_mask=mask,
-        logp=logp,
+        logp=final.logp,
         lengths=mask.sum(-1).astype(jnp.int32),
-        truncated=~done,
+        truncated=~final.done,
+    )
+    if t is None:
+        return ro
+    return ro._replace(
+        tool_calls=t.calls, tool_errors=t.errors, turns=t.calls + 1, aborted=t.aborted
     )
 
 
@@ -235,37 +340,45 @@ def generate_recompute(
     max_new_tokens,
     eos_id,
     pad_id,
+    logits_hook=None,
+    tools=None,
+    tool_hook=None,
 ) -> Rollout:
     """Reference decoder without a cache: a full forward over the whole buffer per new token.
 
-    Same interface and same random draws as `generate`; used to check the cache and to measure
-    what the cache saves.
+    Same interface and same random draws as `generate`; used to check the cache (also across
+    tool observations) and to measure what the cache saves.
     """
     prompts, prompt_mask = repeat_rows((prompts, prompt_mask), group_size)
     b, p = prompts.shape
     n = max_new_tokens
     prompt_valid = prompt_mask.astype(bool)
-    tokens = jnp.concatenate([prompts, jnp.full((b, n), pad_id, jnp.int32)], axis=1)
-    valid = jnp.concatenate([prompt_valid, jnp.zeros((b, n), bool)], axis=1)
-
     limit = jnp.where(sampling.max_tokens > 0, jnp.minimum(sampling.max_tokens, n), n)
+    emit = functools.partial(_emit, eos_id=eos_id, pad_id=pad_id, spec=tools, tool_hook=tool_hook)
+    zeros = jnp.zeros((b, n))
+    init = _Loop(
+        i=jnp.zeros((), jnp.int32),
+        response=jnp.full((b, n), pad_id, jnp.int32),
+        logp=zeros,
+        mask=zeros,
+        done=jnp.zeros((b,), bool),
+        cache=None,
+        tools=None if tools is None else _init_tools(b, n, tools),
+    )
 
-    def body(i, carry):
-        tokens, valid, logp, done = carry
+    def body(i, s):
+        real = s.mask if s.tools is None else s.mask + s.tools.obs
+        tokens = jnp.concatenate([prompts, s.response], axis=1)
+        valid = jnp.concatenate([prompt_valid, real > 0], axis=1)
         logits, _, _ = full_forward(graphdef, params, tokens, valid)
         last = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
+        if logits_hook is not None:
+            last = logits_hook(last, i)
         tok, lp = sample_token(last, jax.random.fold_in(key, i), sampling)
-        active = ~done & (i < limit)
-        tok = jnp.where(active, tok, pad_id)
-        tokens = tokens.at[:, p + i].set(tok)
-        valid = valid.at[:, p + i].set(active)
-        logp = logp.at[:, i].set(jnp.where(active, lp, 0.0))
-        return tokens, valid, logp, done | (tok == eos_id)
+        # Rows that are done stay as they are; past the limit nothing is written.
+        return jax.tree.map(lambda new, old: jnp.where(i < limit, new, old), emit(s, i, tok, lp), s)
 
-    init = (tokens, valid, jnp.zeros((b, n)), jnp.zeros((b,), bool))
-    tokens, valid, logp, done = jax.lax.fori_loop(0, n, body, init)
-    mask = valid[:, p:].astype(jnp.float32)
-    return _finish(prompts, prompt_valid, tokens[:, p:], mask, logp, done)
+    return _finish(prompts, prompt_valid, jax.lax.fori_loop(0, n, body, init))
 
 
 def response_logprobs(

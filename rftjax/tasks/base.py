@@ -44,6 +44,22 @@ class Batch(NamedTuple):
     answer_text: tuple[str, ...]
 
 
+class Demo(NamedTuple):
+    """Supervised demonstrations for the warm-up (numpy).
+
+    Attributes:
+      prompts, prompt_mask: as in `Batch`.
+      targets: int32 ``[B, T]`` the response to imitate, right-padded with pad.
+      target_mask: float32 ``[B, T]`` 1 on tokens the loss counts (0 on padding and on
+        context the policy does not produce, such as tool observations).
+    """
+
+    prompts: np.ndarray
+    prompt_mask: np.ndarray
+    targets: np.ndarray
+    target_mask: np.ndarray
+
+
 def _special_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int, int]:
     """Returns ``(pad_id, bos_id, eos_id)``, raising ValueError if the tokenizer lacks one."""
     ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -182,6 +198,14 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def text_reward(self, responses: Sequence[str], answers: Sequence[str]) -> RewardDict:
         """Scores decoded responses: ``{reward, correct, format}``, each float32 ``[B]``."""
+
+    tools = None  # a `rftjax.tools.ToolEnv` for tasks whose policy may call tools
+
+    def demo_batch(self, step: int, batch_size: int) -> Demo:
+        """Warm-up demonstrations: by default training batch ``step`` with its answers."""
+        b = self.train_batch(step, batch_size)
+        pad = self.tokenizer.pad_token_id
+        return Demo(b.prompts, b.prompt_mask, b.answers, (b.answers != pad).astype(np.float32))
 
     def decode_responses(self, response: np.ndarray) -> list[str]:
         """Texts of int ``[B, N]`` responses, up to (excluding) the first EOS, pads dropped."""

@@ -31,8 +31,10 @@ def signals_for(algo: str, *, tools: bool = False) -> tuple[detect.Signal, ...]:
     return tuple(s for s in detect.default_signals() if s.name not in drop)
 
 
-def make_detector(algo: str, config: detect.DetectConfig | None = None) -> detect.Detector:
-    return detect.detector(signals_for(algo), config or detect.DetectConfig())
+def make_detector(
+    algo: str, config: detect.DetectConfig | None = None, *, tools: bool = False
+) -> detect.Detector:
+    return detect.detector(signals_for(algo, tools=tools), config or detect.DetectConfig())
 
 
 def init_fm_state(detector: detect.Detector) -> FMState:

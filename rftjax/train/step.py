@@ -17,6 +17,7 @@ from flax import nnx
 
 import faults
 from faults import Fault, FaultParams
+from fm import stats as fs
 from fm.detect import Detector
 from rftjax import algorithms as alg
 from rftjax.config import RLConfig
@@ -148,6 +149,7 @@ def make_learner(
     detector: Detector | None = None,
     fault: Fault | None = None,
     trajectories: bool = False,
+    tools=None,
 ):
     """Returns compiled `prepare`, `rollout`, `learn`, and (jnp reward) the fused `step`.
 
@@ -167,6 +169,9 @@ def make_learner(
     trainer mismatch, optimization and cross-check statistics), runs the detector on them with
     the history and thresholds in `state.fm`, and adds "alarm" and per-signal flags and scores
     to the metrics. The state must then come from `init_state(..., detector=detector)`.
+
+    With `tools` (a `rftjax.tools.ToolSpec`), rollouts call tools (observation tokens are
+    context, outside the loss mask) and the metrics gain tool statistics.
 
     With `trajectories`, the metrics also hold "trajectories": a dict of per-completion arrays
     [B] (see `trajectory_record`) for FaultBench's trajectory-level records.
@@ -209,8 +214,14 @@ def make_learner(
             eos_id=eos_id,
             pad_id=pad_id,
             logits_hook=None if fault is None else (lambda x, i: hooks.logits(x, i, ctx)),
+            tools=tools,
+            tool_hook=None if fault is None else (lambda r, rows, i: tool_hook(r, rows, i, ctx)),
         )
         return ro._replace(logp=hooks.rollout_logprobs(ro.logp, ro.response_mask, ctx))
+
+    def tool_hook(result, rows, i, ctx):
+        result = hooks.tool_results(result, rows, i, ctx)
+        return hooks.observations(result, rows, i, ctx)
 
     def policy_forward(policy, data, knobs):
         """Log-probs, entropies, hidden states of rows whose groups are contiguous."""
@@ -222,7 +233,7 @@ def make_learner(
             data["tokens"][::g, :prompt_len],
             data["valid"][::g, :prompt_len],
             data["tokens"][:, prompt_len:],
-            data["mask"],
+            data["valid"][:, prompt_len:],  # sampled and observation tokens
             knobs.temperature,
         )
 
@@ -380,6 +391,8 @@ def make_learner(
                 new_state = new_state._replace(
                     fault=fault.state_update(state.fault, params["policy"], ctx)
                 )
+        if ro.tool_calls is not None:
+            metrics.update(fs.tool_stats(ro.tool_calls, ro.tool_errors, ro.turns, ro.aborted))
         if detector is not None:
             metrics.update(
                 monitor.rollout_stats(

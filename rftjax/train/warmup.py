@@ -26,26 +26,34 @@ def sft_optimizer(lr: float) -> optax.GradientTransformation:
 
 
 def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, pad_id: int):
-    """Compiled teacher-forcing step: (state, prompts [B,P], prompt_mask, answers [B,A]) ->
-    (state, loss). Loss: mean negative log-likelihood of the answer tokens (EOS included)."""
+    """Compiled teacher-forcing step: (state, prompts [B,P], prompt_mask, answers [B,A],
+    target_mask [B,A] or None) -> (state, loss). Loss: mean negative log-likelihood of the
+    answer tokens (EOS included) where `target_mask` is 1 (default: every non-pad token);
+    every non-pad token is context either way (tool observations: context, not imitated)."""
 
-    def loss_fn(params, prompts, prompt_mask, answers):
+    def loss_fn(params, prompts, prompt_mask, answers, target_mask):
         answer_mask = answers != pad_id
+        weight = answer_mask if target_mask is None else target_mask
         logp, _, _ = response_logprobs(
             graphdef, params, prompts, prompt_mask, answers, answer_mask, jnp.ones(())
         )
-        return -jnp.sum(logp * answer_mask) / jnp.maximum(answer_mask.sum(), 1)
+        return -jnp.sum(logp * weight) / jnp.maximum(weight.sum(), 1)
 
-    def step(state: SFTState, prompts, prompt_mask, answers):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, prompts, prompt_mask, answers)
+    def step(state: SFTState, prompts, prompt_mask, answers, target_mask=None):
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state.params, prompts, prompt_mask, answers, target_mask
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return SFTState(optax.apply_updates(state.params, updates), opt_state), loss
 
     return jax.jit(step, donate_argnums=0)
 
 
-def make_greedy(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_id: int, pad_id: int):
-    """Compiled greedy decoding: (params, prompts, prompt_mask) -> response int32 [B, N]."""
+def make_greedy(
+    graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_id: int, pad_id: int, tools=None
+):
+    """Compiled greedy decoding: (params, prompts, prompt_mask) -> response int32 [B, N]
+    (calling `tools`, a `rftjax.tools.ToolSpec`, when given)."""
 
     def run(params, prompts, prompt_mask):
         ro = generate(
@@ -58,6 +66,7 @@ def make_greedy(graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_id: int, pad
             max_new_tokens=max_new_tokens,
             eos_id=eos_id,
             pad_id=pad_id,
+            tools=tools,
         )
         return ro.response
 
