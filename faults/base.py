@@ -99,6 +99,7 @@ class Setup(NamedTuple):
     group_size: int
     max_new_tokens: int
     normalize_std: bool = True
+    tools: Any = None  # the task's tool protocol (`rftjax.tools.ToolSpec`), if it has tools
 
 
 class Fault(NamedTuple):

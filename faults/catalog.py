@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from faults import credit, generation, optimization, reward
+from faults import credit, generation, optimization, reward, tool
 from faults.base import SEVERITIES, Fault, FaultParams, Setup, check_params, make_params
 from fm import taxonomy
 
@@ -102,8 +102,21 @@ SPECS: dict[str, Spec] = {
     "CA4": Spec(
         credit.ca4, ("cached",), ("fraction of groups with one reward",), ((0.2, 0.5, 0.9),)
     ),
+    "TE1": Spec(
+        tool.te1,
+        ("error", "empty"),
+        ("fraction of calls that fail", "fraction of calls answered empty"),
+        ((0.1, 0.3, 0.8), (0.1, 0.3, 0.8)),
+    ),
+    "TE2": Spec(
+        tool.te2,
+        ("corrupt", "timeout"),
+        ("fraction of observations corrupted", "fraction of calls timed out (row aborted)"),
+        ((0.1, 0.3, 0.8), (0.1, 0.3, 0.8)),
+    ),
 }
-BLOCKED = {"TE1": "tool-using rollouts", "TE2": "tool-using rollouts"}
+# Types that cannot be injected in this version, with what they need (none at present).
+BLOCKED: dict[str, str] = {}
 
 
 def spec(type_id: str) -> Spec:

@@ -2,6 +2,9 @@
 
   python -m launch.bench --what=step [--json FILE] [model / batch flags of launch.train]
 
+`tools`: tool round-trips in the compiled sampler (a task with tools, e.g. --task=calc):
+rollouts with the task's environment, with cached answers, and without tools; the cost of one
+round-trip and of the callback alone.
 `fault_overhead`: per fault type, the step carrying an inactive fault versus the clean step.
 `step`: GRPO throughput of the configured step (completions/s, generated tokens/s, learner
 tokens/s, and the rollout / learn split), its ratio to the established trainers' figure on this
@@ -10,6 +13,7 @@ machine class, and the speed-up of KV-cache decoding over full recompute at 64 n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -21,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 import faults
+from fm import taxonomy
 from launch import common
 from rftjax import models, sampling
 from rftjax.knobs import make_knobs
@@ -30,7 +35,7 @@ from rftjax.train.loop import build_model_config, to_prompt_batch
 from rftjax.train.step import init_state, make_learner
 
 flags.DEFINE_enum(
-    "what", "step", ["step", "fm_overhead", "fault_overhead"], "Which benchmark to run."
+    "what", "step", ["step", "fm_overhead", "fault_overhead", "tools"], "Which benchmark to run."
 )
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_string("fault_types", "all", "fault_overhead: comma-separated type ids, or 'all'.")
@@ -187,6 +192,7 @@ def _runner(setup: _Setup, values, batches, knobs, *, detector=None, fault=None,
         reward_fn=task.jnp_reward,
         detector=detector,
         fault=fault,
+        tools=task.tools.spec() if task.tools is not None else None,
     )
     state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, detector, fault)
     memory = _memory_bytes(learner["step"], state, batches[0], knobs, fparams)
@@ -211,10 +217,13 @@ def bench_fault_overhead(values, repeats: int) -> dict:
     rl = setup.rl
     knobs = make_knobs(**common.knob_values(values))
     batches = _batches(setup)
-    fault_setup = faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std)
+    tools = setup.task.tools.spec() if setup.task.tools is not None else None
+    fault_setup = faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std, tools)
     clean = _runner(setup, values, batches, knobs)
     out = {}
     types = list(faults.SPECS) if values.fault_types == "all" else values.fault_types.split(",")
+    if values.fault_types == "all" and tools is None:  # tool faults need a tool task
+        types = [t for t in types if taxonomy.get(t).family != "tool-environment"]
     for type_id in types:
         faulted = _runner(
             setup,
@@ -259,6 +268,104 @@ def bench_fm_overhead(values, repeats: int) -> dict:
     }
 
 
+def _call_script(task, rows: int, n: int, *, close: bool, seed: int = 0):
+    """A logits hook that makes every row write ``<call>a*b`` with operands of the task's full
+    width at positions 0.. and then ``</call>`` (when `close`; every row at the same position,
+    so one round-trip serves them all), and that bans ``</call>`` everywhere else; all other
+    tokens are the model's."""
+    rng = np.random.default_rng(seed)
+    script = np.full((rows, n), -1, np.int32)
+    env = task.tools
+    low, high = 10 ** (task.digits - 1), 10**task.digits
+    for r in range(rows):
+        a, b = rng.integers(low, high, 2)
+        ids = [env.call_start, *task.tokenizer(f"{a}*{b}")["input_ids"]]
+        ids += [env.call_end] if close else [task.tokenizer("1")["input_ids"][0]]
+        script[r, : len(ids)] = ids
+    script = jnp.asarray(script)
+
+    def hook(logits, i):
+        col = jax.lax.dynamic_index_in_dim(script, i, axis=1, keepdims=False)
+        forced = jnp.where(jax.nn.one_hot(col, logits.shape[-1]) > 0, 30.0, -30.0)
+        free = logits.at[:, env.call_end].set(-jnp.inf)
+        return jnp.where((col >= 0)[:, None], forced, free)
+
+    return hook
+
+
+def bench_tools(values, repeats: int) -> dict:
+    """Cost of a tool round-trip in the compiled sampler: the same rollout program (every row
+    writes a call, then the model writes freely to the end of the buffer) where the calls are
+    closed and served by the task's environment, closed and served from a cache (the callback
+    without the tool work), or never closed (no round-trip). Calls alternate; medians."""
+    task, rl, graphdef, params = _setup(values)
+    if task.tools is None:
+        raise ValueError(
+            f"--what=tools needs a task with tools (e.g. --task=calc), not {values.task!r}"
+        )
+    env = task.tools
+    batch = to_prompt_batch(task.train_batch(0, rl.prompts_per_step))
+    rows, n = rl.batch_size, rl.max_new_tokens
+    real = env.spec()
+    served = {}
+
+    def cached_serve(response, call_start, rows_, end):
+        key = (int(end), np.asarray(rows_).tobytes())
+        if key not in served:
+            served[key] = env.serve(response, call_start, rows_, end)
+        return served[key]
+
+    cached = dataclasses.replace(real, serve=cached_serve)
+    kw = dict(
+        group_size=rl.group_size,
+        max_new_tokens=n,
+        eos_id=-1,  # never stop early: every variant decodes all n positions
+        pad_id=task.tokenizer.pad_token_id,
+    )
+    fns = {
+        name: jax.jit(
+            functools.partial(
+                sampling.generate,
+                graphdef,
+                tools=spec,
+                logits_hook=_call_script(task, rows, n, close=close),
+                **kw,
+            )
+        )
+        for name, spec, close in (
+            ("tools", real, True),
+            ("cached", cached, True),
+            ("none", real, False),
+        )
+    }
+    sp = sampling.sampling_params(1.0)
+    args = (params, batch.prompts, batch.prompt_mask, jax.random.PRNGKey(0), sp)
+    trips = {}
+    for name, fn in fns.items():
+        before = env.round_trips
+        ro = jax.block_until_ready(fn(*args))
+        trips[name] = (env.round_trips - before, int(ro.tool_calls.sum()))
+    times = {name: [] for name in fns}
+    for i in range(repeats):
+        order = list(fns) if i % 2 == 0 else list(fns)[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name](*args))
+            times[name].append(time.perf_counter() - t0)
+    sec = {name: float(np.median(t)) for name, t in times.items()}
+    per_trip = max(trips["tools"][0], 1)
+    return {
+        "rows": rows,
+        "new_tokens": n,
+        "calls_per_rollout": trips["tools"][1],
+        "round_trips_per_rollout": trips["tools"][0],
+        "rollout_seconds": sec,
+        "seconds_per_round_trip": (sec["tools"] - sec["none"]) / per_trip,
+        "callback_seconds_per_round_trip": (sec["cached"] - sec["none"]) / per_trip,
+        "ratio_tools_vs_none": sec["tools"] / sec["none"],
+    }
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -274,6 +381,25 @@ def main(argv):
                 f"{r['median_ratio']:.3f}"
             )
         _write_json({"fault_overhead": out})
+        return
+    if FLAGS.what == "tools":
+        out = bench_tools(FLAGS, FLAGS.repeats)
+        sec = out["rollout_seconds"]
+        print(
+            f"tool round-trips: {out['rows']} rows x {out['new_tokens']} slots, "
+            f"{out['calls_per_rollout']} calls in {out['round_trips_per_rollout']} round-trips "
+            "per rollout"
+        )
+        print(
+            f"  rollout with tools {sec['tools'] * 1e3:.2f} ms, cached answers "
+            f"{sec['cached'] * 1e3:.2f} ms, no tools {sec['none'] * 1e3:.2f} ms "
+            f"(ratio tools / none {out['ratio_tools_vs_none']:.3f})"
+        )
+        print(
+            f"  per round-trip: {out['seconds_per_round_trip'] * 1e3:.3f} ms, of which the "
+            f"callback itself {out['callback_seconds_per_round_trip'] * 1e3:.3f} ms"
+        )
+        _write_json({"tools": out})
         return
     if FLAGS.what == "fm_overhead":
         out = bench_fm_overhead(FLAGS, FLAGS.repeats)

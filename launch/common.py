@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from faults import SEVERITIES
@@ -10,9 +12,31 @@ from rftjax.config import AGG_MODES, ALGOS, FM_MODES, KL_KINDS, RLConfig, TrainC
 
 def define_run_flags() -> None:
     """Model, task, algorithm and knob flags: what a user tunes every day."""
-    flags.DEFINE_string("task", "arith", "arith | sort | jsonl:/path/to/file.jsonl")
+    flags.DEFINE_string(
+        "task",
+        "arith",
+        "arith | sort | jsonl:/path/to/file.jsonl | parquet:/path/to/file_or_folder.parquet",
+    )
+    flags.DEFINE_string("prompt_field", "prompt", "File tasks: the field holding the prompt.")
+    flags.DEFINE_string("answer_field", "answer", "File tasks: the field holding the answer.")
+    flags.DEFINE_string(
+        "answer_format",
+        "auto",
+        "File tasks: answer verification: gsm8k (final number, '#### 42'), math (\\boxed{}), "
+        "or auto (gsm8k if every reference answer is a number or ends in '#### N').",
+    )
+    flags.DEFINE_string(
+        "chat_template",
+        "auto",
+        "auto: render prompts through the tokenizer's chat template when it has one; none.",
+    )
     flags.DEFINE_enum("algo", "grpo", ALGOS, "RL algorithm.")
-    flags.DEFINE_string("model", "tiny", "Preset name (tiny, tiny-qwen2, small).")
+    flags.DEFINE_string(
+        "model",
+        "tiny",
+        "Preset name (tiny, tiny-qwen2, small) or a local Hugging Face checkpoint folder "
+        "(Llama / Qwen2: config.json, safetensors, tokenizer files).",
+    )
     flags.DEFINE_string(
         "model_overrides",
         "",
@@ -50,7 +74,12 @@ def define_run_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
     flags.DEFINE_integer("top_k", 0, "Top-k sampling (0: off).")
     flags.DEFINE_float("vf_coef", 0.1, "PPO value-loss coefficient.")
-    flags.DEFINE_integer("warmup_steps", 300, "Supervised warm-up steps before RL (0: none).")
+    flags.DEFINE_integer(
+        "warmup_steps",
+        None,
+        "Supervised warm-up steps before RL (0: none). Default: 300 for a preset model, 0 for "
+        "a Hugging Face checkpoint folder.",
+    )
     flags.DEFINE_integer("warmup_batch_size", 128, "Warm-up batch size.")
     flags.DEFINE_float("warmup_lr", 1e-3, "Warm-up learning rate.")
     flags.DEFINE_integer("eval_every", 100, "Greedy held-out evaluation period (steps).")
@@ -60,12 +89,21 @@ def define_run_flags() -> None:
     flags.DEFINE_integer("log_every", 100, "Progress line period (steps).")
 
 
+def task_options(values) -> dict:
+    """File-task options of the flags (`rftjax.tasks.make_task` keyword arguments)."""
+    names = ("chat_template", "prompt_field", "answer_field", "answer_format")
+    return {name: getattr(values, name) for name in names}
+
+
 def max_new_tokens(values) -> int:
     if values.max_new_tokens:
         return values.max_new_tokens
+    from rftjax.models.hf import load_tokenizer
     from rftjax.tasks import make_task
 
-    return make_task(values.task, seed=values.seed).max_new_tokens_hint
+    tokenizer = load_tokenizer(values.model) if os.path.isdir(values.model) else None
+    task = make_task(values.task, seed=values.seed, tokenizer=tokenizer, **task_options(values))
+    return task.max_new_tokens_hint
 
 
 def rl_config(values) -> RLConfig:
@@ -111,6 +149,7 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         task=values.task,
         model=values.model,
         model_overrides=values.model_overrides,
+        **task_options(values),
         steps=steps,
         seed=values.seed,
         rl=rl_config(values),

@@ -7,6 +7,7 @@ that must never recompile are knobs (`rftjax.knobs`). `TrainConfig` holds the ou
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import faults
@@ -15,6 +16,7 @@ ALGOS = ("grpo", "ppo")
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_KINDS = ("k1", "k2", "k3")
 FM_MODES = ("off", "detect", "full")
+DEFAULT_WARMUP_STEPS = 300  # supervised warm-up of a preset (random) model; none for checkpoints
 
 
 def _check_choice(name: str, value: Any, accepted: tuple) -> None:
@@ -106,17 +108,30 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """The outer loop: what to train, for how long, where to write."""
+    """The outer loop: what to train, for how long, where to write.
+
+    ``model`` is a preset name or a local Hugging Face checkpoint folder; with a folder the
+    task's tokenizer is the checkpoint's, and ``chat_template`` (auto, none) says whether
+    prompts go through its chat template. ``prompt_field``, ``answer_field`` and
+    ``answer_format`` (auto, gsm8k, math) configure file tasks (jsonl:, parquet:).
+    ``warmup_steps=None`` resolves to 0 for a checkpoint folder (it already writes answers;
+    supervised warm-up would only pull it toward the reference texts) and to
+    ``DEFAULT_WARMUP_STEPS`` for a preset (a random model never earns reward without it).
+    """
 
     workdir: str
     task: str = "arith"
     model: str = "tiny"
     model_overrides: str = ""
+    chat_template: str = "auto"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    answer_format: str = "auto"
     steps: int = 1500
     seed: int = 0
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     knobs: dict = dataclasses.field(default_factory=dict)
-    warmup_steps: int = 300
+    warmup_steps: int | None = None
     warmup_batch_size: int = 128
     warmup_lr: float = 1e-3
     eval_every: int = 100
@@ -141,8 +156,15 @@ class TrainConfig:
     mesh: str = ""
 
     def __post_init__(self):
+        from rftjax.tasks import ANSWER_FORMATS, CHAT_TEMPLATE_MODES
+
         if not self.workdir:
             raise ValueError("workdir must be given (the folder for checkpoints and logs)")
+        if self.warmup_steps is None:
+            steps = 0 if os.path.isdir(self.model) else DEFAULT_WARMUP_STEPS
+            object.__setattr__(self, "warmup_steps", steps)
+        _check_choice("chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
+        _check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
         _check_choice("fm", self.fm, FM_MODES)
         if self.fm == "full":
             raise ValueError(
@@ -182,6 +204,15 @@ class TrainConfig:
                     f"--fault_onset={self.fault_onset} is after the last step ({self.steps}): "
                     "the fault would never be active"
                 )
+
+    def task_options(self) -> dict[str, Any]:
+        """Keyword arguments of `rftjax.tasks.make_task` that this config sets."""
+        return {
+            "chat_template": self.chat_template,
+            "prompt_field": self.prompt_field,
+            "answer_field": self.answer_field,
+            "answer_format": self.answer_format,
+        }
 
     def fault_params(self):
         """The injection's runtime parameters (`faults.FaultParams`); None for no fault."""

@@ -30,6 +30,34 @@ KNOBS = make_knobs(lr=3e-3)
 REL_CHANGE, FLOOR = 0.2, 1e-3
 
 
+# Tool faults need a tool task: two-digit products with the calculator, where a short warm-up
+# leaves a policy that calls the tool and is right on part of its samples.
+TOOL_TASK = make_task("calc", seed=0, eval_size=16, tool_demo_fraction=1.0)
+TOOL_CFG = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=TOOL_TASK.max_new_tokens_hint)
+TOOL_TYPES = sorted(t for t in faults.SPECS if taxonomy.get(t).family == "tool-environment")
+
+
+def _cfg(task):
+    return TOOL_CFG if task.tools is not None else CFG
+
+
+def _setup(task):
+    tools = task.tools.spec() if task.tools is not None else None
+    return faults.Setup(_cfg(task).group_size, _cfg(task).max_new_tokens, tools=tools), tools
+
+
+def _warm(task, steps):
+    """A policy that earns about half the reward (RL signals need rewards that vary)."""
+    graphdef, params = models.create(MODEL, 0)
+    optimizer = wu.sft_optimizer(3e-3)
+    step = wu.make_sft_step(graphdef, optimizer, pad_id=task.tokenizer.pad_token_id)
+    state = wu.SFTState(params, optimizer.init(params))
+    for i in range(steps):
+        b = task.demo_batch(10_000 + i, 64)
+        state, _ = step(state, b.prompts, b.prompt_mask, b.targets, b.target_mask)
+    return graphdef, state.params
+
+
 @pytest.fixture(scope="module")
 def task():
     return TASK
@@ -37,38 +65,34 @@ def task():
 
 @pytest.fixture(scope="module")
 def warm(task):
-    """A policy that earns about half the reward (RL signals need rewards that vary)."""
-    graphdef, params = models.create(MODEL, 0)
-    optimizer = wu.sft_optimizer(3e-3)
-    step = wu.make_sft_step(graphdef, optimizer, pad_id=task.tokenizer.pad_token_id)
-    state = wu.SFTState(params, optimizer.init(params))
-    for i in range(40):
-        b = task.train_batch(10_000 + i, 64)
-        state, _ = step(state, b.prompts, b.prompt_mask, b.answers)
-    return graphdef, state.params
+    return _warm(task, 40)
 
 
 def _learner(task, graphdef, fault):
     tok = task.tokenizer
+    setup, tools = _setup(task)
     return make_learner(
         graphdef,
-        CFG,
+        _cfg(task),
         eos_id=tok.eos_token_id,
         pad_id=tok.pad_token_id,
         reward_fn=task.jnp_reward,
-        detector=monitor.make_detector("grpo"),
+        detector=monitor.make_detector("grpo", tools=tools is not None),
         fault=fault,
+        tools=tools,
     )
 
 
 def _run(task, warm, fault=None, fparams=None, learner=None):
     """Metrics of each step and the policy after each step (host copies)."""
     graphdef, params = warm
+    cfg = _cfg(task)
     learner = learner or _learner(task, graphdef, fault)
-    state = init_state(params, CFG, 0, monitor.make_detector("grpo"), fault)
+    detector = monitor.make_detector("grpo", tools=task.tools is not None)
+    state = init_state(params, cfg, 0, detector, fault)
     metrics, policies = [], []
     for i in range(STEPS):
-        batch = to_prompt_batch(task.train_batch(i, CFG.prompts_per_step))
+        batch = to_prompt_batch(task.train_batch(i, cfg.prompts_per_step))
         state, m = learner["step"](state, batch, KNOBS, fparams)
         metrics.append(jax.device_get(m))
         policies.append(jax.device_get(state.params["policy"]))
@@ -84,9 +108,30 @@ def _mean(metrics, key, steps):
     return float(np.mean([metrics[i][key] for i in steps]))
 
 
-@pytest.mark.parametrize("type_id", sorted(faults.SPECS))
+@pytest.fixture(scope="module")
+def tool_warm():
+    return _warm(TOOL_TASK, 140)
+
+
+@pytest.fixture(scope="module")
+def tool_clean(tool_warm):
+    return _run(TOOL_TASK, tool_warm)
+
+
+@pytest.mark.parametrize("type_id", sorted(set(faults.SPECS) - set(TOOL_TYPES)))
 def test_fault_is_silent_before_onset_and_visible_after(task, warm, clean, type_id):
-    fault = faults.make(type_id, faults.Setup(CFG.group_size, CFG.max_new_tokens))
+    _check_fault(task, warm, clean, type_id)
+
+
+@pytest.mark.parametrize("type_id", TOOL_TYPES)
+def test_tool_fault_is_silent_before_onset_and_visible_after(tool_warm, tool_clean, type_id):
+    _, _, metrics, _ = tool_clean
+    assert min(m["tool_calls_mean"] for m in metrics) > 0.5  # the policy does call the tool
+    _check_fault(TOOL_TASK, tool_warm, tool_clean, type_id)
+
+
+def _check_fault(task, warm, clean, type_id):
+    fault = faults.make(type_id, _setup(task)[0])
     fparams = faults.params_for(type_id, onset=ONSET, severity="severe")
     learner, state, metrics, policies = _run(task, warm, fault, fparams)
     _, _, clean_metrics, clean_policies = clean
@@ -128,7 +173,7 @@ def test_fault_is_silent_before_onset_and_visible_after(task, warm, clean, type_
     other = faults.make_params(
         onset=2, duration=3, magnitude=0.5, variant=len(faults.SPECS[type_id].variants) - 1
     )
-    batch = to_prompt_batch(task.train_batch(0, CFG.prompts_per_step))
+    batch = to_prompt_batch(task.train_batch(0, _cfg(task).prompts_per_step))
     learner["step"](state, batch, KNOBS, other)
     assert learner["step"]._cache_size() == 1
 

@@ -11,9 +11,12 @@ from faults.base import _keep
 from fm import taxonomy
 from rftjax.knobs import make_knobs
 from rftjax.sampling import Rollout, sampling_params
+from rftjax import tools
+from rftjax.tokenizer import char_tokenizer
 from rftjax.train.step import learning_rate
 
-SETUP = faults.Setup(group_size=2, max_new_tokens=4)
+TOOLS = tools.ToolEnv({"calc": tools.calculate}, char_tokenizer(), max_obs=16).spec()
+SETUP = faults.Setup(group_size=2, max_new_tokens=4, tools=TOOLS)
 # The hooks each type must act on (all others are the identity).
 ACTS_ON = {
     "RF1": {"rewards"},
@@ -30,6 +33,8 @@ ACTS_ON = {
     "CA2": {"advantages"},
     "CA3": {"loss_mask"},
     "CA4": {"rewards"},
+    "TE1": {"tool_results"},
+    "TE2": {"observations"},
 }
 # Taxonomy hook names (fm.taxonomy.HOOKS) as the trainer's hook points.
 TAXONOMY_HOOK = {"params": {"params", "ref_params", "opt_state"}}
@@ -300,3 +305,59 @@ def test_ca3_drops_eos_from_the_loss_or_counts_padding():
     np.testing.assert_array_equal(dropped, expected)  # a truncated row has no EOS to drop
     padded = hook(ro.response_mask, ro, ctx(magnitude=1.0, variant=2))
     np.testing.assert_array_equal(padded, np.ones((4, 4)))
+
+
+def _served():
+    """A round-trip in which rows 0-2 were served "<result>2146</result>"; row 3 was not."""
+    obs = np.zeros((4, 16), np.int32)
+    obs[:, :6] = [6, 10, 9, 12, 14, 7]
+    result = tools.ToolResult(
+        jnp.asarray(obs), jnp.full((4,), 6), jnp.zeros((4,), jnp.int32), jnp.zeros((4,), bool)
+    )
+    return result, jnp.array([True, True, True, False])
+
+
+def test_te_faults_need_a_task_with_tools():
+    with pytest.raises(ValueError, match="TE1 acts on tool calls"):
+        faults.make("TE1", faults.Setup(group_size=2, max_new_tokens=4))
+
+
+def test_te1_fails_served_calls_loudly_or_silently():
+    hook = faults.make("TE1", SETUP).hooks.tool_results
+    result, rows = _served()
+    err = hook(result, rows, 3, ctx(magnitude=1.0, variant=0))
+    np.testing.assert_array_equal(err.status, [tools.TOOL_ERROR] * 3 + [0])
+    for r in range(3):
+        n = int(err.length[r])
+        assert char_tokenizer().decode(err.tokens[r, :n]) == "<result>error: tool</result>"
+    np.testing.assert_array_equal(err.tokens[3], result.tokens[3])  # not served: untouched
+    empty = hook(result, rows, 3, ctx(magnitude=1.0, variant=1))
+    np.testing.assert_array_equal(empty.status, 0)  # silent: no error reported
+    np.testing.assert_array_equal(empty.length, [2, 2, 2, 6])
+    np.testing.assert_array_equal(empty.tokens[:3, :2], [[6, 7]] * 3)
+    # Inactive: bit for bit; a fraction of calls otherwise (per call, not per step).
+    same = hook(result, rows, 3, ctx(step=5, onset=6, magnitude=1.0))
+    for a, b in zip(same, result, strict=True):
+        np.testing.assert_array_equal(a, b)
+    many = jnp.ones((4000,), bool)
+    big = jax.tree.map(lambda x: jnp.repeat(x[:1], 4000, axis=0), result)
+    some = hook(big, many, 7, ctx(magnitude=0.3))
+    assert float((some.status != 0).mean()) == pytest.approx(0.3, abs=0.03)
+
+
+def test_te2_corrupts_observation_content_or_times_out_and_aborts():
+    hook = faults.make("TE2", SETUP).hooks.observations
+    result, rows = _served()
+    bad = hook(result, rows, 3, ctx(magnitude=1.0, variant=0))
+    # Markers and lengths stay, status stays OK; the content is redrawn from served content.
+    np.testing.assert_array_equal(bad.tokens[:3, [0, 5]], [[6, 7]] * 3)
+    np.testing.assert_array_equal(bad.length, result.length)
+    np.testing.assert_array_equal(bad.status, 0)
+    assert set(np.asarray(bad.tokens[:3, 1:5]).ravel()) <= {10, 9, 12, 14}
+    assert not np.array_equal(bad.tokens[:3], result.tokens[:3])
+    np.testing.assert_array_equal(bad.tokens[3], result.tokens[3])
+    out = hook(result, rows, 3, ctx(magnitude=1.0, variant=1))
+    np.testing.assert_array_equal(out.status, [tools.TIMEOUT] * 3 + [0])
+    np.testing.assert_array_equal(out.abort, [True, True, True, False])
+    text = char_tokenizer().decode(out.tokens[0, : int(out.length[0])])
+    assert text == "<result>error: timeout</result>"

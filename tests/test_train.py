@@ -215,7 +215,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     [
         ("--task=nope", "unknown task 'nope'"),
         ("--fault=XX9", "unknown fault type 'XX9'"),
-        ("--fault=TE1", "tool-using rollouts"),
+        ("--fault=TE1", "TE1 acts on tool calls: it needs a task with tools"),
         ("--fault=RF1 --fault_variant=bogus", "RF1 has no variant 'bogus'; accepted: flip, noise"),
         ("--fault=CA1 --fault_onset=5", "--fault_onset=5 is after the last step (1)"),
         ("--fm=full", "accepted: off, detect"),

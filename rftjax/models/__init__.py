@@ -1,11 +1,23 @@
-"""Llama / Qwen2-style decoder models and their functional interface for compiled code."""
+"""Llama / Qwen2-style decoder models and their functional interface for compiled code.
+
+Presets are created with random weights (`create`); Hugging Face checkpoint folders are read
+and written by `rftjax.models.hf` (`hf.load`, `hf.export`).
+"""
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
 
-from rftjax.models.config import PRESETS, ModelConfig, from_hf_config, get_preset, parse_overrides
+from rftjax.models.config import (
+    PRESETS,
+    ModelConfig,
+    from_hf_config,
+    get_preset,
+    parse_overrides,
+    read_hf_config,
+    to_hf_config,
+)
 from rftjax.models.transformer import (
     KVCache,
     Transformer,
@@ -29,6 +41,8 @@ __all__ = [
     "param_names",
     "parse_overrides",
     "positions_from_valid",
+    "read_hf_config",
+    "to_hf_config",
 ]
 
 

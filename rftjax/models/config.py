@@ -156,23 +156,76 @@ def parse_overrides(spec: str) -> dict[str, Any]:
     return out
 
 
-def from_hf_config(source: str | os.PathLike | dict) -> ModelConfig:
-    """Builds a ModelConfig from a Hugging Face config.json (path, folder or dict)."""
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_CONFIG = "config.json"
+
+
+def read_hf_config(source: str | os.PathLike | dict) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint folder (or a path to the file, or a dict).
+
+    Raises:
+      FileNotFoundError: naming the folder when it holds no config.json.
+      ValueError: naming the file when it is not a JSON object.
+    """
     if isinstance(source, dict):
-        hf = source
-    else:
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no Hugging Face config at {path}")
+        return source
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, HF_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no Hugging Face config at {path}: a checkpoint folder needs config.json "
+            "(with model.safetensors or model.safetensors.index.json and tokenizer files)"
+        )
+    try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def check_hf_architecture(hf: dict[str, Any]) -> str:
+    """Returns ``model_type`` after checking that this model implements the checkpoint.
+
+    Raises:
+      ValueError: naming the unsupported architecture or feature (a model type other than
+        llama / qwen2, an activation other than SiLU, MLP biases, sliding-window attention).
+    """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_HF_TYPES:
+        archs = hf.get("architectures")
         raise ValueError(
-            f"unsupported architecture model_type={model_type!r}; accepted: {SUPPORTED_HF_TYPES}"
+            f"unsupported architecture model_type={model_type!r} (architectures={archs}); "
+            f"accepted: {SUPPORTED_HF_TYPES}"
         )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act={act!r} for {model_type}; accepted: 'silu'")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"unsupported mlp_bias=True for {model_type}: the MLP has no biases")
+    if hf.get("use_sliding_window"):
+        raise ValueError(
+            f"unsupported use_sliding_window=True for {model_type}: attention is full-length"
+        )
+    return model_type
+
+
+def from_hf_config(source: str | os.PathLike | dict) -> ModelConfig:
+    """Builds a ModelConfig from a Hugging Face config.json (path, folder or dict).
+
+    ``dtype`` (compute) follows the checkpoint's ``torch_dtype`` (``dtype`` in transformers>=5):
+    bfloat16 checkpoints compute in bfloat16; ``param_dtype`` stays float32 (master weights),
+    override it with ``replace(param_dtype="bfloat16")`` to halve parameter memory.
+
+    Raises:
+      FileNotFoundError: for a folder without config.json.
+      ValueError: for an unsupported architecture, activation or rope type.
+    """
+    hf = read_hf_config(source)
+    model_type = check_hf_architecture(hf)
     # transformers>=5 nests rope settings under rope_parameters; older files use top-level keys.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -185,6 +238,7 @@ def from_hf_config(source: str | os.PathLike | dict) -> ModelConfig:
         scaling = tuple((k, float(rope[k])) for k in keys)
     num_heads = int(hf["num_attention_heads"])
     torch_dtype = str(hf.get("torch_dtype", hf.get("dtype", "float32")))
+    head_dim = hf.get("head_dim")
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -192,7 +246,7 @@ def from_hf_config(source: str | os.PathLike | dict) -> ModelConfig:
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=num_heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=hf.get("head_dim"),
+        head_dim=None if head_dim is None else int(head_dim),
         rope_theta=theta,
         rope_scaling=scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -203,3 +257,54 @@ def from_hf_config(source: str | os.PathLike | dict) -> ModelConfig:
         dtype="bfloat16" if torch_dtype == "bfloat16" else "float32",
         model_type=model_type,
     )
+
+
+def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """The Hugging Face config.json of ``config``: the inverse of `from_hf_config`.
+
+    ``from_hf_config(to_hf_config(c)) == c`` for any ``c`` with ``param_dtype="float32"``.
+    ``extra`` entries (e.g. ``bos_token_id``, ``eos_token_id``) are added as they are. Rope
+    settings are written with the top-level keys (``rope_theta``, ``rope_scaling``) that every
+    transformers version from 4.46 reads.
+
+    Raises:
+      ValueError: for a qwen2 config without QKV biases (Qwen2 always has them).
+    """
+    if config.model_type == "qwen2" and not config.qkv_bias:
+        raise ValueError(
+            "model_type='qwen2' always has QKV biases; export a bias-free model as "
+            "model_type='llama'"
+        )
+    hf: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURES[config.model_type]],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.initializer_range,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "torch_dtype": config.dtype,
+        "use_cache": True,
+    }
+    if config.head_dim is not None:
+        hf["head_dim"] = config.head_dim
+    if config.rope_scaling is not None:
+        scaling: dict[str, Any] = {"rope_type": "llama3", **dict(config.rope_scaling)}
+        scaling["original_max_position_embeddings"] = int(
+            scaling["original_max_position_embeddings"]
+        )
+        hf["rope_scaling"] = scaling
+    if config.model_type == "llama":
+        hf.update(attention_bias=config.qkv_bias, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    hf.update(extra)
+    return hf

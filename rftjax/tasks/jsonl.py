@@ -1,4 +1,9 @@
-"""Text task read from a JSONL file of ``{"prompt": ..., "answer": ...}`` rows, scored on text."""
+"""Text tasks read from JSONL or Parquet rows of a prompt and a reference answer.
+
+Field names are configurable (``prompt_field``, ``answer_field``: e.g. GSM8K's ``question`` /
+``answer``, MATH's ``problem`` / ``solution``); answers are verified GSM8K-style (final number,
+``#### 42``) or MATH-style (``\\boxed{...}``), chosen explicitly or detected from the data.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from transformers import PreTrainedTokenizerFast
 
+from rftjax.tasks import text
 from rftjax.tasks.base import (
     DEFAULT_EVAL_SIZE,
     Batch,
@@ -16,19 +21,12 @@ from rftjax.tasks.base import (
     Task,
     check_step,
     freeze,
-    make_batch,
     tokenize,
 )
-from rftjax.tasks.verify import gsm8k_reward
+from rftjax.tasks.parquet import read_parquet
+from rftjax.tasks.verify import ANSWER_FORMATS, detect_answer_format, reward_for
 
-
-def _answer_text(value: object) -> str | None:
-    """A string or (non-bool) number as text; None for any other JSON value."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return None
+FILE_FORMATS = ("jsonl", "parquet")
 
 
 def read_jsonl(
@@ -58,7 +56,7 @@ def read_jsonl(
                     raise ValueError(
                         f"{where}: missing field {field!r}; fields present: {sorted(row)}"
                     )
-            prompt, answer = row[prompt_field], _answer_text(row[answer_field])
+            prompt, answer = row[prompt_field], text.answer_text(row[answer_field])
             if not isinstance(prompt, str):
                 raise ValueError(f"{where}: field {prompt_field!r} must be a string")
             if answer is None:
@@ -68,6 +66,17 @@ def read_jsonl(
     if not prompts:
         raise ValueError(f"{path}: no rows (the file is empty)")
     return prompts, answers
+
+
+def read_rows(
+    path: str | Path, file_format: str, prompt_field: str, answer_field: str
+) -> tuple[list[str], list[str]]:
+    """``(prompts, answers)`` of a ``jsonl`` or ``parquet`` file (see the readers)."""
+    if file_format == "jsonl":
+        return read_jsonl(path, prompt_field, answer_field)
+    if file_format == "parquet":
+        return read_parquet(path, prompt_field, answer_field)
+    raise ValueError(f"file_format={file_format!r}; accepted: {FILE_FORMATS}")
 
 
 def split_rows(prompts: Sequence[str], eval_fraction: float, split_seed: int) -> np.ndarray:
@@ -89,20 +98,30 @@ def split_rows(prompts: Sequence[str], eval_fraction: float, split_seed: int) ->
 
 
 class JsonlTask(Task):
-    """Prompts and reference answers from a JSONL file, rewarded by ``gsm8k_reward``.
+    """Prompts and reference answers from a JSONL or Parquet file, scored on text.
 
-    Training batches walk seeded per-epoch permutations of the training rows, so batch
-    ``step`` covers stream positions ``[step * B, (step + 1) * B)``.
+    Prompts are rendered through the tokenizer's chat template (``chat_template="auto"``, when
+    it has one) and start with BOS when the tokenizer has one (`rftjax.tasks.text`). The
+    train/eval split is over the raw prompt texts. Training batches walk seeded per-epoch
+    permutations of the training rows, so batch ``step`` covers stream positions
+    ``[step * B, (step + 1) * B)``.
+
+    Attributes:
+      answer_format: ``"gsm8k"`` or ``"math"``, the verifier of `text_reward` (``"auto"``
+        resolves by `detect_answer_format` over all reference answers).
     """
 
     def __init__(
         self,
         path: str | Path,
         *,
-        tokenizer: PreTrainedTokenizerFast,
+        tokenizer,
         seed: int,
+        file_format: str = "jsonl",
         prompt_field: str = "prompt",
         answer_field: str = "answer",
+        answer_format: str = "auto",
+        chat_template: str = "auto",
         eval_fraction: float = 0.1,
         split_seed: int = 0,
         eval_size: int = DEFAULT_EVAL_SIZE,
@@ -110,35 +129,35 @@ class JsonlTask(Task):
         answer_len: int | None = None,
         max_new_tokens: int = 256,
     ) -> None:
-        prompts, answers = read_jsonl(path, prompt_field, answer_field)
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format={answer_format!r}; accepted: {ANSWER_FORMATS}")
+        prompts, answers = read_rows(path, file_format, prompt_field, answer_field)
         heldout = split_rows(prompts, eval_fraction, split_seed)
-        self.name = f"jsonl:{path}"
+        self.name = f"{file_format}:{path}"
         self.path = Path(path)
         self.tokenizer = tokenizer
         self.seed = seed
+        if answer_format == "auto":
+            answer_format = detect_answer_format(answers)
+        self.answer_format = answer_format
+        self._reward = reward_for(answer_format)
+        rendered = text.render_prompts(tokenizer, prompts, chat_template)
         if prompt_len is None:
-            prompt_len = 1 + max(len(t) for t in tokenize(tokenizer, prompts))  # BOS + prompt
+            prompt_len = max(len(ids) for ids in text.prompt_ids(tokenizer, rendered))
         if answer_len is None:
-            answer_len = 1 + max(len(t) for t in tokenize(tokenizer, answers))  # answer + EOS
+            answer_len = 1 + max(len(t) for t in tokenize(tokenizer, answers))  # + EOS
         self.prompt_len = prompt_len
         self.answer_len = answer_len
         self.max_new_tokens_hint = max_new_tokens
         self.jnp_reward = None
-        self.train_prompts = [p for p, h in zip(prompts, heldout, strict=True) if not h]
+        self.train_prompts = [p for p, h in zip(rendered, heldout, strict=True) if not h]
         self.train_answers = [a for a, h in zip(answers, heldout, strict=True) if not h]
-        eval_prompts = [p for p, h in zip(prompts, heldout, strict=True) if h][:eval_size]
+        eval_prompts = [p for p, h in zip(rendered, heldout, strict=True) if h][:eval_size]
         eval_answers = [a for a, h in zip(answers, heldout, strict=True) if h][:eval_size]
         self._eval = freeze(self._batch(eval_prompts, eval_answers))
 
     def _batch(self, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
-        return make_batch(
-            self.tokenizer,
-            prompts,
-            answers,
-            self.prompt_len,
-            self.answer_len,
-            truncate_answers=True,
-        )
+        return text.make_batch(self.tokenizer, prompts, answers, self.prompt_len, self.answer_len)
 
     def train_indices(self, step: int, batch_size: int) -> np.ndarray:
         """int64 ``[batch_size]`` training-row indices of batch ``step``."""
@@ -162,4 +181,7 @@ class JsonlTask(Task):
         return self._eval
 
     def text_reward(self, responses: Sequence[str], answers: Sequence[str]) -> RewardDict:
-        return gsm8k_reward(responses, answers)
+        return self._reward(responses, answers)
+
+    def decode_responses(self, response: np.ndarray) -> list[str]:
+        return text.decode(self.tokenizer, response)

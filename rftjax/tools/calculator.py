@@ -46,8 +46,10 @@ def calculate(expression: str) -> str:
     if not expression.strip() or len(expression) > 256:
         raise ValueError(f"expression must have 1 to 256 characters, got {len(expression)}")
     try:
-        # "/" is integer division (the character vocabulary has no "//" token).
-        tree = ast.parse(re.sub(r"/+", "//", expression.strip()), mode="eval")
+        # "/" is integer division (the character vocabulary has no "//" token); leading zeros
+        # are read as decimal ("07" is 7).
+        text = re.sub(r"\b0+(\d)", r"\1", re.sub(r"/+", "//", expression.strip()))
+        tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
         raise ValueError(f"cannot parse {expression!r}") from e
     return str(_eval(tree.body))

@@ -11,7 +11,7 @@ Every failure becomes an error observation ``<result>error: KIND</result>`` and 
 * ``parse``: the call cannot be read (no ``<call>`` before ``</call>``, unknown tool, tokens
   outside the tool's alphabet);
 * ``tool``: the tool raised;
-* ``timeout``: the tool did not answer within ``timeout`` seconds;
+* ``timeout``: the tool did not answer within ``timeout`` seconds of the round-trip;
 * ``limit``: the row already made ``max_turns`` calls (the row is then aborted).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -64,11 +65,17 @@ class ToolSpec:
     error_length: np.ndarray
 
 
-class _Worker:
-    """Runs calls on daemon threads with a deadline; a call that overruns is abandoned with its
-    thread (a Python thread cannot be killed), and a fresh thread takes the next calls."""
+class _Pool:
+    """Runs a round-trip's calls on daemon worker threads under one deadline.
 
-    def __init__(self) -> None:
+    All calls of a round-trip are queued at once and the host waits until they are answered
+    or `timeout` seconds have passed since the round-trip began; unanswered calls time out.
+    Workers stuck in a call are abandoned with their queue (a Python thread cannot be
+    killed) and later round-trips get fresh ones.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
         self._jobs: queue.Queue | None = None
 
     def _start(self) -> queue.Queue:
@@ -76,33 +83,46 @@ class _Worker:
 
         def loop():
             while True:
-                fn, arg, box, done = jobs.get()
+                k, fn, arg, out, cond = jobs.get()
                 try:
-                    box.append((True, fn(arg)))
+                    result = (OK, fn(arg))
                 except Exception as e:  # noqa: BLE001 - any tool failure is an observation
-                    box.append((False, e))
-                done.set()
+                    result = (TOOL_ERROR, e)
+                with cond:
+                    out[k] = result
+                    cond.notify()
 
-        threading.Thread(target=loop, daemon=True).start()
+        for _ in range(self.size):
+            threading.Thread(target=loop, daemon=True).start()
         return jobs
 
-    def run(self, fn: Callable[[str], str], arg: str, timeout: float | None):
-        """(status, value): (OK, result) | (TOOL_ERROR, exception) | (TIMEOUT, None)."""
+    def map(self, calls: Sequence[tuple[Callable, str]], timeout: float | None) -> list:
+        """[(status, value)] per call: (OK, result) | (TOOL_ERROR, exception) | (TIMEOUT, None)."""
         if timeout is None:
-            try:
-                return OK, fn(arg)
-            except Exception as e:  # noqa: BLE001
-                return TOOL_ERROR, e
+            return [_inline(fn, arg) for fn, arg in calls]
+        if not calls:
+            return []
         if self._jobs is None:
             self._jobs = self._start()
-        box: list = []
-        done = threading.Event()
-        self._jobs.put((fn, arg, box, done))
-        if not done.wait(timeout):
-            self._jobs = None  # that thread is stuck with the call; later calls get a new one
-            return TIMEOUT, None
-        ok, value = box[0]
-        return (OK, value) if ok else (TOOL_ERROR, value)
+        out: dict[int, tuple] = {}
+        cond = threading.Condition()
+        for k, (fn, arg) in enumerate(calls):
+            self._jobs.put((k, fn, arg, out, cond))
+        deadline = time.monotonic() + timeout
+        with cond:
+            while len(out) < len(calls) and (left := deadline - time.monotonic()) > 0:
+                cond.wait(left)
+            results = [out.get(k, (TIMEOUT, None)) for k in range(len(calls))]
+        if len(out) < len(calls):
+            self._jobs = None  # its workers may be stuck in a call
+        return results
+
+
+def _inline(fn, arg):
+    try:
+        return OK, fn(arg)
+    except Exception as e:  # noqa: BLE001
+        return TOOL_ERROR, e
 
 
 class ToolEnv:
@@ -117,7 +137,7 @@ class ToolEnv:
       tokenizer: a tokenizer with ``<call> </call> <result> </result>`` as single tokens.
       max_obs: R, observation slots per round-trip.
       max_turns: K, calls per row.
-      timeout: seconds a call may take (None: run inline, no deadline).
+      timeout: seconds a round-trip's calls may take (None: run inline, no deadline).
       alphabet: characters a call may contain (None: any).
     """
 
@@ -145,7 +165,8 @@ class ToolEnv:
         if tokenizer.unk_token_id in ids or None in ids:
             raise ValueError("the tokenizer lacks the tool markers <call> </call> <result> ...")
         self.call_start, self.call_end, self.result_start, self.result_end = ids
-        self._worker = _Worker()
+        self._special = frozenset(tokenizer.all_special_ids) | set(ids)
+        self._pool = _Pool()
         self.round_trips = 0  # host round-trips served (for benchmarks)
 
     def spec(self) -> ToolSpec:
@@ -164,11 +185,16 @@ class ToolEnv:
 
     def observation(self, text: str) -> list[int]:
         """``<result>`` text ``</result>`` as ids, the text cut to fit `max_obs`."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_obs - 2]
-        return [self.result_start, *ids, self.result_end]
+        return self.observations([text])[0]
+
+    def observations(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [[self.result_start, *ids[: self.max_obs - 2], self.result_end] for ids in encoded]
 
     def error(self, status: int) -> list[int]:
-        return self.observation(f"error: {STATUS_NAMES[status]}")
+        return self.observation(self.error_text(status))
 
     def _pad(self, ids: Sequence[int]) -> np.ndarray:
         out = np.full((self.max_obs,), self.tokenizer.pad_token_id, np.int32)
@@ -179,7 +205,7 @@ class ToolEnv:
 
     def parse(self, ids: Sequence[int]) -> tuple[Callable[[str], str], str] | None:
         """(tool, arguments) of a call's token ids, or None if it cannot be read."""
-        if any(t in self.tokenizer.all_special_ids for t in ids):
+        if any(t in self._special for t in ids):
             return None
         text = self.tokenizer.decode(list(ids))
         if not text.strip():
@@ -192,17 +218,28 @@ class ToolEnv:
         tool = self.tools.get(name.strip())
         return None if not sep or tool is None else (tool, args.strip())
 
+    def run(self, calls: Sequence[Sequence[int] | None]) -> list[tuple[int, str]]:
+        """(status, observation text) of each call's token ids (None: no ``<call>`` opened
+        it), the tools of all parsed calls running together under one deadline."""
+        parsed = [None if ids is None else self.parse(ids) for ids in calls]
+        todo = [p for p in parsed if p is not None]
+        answers = iter(self._pool.map(todo, self.timeout))
+        out = []
+        for p in parsed:
+            status, value = (PARSE_ERROR, None) if p is None else next(answers)
+            if status == OK and not isinstance(value, str):
+                status = TOOL_ERROR
+            out.append((status, value) if status == OK else (status, self.error_text(status)))
+        return out
+
+    @staticmethod
+    def error_text(status: int) -> str:
+        return f"error: {STATUS_NAMES[status]}"
+
     def call(self, ids: Sequence[int] | None) -> tuple[int, list[int]]:
-        """(status, observation ids) of one call; ids None: no ``<call>`` opened it."""
-        parsed = None if ids is None else self.parse(ids)
-        if parsed is None:
-            return PARSE_ERROR, self.error(PARSE_ERROR)
-        status, value = self._worker.run(parsed[0], parsed[1], self.timeout)
-        if status == OK and not isinstance(value, str):
-            status = TOOL_ERROR
-        if status != OK:
-            return status, self.error(status)
-        return OK, self.observation(value)
+        """(status, observation ids) of one call."""
+        status, text = self.run([ids])[0]
+        return status, self.observation(text)
 
     # -- a batched round-trip (called from compiled code) --------------------------------
 
@@ -215,10 +252,15 @@ class ToolEnv:
         length = np.zeros((b,), np.int32)
         status = np.zeros((b,), np.int32)
         self.round_trips += 1
-        for r in np.flatnonzero(rows):
+        served = np.flatnonzero(rows)
+        calls = []
+        for r in served:
             start = int(call_start[r])
-            ids = None if start < 0 else response[r, start + 1 : end].tolist()
-            status[r], obs = self.call(ids)
-            tokens[r] = self._pad(obs)
+            calls.append(None if start < 0 else response[r, start + 1 : end].tolist())
+        answers = self.run(calls)
+        texts = [text for _, text in answers]
+        for r, (code, _), obs in zip(served, answers, self.observations(texts), strict=True):
+            status[r] = code
+            tokens[r, : len(obs)] = obs
             length[r] = len(obs)
         return tokens, length, status

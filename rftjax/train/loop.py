@@ -24,6 +24,7 @@ from rftjax import models
 from rftjax.checkpoint import Checkpointer
 from rftjax.config import TrainConfig
 from rftjax.knobs import knobs_from_dict, knobs_to_dict, make_knobs
+from rftjax.models import hf
 from rftjax.tasks import Task, make_task
 from rftjax.train import monitor
 from rftjax.train import warmup as wu
@@ -32,14 +33,18 @@ from rftjax.train.step import PromptBatch, TrainState, init_state, make_learner
 
 
 def build_model_config(cfg: TrainConfig, task: Task) -> models.ModelConfig:
-    if os.path.isdir(cfg.model):
-        raise ValueError(
-            f"--model={cfg.model!r} is a folder; loading Hugging Face checkpoints is "
-            f"not available in this version; accepted presets: {sorted(models.PRESETS)}"
-        )
-    model_cfg = models.get_preset(cfg.model)
+    if os.path.isdir(cfg.model):  # a Hugging Face checkpoint folder
+        model_cfg = models.from_hf_config(cfg.model)
+    else:
+        model_cfg = models.get_preset(cfg.model)
     if cfg.model_overrides:
         model_cfg = model_cfg.replace(**models.parse_overrides(cfg.model_overrides))
+    if model_cfg.param_dtype != "float32":
+        raise ValueError(
+            f"param_dtype={model_cfg.param_dtype!r}: RL training keeps float32 master weights "
+            "(an update of lr=1e-6 is below bfloat16's resolution of a weight); use "
+            "dtype=bfloat16 for bfloat16 compute"
+        )
     if model_cfg.vocab_size < len(task.tokenizer):
         raise ValueError(
             f"model vocab_size={model_cfg.vocab_size} is smaller than the "
@@ -92,6 +97,7 @@ class Evaluator:
                 max_new_tokens=max_new_tokens,
                 eos_id=tok.eos_token_id,
                 pad_id=tok.pad_token_id,
+                tools=task.tools.spec() if task.tools is not None else None,
             )
 
         if cache_key is None:
@@ -109,10 +115,15 @@ class Evaluator:
         else:
             texts = self.task.decode_responses(jax.device_get(response))
             scores = self.task.text_reward(texts, self.batch.answer_text)
-        return {
+        out = {
             "eval_accuracy": float(np.mean(scores["correct"])),
             "eval_reward": float(np.mean(scores["reward"])),
         }
+        if "tool_used" in scores:  # how often the tool is called, overall and when right
+            used, correct = np.asarray(scores["tool_used"]), np.asarray(scores["correct"])
+            out["eval_tool_rate"] = float(np.mean(used))
+            out["eval_tool_rate_correct"] = float(np.sum(used * correct) / max(correct.sum(), 1))
+        return out
 
 
 def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
@@ -150,8 +161,8 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
         loss = None
         for i in range(cfg.warmup_steps):
             # Seed offset keeps warm-up data apart from the RL data stream.
-            b = task.train_batch(10_000_000 + i, cfg.warmup_batch_size)
-            state, loss = step_fn(state, b.prompts, b.prompt_mask, b.answers)
+            b = task.demo_batch(10_000_000 + i, cfg.warmup_batch_size)
+            state, loss = step_fn(state, b.prompts, b.prompt_mask, b.targets, b.target_mask)
             if (i + 1) % max(1, cfg.warmup_steps // 4) == 0:
                 logging.info("warm-up: step %d/%d loss %.4f", i + 1, cfg.warmup_steps, float(loss))
         os.makedirs(directory, exist_ok=True)
@@ -188,19 +199,30 @@ class _Run(NamedTuple):
 def _setup(cfg: TrainConfig):
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
-    task = make_task(cfg.task, seed=cfg.seed, eval_size=cfg.eval_size)
+    checkpoint = cfg.model if os.path.isdir(cfg.model) else None
+    tokenizer = hf.load_tokenizer(checkpoint) if checkpoint else None
+    task = make_task(
+        cfg.task, seed=cfg.seed, eval_size=cfg.eval_size, tokenizer=tokenizer, **cfg.task_options()
+    )
     tok = task.tokenizer
     model_cfg = build_model_config(cfg, task)
-    graphdef, params = models.create(model_cfg, cfg.seed)
+    if checkpoint:  # the checkpoint's weights, read into an abstract (unallocated) template
+        graphdef, params = hf.load(checkpoint, model_cfg)
+    else:
+        graphdef, params = models.create(model_cfg, cfg.seed)
     static = (model_cfg, type(task).__name__, task.jnp_reward, tok.eos_token_id, tok.pad_token_id)
 
     def build():
-        detector = monitor.make_detector(cfg.rl.algo) if cfg.fm != "off" else None
+        tools = task.tools.spec() if task.tools is not None else None
+        detector = None
+        if cfg.fm != "off":
+            detector = monitor.make_detector(cfg.rl.algo, tools=tools is not None)
         fault = None
         if cfg.fault != "none":
             rl = cfg.rl
             fault = faults.make(
-                cfg.fault, faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std)
+                cfg.fault,
+                faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std, tools),
             )
         learner = make_learner(
             graphdef,
@@ -211,6 +233,7 @@ def _setup(cfg: TrainConfig):
             detector=detector,
             fault=fault,
             trajectories=cfg.record_trajectories,
+            tools=tools,
         )
         return learner, detector, fault
 
@@ -387,6 +410,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "actions": [],
         "halted": False,
     }
+    for name in ("eval_tool_rate", "eval_tool_rate_correct"):  # tool tasks
+        if name in final:
+            summary[f"{name}_initial"] = initial.get(name)
+            summary[f"{name}_final"] = final[name]
     with open(os.path.join(run_.workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
