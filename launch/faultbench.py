@@ -1,12 +1,23 @@
 """FaultBench campaigns: `python -m launch.faultbench COMMAND [flags]`.
 
+  generate --spec FILE|standard|smoke --out DIR [--workers 2]
+      Runs a campaign spec (JSON; see the README) with the in-step detector and trajectory
+      records on, then writes DIR/manifest.parquet, steps.parquet, trajectories.parquet and a
+      dataset card DIR/README.md. Resumable: finished runs are skipped and the tables are
+      assembled again from the run folders. The model / task / knob flags below do not apply
+      (the spec holds every setting).
+
+  evaluate --data DIR --out REPORT [--detector fm,zscore,...] [--window 50] [--split eval]
+      Scores detectors on the records of DIR (event-level, no point adjustment) and writes
+      REPORT.json, REPORT.md and REPORT_plots/<type>.png (signals around onset).
+
   severity --out DIR [--seeds 0,1,2] [--types RF1,PG2] [--workers 2] [--steps N]
            [any launch.train model / task / algorithm / knob flag]
       Every injectable type at each severity preset (its default variant) and a clean run per
       seed, on the default config; prints final held-out accuracy versus clean (mean over
       seeds) as a Markdown table and writes it to DIR/severity.{json,md}. Resumable.
 
-This file only parses flags and calls the library (`rftjax.campaign`).
+This file only parses flags and calls the libraries (`rftjax.campaign`, `fm.bench`).
 """
 
 from __future__ import annotations
@@ -14,15 +25,24 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from absl import app, flags
 
 import faults
+from fm.bench import baselines
+from fm.bench import records as fb_records
+from fm.bench import report as fb_report
 from launch import common
 from rftjax import campaign
 
-COMMANDS = ("severity",)
-flags.DEFINE_string("out", None, "Campaign folder (one workdir per run below it).")
+COMMANDS = ("generate", "evaluate", "severity")
+flags.DEFINE_string("out", None, "Campaign folder (generate, severity) or report path (evaluate).")
+flags.DEFINE_string("spec", None, "generate: a campaign spec JSON file, or standard / smoke.")
+flags.DEFINE_string("data", None, "evaluate: a folder written by generate.")
+flags.DEFINE_string("detector", "all", "evaluate: comma-separated detectors, or 'all'.")
+flags.DEFINE_integer("window", 50, "evaluate: W, steps after onset in which an alarm detects.")
+flags.DEFINE_enum("split", "eval", ("train", "eval", "all"), "evaluate: runs to score.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 flags.DEFINE_string("types", "all", "Comma-separated fault type ids, or 'all' injectable ones.")
 flags.DEFINE_integer("workers", 2, "Runs in parallel (worker processes).")
@@ -40,18 +60,18 @@ def _types(value: str) -> list[str]:
     return types
 
 
-def main(argv):
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"give one command: {', '.join(COMMANDS)}")
-    if not FLAGS.out:
-        raise app.UsageError("--out is required (the campaign folder)")
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def severity() -> None:
     try:
         seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
         types = _types(FLAGS.types)
         base = common.train_config(FLAGS, workdir=FLAGS.out, steps=FLAGS.steps, resume=False)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     common.quiet_libraries()
     runs = campaign.severity_runs(seeds, types)
     failed = campaign.run_campaign(runs, FLAGS.out, base, workers=FLAGS.workers)
@@ -65,6 +85,66 @@ def main(argv):
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def generate() -> None:
+    if not FLAGS.spec:
+        raise app.UsageError("--spec is required: a JSON file, standard or smoke")
+    try:
+        spec = campaign.resolve(campaign.load_spec(FLAGS.spec))
+    except ValueError as e:
+        _fail(str(e))
+    common.quiet_libraries()
+    try:
+        failed, sizes = campaign.generate(spec, FLAGS.out, workers=FLAGS.workers)
+    except ValueError as e:
+        _fail(str(e))
+    print(
+        f"wrote {FLAGS.out}: {sizes['runs']} runs, {sizes['steps']} steps, "
+        f"{sizes['trajectories']} trajectories ({sizes['run_seconds']:.0f} s of runs, "
+        f"{FLAGS.workers} workers)"
+    )
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def evaluate() -> None:
+    if not FLAGS.data:
+        raise app.UsageError("--data is required (a folder written by generate)")
+    names = list(baselines.BASELINES) if FLAGS.detector == "all" else FLAGS.detector.split(",")
+    try:
+        for name in names:
+            baselines.get(name)
+        if FLAGS.window < 1:
+            raise ValueError(f"--window must be >= 1 step, got {FLAGS.window}")
+        data = fb_records.load(FLAGS.data)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    t0 = time.time()
+    result = fb_report.evaluate(data, names, window=FLAGS.window, split=FLAGS.split)
+    result["data_dir"] = os.path.abspath(FLAGS.data)
+    result["seconds"] = time.time() - t0
+    plots = fb_report.plot_onsets(data, FLAGS.out + "_plots", window=FLAGS.window)
+    result["plots"] = [os.path.basename(p) for p in plots]
+    text = fb_report.markdown(result)
+    if plots:
+        text += f"\n\nPlots: {FLAGS.out}_plots/ ({len(plots)} fault types)."
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(FLAGS.out + ".json", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    with open(FLAGS.out + ".md", "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"give one command: {', '.join(COMMANDS)}")
+    if not FLAGS.out:
+        raise app.UsageError("--out is required (the campaign folder, or the report path)")
+    {"generate": generate, "evaluate": evaluate, "severity": severity}[argv[1]]()
 
 
 if __name__ == "__main__":

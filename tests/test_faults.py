@@ -9,9 +9,9 @@ import pytest
 import faults
 from faults.base import _keep
 from fm import taxonomy
+from rftjax import tools
 from rftjax.knobs import make_knobs
 from rftjax.sampling import Rollout, sampling_params
-from rftjax import tools
 from rftjax.tokenizer import char_tokenizer
 from rftjax.train.step import learning_rate
 

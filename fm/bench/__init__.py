@@ -1,0 +1,13 @@
+"""FaultBench for fm: the record schema, event-level scoring and baseline detectors.
+
+    records = fm.bench.records.load("campaign/")
+    report = fm.bench.report.evaluate(records, ["fm", "zscore"], window=50)
+
+Scoring and baselines work on numpy arrays; reading and writing the Parquet tables imports
+pyarrow, the learned baselines scikit-learn and the plots matplotlib, each only when used.
+Nothing here imports a trainer: any trainer that writes these tables can be scored.
+"""
+
+from fm.bench import baselines, records, report, schema, scoring
+
+__all__ = ["baselines", "records", "report", "schema", "scoring"]

@@ -1,0 +1,213 @@
+"""Scores detectors on FaultBench records; the report as JSON-ready dict, Markdown and plots."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fm import taxonomy
+from fm.bench import baselines
+from fm.bench.records import Records, labels
+from fm.bench.schema import CLEAN
+from fm.bench.scoring import RunLabel, score_detector
+
+SEVERITIES = ("subtle", "moderate", "severe")
+
+
+def run_columns(records: Records, run_id: str) -> dict[str, np.ndarray]:
+    """One run's step columns (arrays over its steps)."""
+    rows = records.runs[run_id]
+    return {k: v[rows] for k, v in records.steps.items()}
+
+
+def _split_labels(records: Records, split: str, notes: list[str]) -> list[RunLabel]:
+    if split == "all":
+        return labels(records.manifest, records.runs)
+    chosen = labels(records.manifest, records.runs, split)
+    if not chosen:
+        notes.append(f"no runs in split {split!r}: scored on all runs")
+        return labels(records.manifest, records.runs)
+    return chosen
+
+
+def _train_runs(records: Records, notes: list[str]) -> list[dict[str, np.ndarray]]:
+    train = [lab for lab in labels(records.manifest, records.runs, "train") if lab.clean]
+    if not train:
+        notes.append("no clean runs in the train split: learned baselines fit on all clean runs")
+        train = [lab for lab in labels(records.manifest, records.runs) if lab.clean]
+    return [run_columns(records, lab.run_id) for lab in train]
+
+
+def evaluate(
+    records: Records,
+    detectors: Sequence[str],
+    *,
+    window: int,
+    split: str = "eval",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Scores each detector on the runs of `split` ("train", "eval" or "all"); learned baselines
+    fit on the clean runs of the train split. Detectors whose optional package is missing are
+    skipped with a note."""
+    notes: list[str] = []
+    run_labels = _split_labels(records, split, notes)
+    wanted = [baselines.get(name) for name in detectors]  # unknown names fail before any work
+    train = None
+    report: dict[str, Any] = {"window": window, "split": split, "detectors": {}, "notes": notes}
+    for baseline in wanted:
+        if not baselines.available(baseline):
+            notes.append(f"{baseline.name}: skipped, {baseline.requires} is not installed")
+            log(notes[-1])
+            continue
+        if baseline.requires and train is None:
+            train = _train_runs(records, notes)
+        alarms_of = baseline.fit(train or [])
+        result = score_detector(
+            run_labels,
+            lambda lab, fn=alarms_of: fn(run_columns(records, lab.run_id)),
+            window=window,
+        )
+        result["description"] = baseline.description
+        report["detectors"][baseline.name] = result
+        o = result["overall"]
+        log(f"{baseline.name}: F1 {o['f1']:.3f} (P {o['precision']:.3f}, R {o['recall']:.3f})")
+    faulted = [lab for lab in run_labels if not lab.clean]
+    report["data"] = {
+        "runs": len(run_labels),
+        "faulted_runs": len(faulted),
+        "clean_runs": len(run_labels) - len(faulted),
+        "steps": sum(lab.steps for lab in run_labels),
+    }
+    return report
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _d(x: float | None) -> str:
+    return "–" if x is None else f"{x:g}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: an overall table, F1 by family, and each detector's recall by
+    fault type."""
+    dets = report["detectors"]
+    data = report["data"]
+    w = report["window"]
+    lines = [
+        f"Split `{report['split']}`: {data['runs']} runs ({data['faulted_runs']} faulted, "
+        f"{data['clean_runs']} clean), {data['steps']} steps. Event-level, no point adjustment: "
+        f"a detection is an alarm in [onset, onset + {w}); alarms in clean runs and before "
+        "onset are false alarms, one per alarm step.",
+        "",
+        "| detector | F1 | precision | recall | false alarms / 1k clean steps | delay median "
+        "| delay p90 | " + " | ".join(f"F1 {s}" for s in SEVERITIES) + " |",
+        "|---|" + "---|" * (6 + len(SEVERITIES)),
+    ]
+    for name, r in dets.items():
+        o = r["overall"]
+        sev = [_f(r["by_severity"].get(s, {}).get("f1")) for s in SEVERITIES]
+        lines.append(
+            f"| {name} | {_f(o['f1'])} | {_f(o['precision'])} | {_f(o['recall'])} | "
+            f"{_f(o['false_alarms_per_1000_clean_steps'], 2)} | {_d(o['delay_median'])} | "
+            f"{_d(o['delay_p90'])} | " + " | ".join(sev) + " |"
+        )
+    families = [f for f in taxonomy.FAMILIES if any(f in r["by_family"] for r in dets.values())]
+    lines += ["", "F1 by family:", "", "| detector | " + " | ".join(families) + " |"]
+    lines.append("|---|" + "---|" * len(families))
+    for name, r in dets.items():
+        cells = [_f(r["by_family"].get(f, {}).get("f1")) for f in families]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    types = sorted({t for r in dets.values() for t in r["by_type"]})
+    lines += ["", "Recall (median delay) by fault type:", "", "| detector | " + " | ".join(types)]
+    lines[-1] += " |"
+    lines.append("|---|" + "---|" * len(types))
+    for name, r in dets.items():
+        cells = []
+        for t in types:
+            g = r["by_type"].get(t)
+            cells.append("–" if g is None else f"{g['recall']:.2f} ({_d(g['delay_median'])})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report["notes"]:
+        lines += ["", *[f"Note: {n}" for n in report["notes"]]]
+    return "\n".join(lines)
+
+
+def _aligned(values: np.ndarray, onset: int, before: int, after: int) -> np.ndarray:
+    """values over steps 1..T re-indexed to step - onset in [-before, after) (NaN outside)."""
+    out = np.full(before + after, np.nan)
+    for i, rel in enumerate(range(-before, after)):
+        t = onset + rel  # 1-based step
+        if 1 <= t <= values.size:
+            out[i] = values[t - 1]
+    return out
+
+
+def plot_onsets(
+    records: Records,
+    out_dir: str,
+    *,
+    window: int,
+    before: int = 20,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """One PNG per fault type: its taxonomy signals around onset, mean over runs per severity,
+    next to the same steps of the clean twins (grey). Returns the paths written; none (with a
+    logged note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("plots skipped: matplotlib is not installed (pip install 'rftjax[faultbench]')")
+        return []
+    m = records.manifest
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    rel = np.arange(-before, window)
+    for type_id in sorted({t for t in m["type"] if t != CLEAN}):
+        signals = [s for s, _ in taxonomy.get(type_id).signals if s in records.steps][:3]
+        if not signals:
+            continue
+        rows = np.flatnonzero(m["type"] == type_id)
+        fig, axes = plt.subplots(len(signals), 1, figsize=(7, 2.4 * len(signals)), sharex=True)
+        axes = np.atleast_1d(axes)
+        for ax, signal in zip(axes, signals, strict=True):
+            for severity in SEVERITIES:
+                pick = [i for i in rows if m["severity"][i] == severity]
+                for kind, colour in (("twin", "0.6"), ("run_id", None)):
+                    series = [
+                        _aligned(
+                            run_columns(records, str(m[kind][i]))[signal],
+                            int(m["onset"][i]),
+                            before,
+                            window,
+                        )
+                        for i in pick
+                        if str(m[kind][i]) in records.runs
+                    ]
+                    if not series:
+                        continue
+                    with np.errstate(all="ignore"):
+                        mean = np.nanmean(np.asarray(series, float), axis=0)
+                    # One legend entry for the clean twins, one per severity.
+                    label = severity if kind == "run_id" else None
+                    if kind == "twin" and severity == SEVERITIES[-1]:
+                        label = "clean twins"
+                    ax.plot(rel, mean, color=colour, lw=1, label=label)
+            ax.axvline(0, color="k", lw=0.8, ls="--")
+            ax.set_ylabel(signal, fontsize=8)
+        axes[0].set_title(f"{type_id}: {taxonomy.get(type_id).name} (mean over runs)")
+        axes[0].legend(fontsize=7)
+        axes[-1].set_xlabel("steps from onset")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{type_id}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
