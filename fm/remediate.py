@@ -1,0 +1,305 @@
+"""Remediation (host side): from a diagnosis to actions, through a trainer's `Controller`.
+
+The closed loop, one alarm episode at a time:
+
+  alarm → wait `evidence_steps` → diagnose → attempt 1: roll back to the last healthy
+  checkpoint before the alarm and apply the first remedy of the diagnosed type → verify for
+  `verify_window` steps → recovered, or the alarm returns: the next attempt (further back,
+  the next remedy) → after the plan is used up: halt with a report.
+
+Remedies act only through knobs a user would also turn (`REMEDY_KNOBS`), checkpoint restores,
+data skipping and optimizer-moment resets; a remedy the trainer cannot perform (no such knob)
+is skipped. A checkpoint is healthy once `healthy_window` steps after it passed without an
+alarm; the latest healthy ones are pinned (never deleted while they are rollback targets).
+
+`Controller` is what a trainer implements; rftjax has one, and another trainer can write its
+own in a few lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+from fm import diagnose as dg
+from fm import taxonomy
+
+
+class Controller(Protocol):
+    """The trainer's side of remediation. Steps are the trainer's step numbers."""
+
+    def restore(self, step: int) -> None:
+        """Continue from the checkpoint of `step` (train state only; knobs stay as set)."""
+
+    def knobs(self) -> Mapping[str, float]:
+        """The current runtime knobs by name."""
+
+    def set_knobs(self, **changes: float) -> None: ...
+
+    def skip(self, n: int) -> None:
+        """Skip the next `n` batches of data."""
+
+    def reset_moments(self) -> None:
+        """Reset the optimizer's moment estimates."""
+
+    def pin(self, step: int) -> None: ...
+
+    def unpin(self, step: int) -> None: ...
+
+    def halt(self, report: Mapping[str, Any]) -> None:
+        """Stop training after this step, with `report` as the reason."""
+
+
+def _halve(name: str, *, default: float) -> Callable[[Mapping, Mapping], dict[str, float]]:
+    def change(now, initial):
+        del initial
+        value = float(now[name])
+        return {name: value * 0.5 if value > 0 else default}
+
+    return change
+
+
+def _restore(*names: str) -> Callable[[Mapping, Mapping], dict[str, float]]:
+    return lambda now, initial: {n: float(initial[n]) for n in names if n in initial}
+
+
+# Remedy → knob changes from (current knobs, knobs at the start of the run).
+REMEDY_KNOBS: dict[str, Callable[[Mapping, Mapping], dict[str, float]]] = {
+    "lr_scale": lambda now, initial: {"lr_scale": float(now["lr_scale"]) * 0.5},
+    # Cap the learning rate at what the schedule asked for at the start.
+    "lr_cap": lambda now, initial: {
+        "lr_cap": min(float(now["lr_cap"]), float(initial["lr"]) * float(initial["lr_scale"]))
+    },
+    "grad_clip": _halve("grad_clip", default=1.0),
+    "raise_kl": lambda now, initial: {"kl_coef": max(2.0 * float(now["kl_coef"]), 0.02)},
+    "truncated_is": lambda now, initial: {"is_cap": 2.0},
+    "restore_sampler": _restore("temperature", "top_p", "top_k"),
+    "restore_coefficients": _restore("kl_coef", "ent_coef", "eps_low", "eps_high"),
+}
+# Remedies performed by the controller itself, not by knobs.
+CONTROLLER_REMEDIES = ("rollback", "skip_data", "reset_moments", "halt")
+
+
+class Action(NamedTuple):
+    remedy: str
+    knobs: dict[str, float]  # knob changes (empty for controller remedies)
+
+
+class Health:
+    """Healthy-checkpoint bookkeeping: a saved checkpoint is healthy when the `window` steps
+    after it passed with no alarm; the latest `keep` healthy ones are pinned."""
+
+    def __init__(self, controller: Controller, *, window: int, keep: int = 2) -> None:
+        self.controller, self.window, self.keep = controller, window, keep
+        self.pending: list[int] = []
+        self.healthy: list[int] = []
+
+    def saved(self, step: int) -> None:
+        if step not in self.pending and step not in self.healthy:
+            self.pending.append(step)
+
+    def observe(self, step: int, alarm: bool) -> list[int]:
+        """Records a step; returns checkpoints that became healthy at it."""
+        if alarm:  # every checkpoint still in its window is suspect
+            self.pending = [c for c in self.pending if c + self.window < step]
+        ready = [c for c in self.pending if step >= c + self.window]
+        self.pending = [c for c in self.pending if c not in ready]
+        for c in ready:
+            self.healthy.append(c)
+            self.controller.pin(c)
+        self.healthy.sort()
+        for c in self.healthy[: -self.keep]:
+            self.controller.unpin(c)
+        self.healthy = self.healthy[-self.keep :]
+        return ready
+
+    def rolled_back(self, step: int) -> None:
+        """After a restore to `step`: later checkpoints are from the abandoned timeline."""
+        self.pending = [c for c in self.pending if c <= step]
+
+    def target(self, before: int, skip: int = 0) -> int | None:
+        """The latest healthy checkpoint before `before` (`skip` of them left out: go further
+        back when a rollback did not help)."""
+        candidates = [c for c in self.healthy if c < before]
+        return candidates[-1 - skip] if len(candidates) > skip else None
+
+
+def plan(diagnosis: dg.Diagnosis, *, supported: Callable[[str], bool]) -> list[str]:
+    """Remedies to try in order for a diagnosis (each attempt also rolls back): the best
+    guess's remedies, then the runner-up's when the guess is not confident; "halt" ends it."""
+    ranked = [diagnosis.top]
+    if diagnosis.ranking[0][1] < 0.5 and len(diagnosis.ranking) > 1:
+        ranked.append(diagnosis.ranking[1][0])
+    steps: list[str] = []
+    for type_id in ranked:
+        for remedy in taxonomy.get(type_id).remedies:
+            if remedy == "halt":
+                return [*steps, "rollback", "halt"] if not steps else [*steps, "halt"]
+            if remedy not in steps and (remedy == "rollback" or supported(remedy)):
+                steps.append(remedy)
+    if steps and steps[0] != "rollback":  # a plain rollback first: the fault may be transient
+        steps.insert(0, "rollback")
+    return [*steps, "halt"]
+
+
+class _Episode(NamedTuple):
+    alarm_step: int
+    diagnosis: dg.Diagnosis | None = None
+    plan: tuple[str, ...] = ()
+    attempt: int = -1
+    verify_until: int = -1
+    target: int | None = None
+
+
+class Remediator:
+    """The closed loop. Call `saved(step)` after each checkpoint and `observe(...)` after each
+    step; it acts through the controller and returns the events of that step (dicts with an
+    "event" key: diagnosis, action, verification, halt)."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        *,
+        diagnoser: Callable[..., dg.Diagnosis] = dg.diagnose,
+        verify_window: int = 20,
+        healthy_window: int = 20,
+        evidence_steps: int = 2,
+        history: int = 64,
+        skip_batches: int = 0,
+    ) -> None:
+        self.controller = controller
+        self.diagnoser = diagnoser
+        self.verify_window = verify_window
+        self.evidence_steps = evidence_steps
+        self.history_len = history
+        self.skip_batches = skip_batches
+        self.health = Health(controller, window=healthy_window)
+        self.initial_knobs = dict(controller.knobs())
+        self.records: list[dict[str, float]] = []
+        self.episode: _Episode | None = None
+        self.halted = False
+        self._flagged: list[str] = []
+
+    def saved(self, step: int) -> None:
+        self.health.saved(step)
+
+    def supported(self, remedy: str) -> bool:
+        knobs = self.controller.knobs()
+        if remedy in REMEDY_KNOBS:
+            return all(k in knobs for k in REMEDY_KNOBS[remedy](knobs, self.initial_knobs))
+        return remedy in CONTROLLER_REMEDIES or remedy in knobs  # a switch knob of that name
+
+    def observe(
+        self, step: int, stats: Mapping[str, float], alarm: bool, flagged: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        if self.halted:
+            return []
+        self.records = [r for r in self.records if r["step"] < step]  # after a rollback
+        self.records.append({"step": step, **stats})
+        self.records = self.records[-self.history_len :]
+        ep = self.episode
+        if ep is not None and ep.diagnosis is not None:  # verifying an attempt
+            self.health.observe(step, alarm)
+            if alarm:
+                returned = self._event(step, "verification", outcome="alarm_returned")
+                return [returned, *self._next(step)]
+            if step >= ep.verify_until:
+                self.episode = None
+                return [self._event(step, "verification", outcome="recovered")]
+            return []
+        self.health.observe(step, alarm)
+        if ep is None and alarm:
+            self.episode = ep = _Episode(alarm_step=step)
+            self._flagged = list(flagged)
+        if ep is None or step < ep.alarm_step + self.evidence_steps:
+            return []
+        return self._diagnose(step)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _event(self, step: int, event: str, **fields: Any) -> dict[str, Any]:
+        return {"step": step, "event": event, **fields}
+
+    def _diagnose(self, step: int) -> list[dict[str, Any]]:
+        ep = self.episode
+        index = next(i for i, r in enumerate(self.records) if r["step"] >= ep.alarm_step)
+        if index == 0:  # no baseline yet (an alarm in the first steps): evidence only
+            self.records.insert(0, dict(self.records[0]))
+            index = 1
+        d = self.diagnoser(self.records, index, flagged=self._flagged)
+        steps = tuple(plan(d, supported=self.supported))
+        self.episode = ep._replace(diagnosis=d, plan=steps)
+        event = self._event(
+            step,
+            "diagnosis",
+            alarm_step=ep.alarm_step,
+            top=d.top,
+            family=d.family,
+            ranking=[[t, round(p, 4)] for t, p in d.ranking[:3]],
+            evidence=[e.text for e in d.evidence[:3]],
+            plan=list(steps),
+        )
+        return [event, *self._next(step)]
+
+    def _next(self, step: int) -> list[dict[str, Any]]:
+        """The next attempt of the plan, or the halt."""
+        ep = self.episode
+        attempt = ep.attempt + 1
+        remedy = ep.plan[attempt] if attempt < len(ep.plan) else "halt"
+        if remedy == "halt":
+            return self._halt(step, "the plan is used up" if attempt else "not remediable")
+        target = self.health.target(ep.alarm_step, skip=max(attempt - 1, 0))
+        if target is None:
+            return self._halt(step, "no healthy checkpoint before the alarm")
+        self.controller.restore(target)
+        self.health.rolled_back(target)
+        self.records = [r for r in self.records if r["step"] <= target]
+        actions = [Action("rollback", {})]
+        if remedy not in ("rollback",):
+            actions.append(self._apply(remedy))
+        if self.skip_batches:
+            self.controller.skip(self.skip_batches)
+        # Verified once the run is `verify_window` steps past the original alarm again.
+        self.episode = ep._replace(
+            attempt=attempt, verify_until=ep.alarm_step + self.verify_window, target=target
+        )
+        return [
+            self._event(
+                step,
+                "action",
+                attempt=attempt + 1,
+                restored_to=target,
+                actions=[{"remedy": a.remedy, "knobs": a.knobs} for a in actions],
+            )
+        ]
+
+    def _apply(self, remedy: str) -> Action:
+        if remedy == "skip_data":
+            self.controller.skip(max(self.episode.alarm_step - (self.episode.target or 0), 1))
+            return Action(remedy, {})
+        if remedy == "reset_moments":
+            self.controller.reset_moments()
+            return Action(remedy, {})
+        knobs = self.controller.knobs()
+        changes = (
+            REMEDY_KNOBS[remedy](knobs, self.initial_knobs)
+            if remedy in REMEDY_KNOBS
+            else {remedy: 1.0}
+        )
+        self.controller.set_knobs(**changes)
+        return Action(remedy, changes)
+
+    def _halt(self, step: int, reason: str) -> list[dict[str, Any]]:
+        ep = self.episode
+        d = ep.diagnosis
+        report = {
+            "reason": reason,
+            "alarm_step": ep.alarm_step,
+            "diagnosis": d.top if d else None,
+            "family": d.family if d else None,
+            "summary": d.summary() if d else None,
+            "attempts": ep.attempt + 1,
+        }
+        self.controller.halt(report)
+        self.halted = True
+        return [self._event(step, "halt", **report)]

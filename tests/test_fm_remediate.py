@@ -1,0 +1,121 @@
+"""fm.remediate: healthy checkpoints, plans, and the closed loop on a scripted controller."""
+
+import pytest
+
+from fm import diagnose, remediate
+
+
+class FakeTrainer:
+    """A controller that records what it was asked to do; the test drives the steps."""
+
+    def __init__(self, **knobs):
+        self.values = {
+            "lr": 1e-4,
+            "lr_scale": 1.0,
+            "lr_cap": 1.0,
+            "grad_clip": 1.0,
+            "kl_coef": 0.04,
+            "is_cap": 0.0,
+            **knobs,
+        }
+        self.calls = []
+        self.pinned = set()
+
+    def restore(self, step):
+        self.calls.append(("restore", step))
+
+    def knobs(self):
+        return dict(self.values)
+
+    def set_knobs(self, **changes):
+        self.calls.append(("set_knobs", changes))
+        self.values.update(changes)
+
+    def skip(self, n):
+        self.calls.append(("skip", n))
+
+    def reset_moments(self):
+        self.calls.append(("reset_moments",))
+
+    def pin(self, step):
+        self.pinned.add(step)
+
+    def unpin(self, step):
+        self.pinned.discard(step)
+
+    def halt(self, report):
+        self.calls.append(("halt", report["diagnosis"]))
+
+
+def _stats(step, bad):
+    # A learning-rate spike: update/param ratio and grad norm jump while bad.
+    return {
+        "update_param_ratio": 1e-2 if bad else 1e-3 * (1 + 0.01 * (step % 3)),
+        "grad_norm": 50.0 if bad else 5.0 + 0.05 * (step % 4),
+        "reward_mean": 0.5,
+    }
+
+
+def _drive(rem, trainer, steps, fault_from, *, persistent, start=1):
+    """Steps from `start`; checkpoints every 10; the fault is active from `fault_from` (in
+    steps actually executed, so a rollback does not undo a persistent fault's start)."""
+    events, step, executed = [], start, 0
+    while step <= steps and not rem.halted:
+        executed += 1
+        bad = executed >= fault_from and (persistent or executed < fault_from + 3)
+        restores = len([c for c in trainer.calls if c[0] == "restore"])
+        out = rem.observe(step, _stats(step, bad), alarm=bad)
+        events += out
+        if step % 10 == 0:
+            rem.saved(step)
+        new_restores = [c for c in trainer.calls if c[0] == "restore"][restores:]
+        step = new_restores[-1][1] + 1 if new_restores else step + 1
+    return events
+
+
+def test_checkpoints_become_healthy_after_a_quiet_window_and_only_the_latest_stay_pinned():
+    trainer = FakeTrainer()
+    health = remediate.Health(trainer, window=15, keep=2)
+    for step in range(1, 61):
+        if step % 10 == 0:
+            health.saved(step)
+        health.observe(step, alarm=step == 42)
+    # 10 → healthy at 25, 20 at 35; 30 and 40 were in their window at the alarm of step 42;
+    # 50 became healthy at 65 (not yet).
+    assert health.healthy == [10, 20] and trainer.pinned == {10, 20}
+    assert health.target(before=42) == 20 and health.target(before=42, skip=1) == 10
+    assert health.target(before=15) == 10 and health.target(before=5) is None
+
+
+def test_plan_rolls_back_first_skips_what_the_trainer_cannot_do_and_ends_in_a_halt():
+    d = diagnose.Diagnosis((("OD1", 0.9), ("PG1", 0.1)), "optimization-dynamics", 0.9, ())
+    assert remediate.plan(d, supported=lambda r: True) == ["rollback", "lr_cap", "lr_scale", "halt"]
+    d = diagnose.Diagnosis((("CA1", 0.9), ("RF1", 0.1)), "credit-assignment", 0.9, ())
+    assert remediate.plan(d, supported=lambda r: False) == ["rollback", "halt"]
+    d = diagnose.Diagnosis((("OD3", 0.9), ("RF1", 0.1)), "optimization-dynamics", 0.9, ())
+    assert remediate.plan(d, supported=lambda r: True) == ["rollback", "halt"]
+
+
+def test_a_transient_fault_is_rolled_back_and_verified():
+    trainer = FakeTrainer()
+    rem = remediate.Remediator(trainer, verify_window=10, healthy_window=10, evidence_steps=2)
+    events = _drive(rem, trainer, 80, fault_from=45, persistent=False)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["diagnosis", "action", "verification"]
+    assert events[0]["top"] == "OD1" and events[0]["alarm_step"] == 45
+    assert events[1]["restored_to"] == 30  # 40 was still in its window at the alarm
+    assert events[2]["outcome"] == "recovered" and not rem.halted
+    assert ("restore", 30) in trainer.calls
+
+
+def test_a_persistent_fault_escalates_through_the_plan_and_halts_with_its_diagnosis():
+    trainer = FakeTrainer()
+    rem = remediate.Remediator(trainer, verify_window=10, healthy_window=10, evidence_steps=2)
+    events = _drive(rem, trainer, 400, fault_from=45, persistent=True)
+    actions = [e for e in events if e["event"] == "action"]
+    assert [a["actions"][-1]["remedy"] for a in actions] == ["rollback", "lr_cap", "lr_scale"]
+    assert [a["restored_to"] for a in actions] == [30, 30, 20]  # the third goes further back
+    assert trainer.values["lr_scale"] == 0.5 and trainer.values["lr_cap"] == pytest.approx(1e-4)
+    assert events[-1]["event"] == "halt" and events[-1]["diagnosis"] == "OD1"
+    assert trainer.calls[-1] == ("halt", "OD1") and rem.halted
+    assert rem.observe(500, _stats(500, True), alarm=True) == []  # halted: nothing more
