@@ -21,16 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from rftjax.tasks.arith import align, resolve_char_tokenizer, text_token_scores
+from rftjax.tasks.arith import ArithTask, align, text_token_scores
 from rftjax.tasks.base import (
     DEFAULT_EVAL_SIZE,
-    Batch,
     Demo,
     RewardDict,
-    Task,
     check_step,
-    eval_keys,
-    freeze,
     make_batch,
     sample_train_keys,
     tokenize,
@@ -74,7 +70,7 @@ def tool_reward(response: jax.Array, answers: jax.Array) -> dict[str, jax.Array]
     }
 
 
-class CalcTask(Task):
+class CalcTask(ArithTask):
     """``"{a}*{b}="`` with ``a, b`` uniform in ``[0, 10**digits)`` and a calculator tool.
 
     Args:
@@ -101,14 +97,9 @@ class CalcTask(Task):
             raise ValueError(f"digits must be in [1, 4], got {digits}")
         if not 0.0 <= tool_demo_fraction <= 1.0:
             raise ValueError(f"tool_demo_fraction must be in [0, 1], got {tool_demo_fraction}")
+        super().__init__(seed=seed, digits=digits, op="*", eval_size=eval_size, tokenizer=tokenizer)
         self.name = "calc"
-        self.tokenizer = resolve_char_tokenizer(tokenizer)
-        self.seed = seed
-        self.digits = digits
-        self.eval_size = eval_size
         self.tool_demo_fraction = tool_demo_fraction
-        self.prompt_len = 2 * digits + 3  # BOS, a, *, b, =
-        self.answer_len = 2 * digits + 1  # product, EOS
         # Observation slots fit "<result>error: timeout</result>".
         self.tools = ToolEnv(
             {"calc": calculate},
@@ -122,31 +113,11 @@ class CalcTask(Task):
         observation = 2 * digits + 2  # <result> product </result>
         self.max_new_tokens_hint = call + observation + self.answer_len + 4
         self.jnp_reward = tool_reward
-        self._eval: Batch | None = None
-
-    @property
-    def space(self) -> int:
-        return 10 ** (2 * self.digits)
 
     def _texts(self, keys: np.ndarray) -> tuple[list[str], list[str]]:
         a, b = np.divmod(keys.astype(np.int64), 10**self.digits)
         prompts = [f"{x}*{y}" for x, y in zip(a.tolist(), b.tolist(), strict=True)]
         return prompts, [str(x * y) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
-
-    def batch_from_keys(self, keys: np.ndarray) -> Batch:
-        exprs, answers = self._texts(keys)
-        prompts = [f"{e}=" for e in exprs]
-        return make_batch(self.tokenizer, prompts, answers, self.prompt_len, self.answer_len)
-
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        check_step(step, batch_size)
-        keys = sample_train_keys(train_rng(self.seed, step), self.space, batch_size)
-        return self.batch_from_keys(keys)
-
-    def eval_batch(self) -> Batch:
-        if self._eval is None:
-            self._eval = freeze(self.batch_from_keys(eval_keys(self.space, self.eval_size)))
-        return self._eval
 
     def demo_batch(self, step: int, batch_size: int) -> Demo:
         """Warm-up demonstrations: a `tool_demo_fraction` share calls the calculator (its
