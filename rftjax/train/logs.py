@@ -59,6 +59,12 @@ class JsonlLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def cut(self, last_step: int) -> None:
+        """Drops the records of steps after `last_step` (a rollback replays them)."""
+        self._file.close()
+        self.records = _truncate_jsonl(self.path, last_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
     def close(self) -> None:
         self._file.close()
 
