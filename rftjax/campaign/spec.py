@@ -217,7 +217,8 @@ def _run_name(e: _Entry, config: str, fault: dict[str, Any]) -> str:
     strength = f"m{e.magnitude:g}" if e.magnitude is not None else e.severity
     variant = f"-{e.variant}" if e.variant else ""
     duration = f"-d{e.duration}" if e.duration > 0 else ""
-    return f"{config_prefix(config)}s{e.seed}/{e.type}-{strength}{variant}-o{fault['fault_onset']}{duration}"
+    onset = fault["fault_onset"]
+    return f"{config_prefix(config)}s{e.seed}/{e.type}-{strength}{variant}-o{onset}{duration}"
 
 
 def resolve(spec: dict[str, Any]) -> Campaign:
