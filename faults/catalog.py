@@ -106,13 +106,13 @@ SPECS: dict[str, Spec] = {
         tool.te1,
         ("error", "empty"),
         ("fraction of calls that fail", "fraction of calls answered empty"),
-        ((0.1, 0.3, 0.8), (0.1, 0.3, 0.8)),
+        ((0.2, 0.6, 1.0), (0.2, 0.6, 1.0)),
     ),
     "TE2": Spec(
         tool.te2,
         ("corrupt", "timeout"),
         ("fraction of observations corrupted", "fraction of calls timed out (row aborted)"),
-        ((0.1, 0.3, 0.8), (0.1, 0.3, 0.8)),
+        ((0.2, 0.6, 1.0), (0.2, 0.6, 1.0)),
     ),
 }
 # Types that cannot be injected in this version, with what they need (none at present).

@@ -70,17 +70,18 @@ def te2(setup: Setup) -> Fault:
         b, r = result.tokens.shape
         slot = jnp.arange(r)[None, :]
         content = (slot >= 1) & (slot < result.length[:, None] - 1) & rows[:, None]
-        # Draw replacements among the content tokens of every served row.
-        logits = jnp.where(content.reshape(-1), 0.0, -jnp.inf)
+        # Draw replacements uniformly among the content tokens of every served row: the k-th
+        # content token in reading order, k uniform (a search in the running count).
+        flat = content.reshape(-1)
+        count = jnp.cumsum(flat)
         key = jax.random.fold_in(jax.random.fold_in(ctx.key, i), 1)
-        pick = jax.random.categorical(key, logits, shape=(b, r))
-        drawn = result.tokens.reshape(-1)[pick]
+        k = jax.random.randint(key, (b, r), 0, jnp.maximum(count[-1], 1))
+        pick = jnp.searchsorted(count, k + 1)
+        drawn = result.tokens.reshape(-1)[jnp.minimum(pick, b * r - 1)]
         corrupt = result._replace(tokens=jnp.where(content, drawn, result.tokens))
         timeout = _answer(result, hit, _TIMEOUT, spec)
         timeout = timeout._replace(abort=timeout.abort | hit)
-        changed = jax.tree.map(
-            lambda a, b: jnp.where(is_variant(ctx, 0), a, b), corrupt, timeout
-        )
+        changed = jax.tree.map(lambda a, b: jnp.where(is_variant(ctx, 0), a, b), corrupt, timeout)
         return _rows(hit, changed, result)
 
     return Fault("TE2", Hooks(observations=observations))

@@ -6,6 +6,10 @@
 rollouts with the task's environment, with cached answers, and without tools; the cost of one
 round-trip and of the callback alone.
 `fault_overhead`: per fault type, the step carrying an inactive fault versus the clean step.
+`scaling`: the fused step on 1, 2, 4, 8 simulated CPU devices (one subprocess each, all devices
+on `data`, then all on `fsdp`) for the same global batch, and the collectives in its compiled
+program (all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all). CPU devices
+share the same cores: the figures show overheads, not speed-ups.
 `step`: GRPO throughput of the configured step (completions/s, generated tokens/s, learner
 tokens/s, and the rollout / learn split), its ratio to the established trainers' figure on this
 machine class, and the speed-up of KV-cache decoding over full recompute at 64 new tokens.
@@ -35,7 +39,10 @@ from rftjax.train.loop import build_model_config, to_prompt_batch
 from rftjax.train.step import init_state, make_learner
 
 flags.DEFINE_enum(
-    "what", "step", ["step", "fm_overhead", "fault_overhead", "tools"], "Which benchmark to run."
+    "what",
+    "step",
+    ["step", "fm_overhead", "fault_overhead", "tools", "scaling"],
+    "Which benchmark to run.",
 )
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_string("fault_types", "all", "fault_overhead: comma-separated type ids, or 'all'.")
@@ -366,6 +373,65 @@ def bench_tools(values, repeats: int) -> dict:
     }
 
 
+def bench_scaling(values, repeats: int) -> list[dict] | dict:
+    """Without --mesh: spawns one process per layout and device count (XLA_FLAGS set before jax
+    starts) and returns their figures. With --mesh (in such a process): times the fused step on
+    that mesh and counts the collectives of its compiled program."""
+    import os
+    import subprocess
+    import sys
+
+    from rftjax import parallel
+
+    if not values.mesh:
+        keep = [a for a in sys.argv[1:] if not a.startswith(("--what", "--mesh", "--json"))]
+        points = []
+        for layout in ("data", "fsdp"):
+            for n in (1, 2, 4, 8):
+                env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+                args = ["-m", "launch.bench", "--what=scaling", f"--mesh={layout}:{n}", *keep]
+                proc = subprocess.run(
+                    [sys.executable, *args], env=env, capture_output=True, text=True, check=False
+                )
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("SCALING ")]
+                if proc.returncode or not lines:
+                    raise RuntimeError(f"{layout}:{n} failed:\n{proc.stderr[-3000:]}")
+                points.append(json.loads(lines[-1][len("SCALING ") :]))
+        return points
+    task, rl, graphdef, params = _setup(values)
+    mesh = parallel.make_mesh(values.mesh)
+    tok = task.tokenizer
+    learner = make_learner(
+        graphdef,
+        rl,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        reward_fn=task.jnp_reward,
+        mesh=mesh,
+    )
+    knobs = parallel.replicate(make_knobs(**common.knob_values(values)), mesh)
+    batches = [
+        parallel.place_batch(to_prompt_batch(task.train_batch(i, rl.prompts_per_step)), mesh)
+        for i in range(8)
+    ]
+    holder = {"state": parallel.place_state(init_state(params, rl, values.seed), mesh), "i": 0}
+
+    def step():
+        holder["i"] += 1
+        holder["state"], metrics = learner["step"](holder["state"], batches[holder["i"] % 8], knobs)
+        return metrics
+
+    seconds = _time(step, repeats)
+    hlo = learner["step"].lower(holder["state"], batches[0], knobs).compile().as_text()
+    return {
+        "mesh": values.mesh,
+        "devices": jax.device_count(),
+        "step_seconds": seconds,
+        "collectives": parallel.collective_counts(hlo),
+        "recompiled": learner["step"]._cache_size() > 1,
+    }
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -381,6 +447,22 @@ def main(argv):
                 f"{r['median_ratio']:.3f}"
             )
         _write_json({"fault_overhead": out})
+        return
+    if FLAGS.what == "scaling":
+        out = bench_scaling(FLAGS, FLAGS.repeats)
+        if FLAGS.mesh:  # one point, for the parent process
+            print("SCALING " + json.dumps(out))
+            return
+        base = {p["mesh"].split(":")[0]: p["step_seconds"] for p in out if p["devices"] == 1}
+        print(f"fused step, same global batch, {FLAGS.repeats} calls per point:")
+        for p in out:
+            layout = p["mesh"].split(":")[0]
+            ops = ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none"
+            print(
+                f"  {p['mesh']:8s} {p['step_seconds'] * 1e3:8.2f} ms "
+                f"({p['step_seconds'] / base[layout]:.2f}x of 1 device)  collectives: {ops}"
+            )
+        _write_json({"scaling": out})
         return
     if FLAGS.what == "tools":
         out = bench_tools(FLAGS, FLAGS.repeats)

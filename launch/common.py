@@ -51,8 +51,35 @@ def define_run_flags() -> None:
         "fault_onset", -1, "First RL step with the fault active; -1: just after a third of --steps."
     )
     flags.DEFINE_integer("fault_duration", -1, "Steps the fault lasts; <= 0: to the end.")
-    flags.DEFINE_enum("fm", "off", FM_MODES, "Failure management: off, detect, full.")
-    flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:2,fsdp:4 (default: one device).")
+    flags.DEFINE_enum(
+        "fm",
+        "off",
+        FM_MODES,
+        "Failure management: off, detect (in-step statistics and alarms), full (also "
+        "diagnosis, rollback to a healthy checkpoint, remedies, verification, halt).",
+    )
+    flags.DEFINE_integer(
+        "fm_window",
+        20,
+        "--fm=full: alarm-free steps that make a checkpoint healthy and an attempt verified.",
+    )
+    flags.DEFINE_string(
+        "mesh",
+        "",
+        "Device mesh over the axes data, fsdp, tensor, e.g. data:2,fsdp:4 or data:2,tensor:4 "
+        "(one size may be -1: the rest); 'auto': every device on data. Default: one device "
+        "(with --multihost: auto).",
+    )
+    flags.DEFINE_bool(
+        "multihost",
+        False,
+        "Run as one process of a multi-host job: jax.distributed.initialize with the "
+        "--coordinator_address/--num_processes/--process_id flags, or, when those are unset, "
+        "the cluster's environment (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS...).",
+    )
+    flags.DEFINE_string("coordinator_address", "", "--multihost: host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "--multihost: number of processes.")
+    flags.DEFINE_integer("process_id", None, "--multihost: this process's index.")
     flags.DEFINE_integer("prompts_per_step", 16, "Unique prompts per RL step.")
     flags.DEFINE_integer("group_size", 8, "Completions sampled per prompt.")
     flags.DEFINE_integer("max_new_tokens", 0, "Response slots; 0: the task's own bound.")
@@ -139,9 +166,22 @@ def knob_values(values) -> dict:
     return {name: getattr(values, name) for name in names}
 
 
+def init_multihost(values) -> None:
+    """With --multihost, joins the job (`jax.distributed.initialize`) once, before jax starts."""
+    import jax
+
+    from rftjax import parallel
+
+    if getattr(values, "multihost", False) and not jax.distributed.is_initialized():
+        parallel.initialize_distributed(
+            values.coordinator_address, values.num_processes, values.process_id
+        )
+
+
 def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConfig:
     from rftjax.knobs import make_knobs
 
+    init_multihost(values)  # first: nothing below may start the jax backend before it
     knobs = knob_values(values)
     make_knobs(**knobs)  # validates before any work starts
     return TrainConfig(
@@ -164,13 +204,14 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         log_every=values.log_every,
         resume=resume,
         fm=values.fm,
+        fm_window=values.fm_window,
         fault=values.fault,
         fault_severity=values.fault_severity,
         fault_variant=values.fault_variant,
         fault_magnitude=values.fault_magnitude,
         fault_onset=values.fault_onset if values.fault_onset >= 0 else steps // 3 + 1,
         fault_duration=values.fault_duration,
-        mesh=values.mesh,
+        mesh=values.mesh or ("auto" if getattr(values, "multihost", False) else ""),
     )
 
 

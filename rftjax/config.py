@@ -151,8 +151,13 @@ class TrainConfig:
     # configuration without the fault). Its records up to there are this run's: a fault is
     # the identity before onset, bit for bit.
     fork_from: str = ""
+    # --fm=full: steps without an alarm that make a checkpoint healthy (a rollback target)
+    # and a remediation attempt verified.
+    fm_window: int = 20
     # Write trajectories.jsonl: one line a step with per-completion arrays (FaultBench).
     record_trajectories: bool = False
+    # Device mesh (`rftjax.parallel`): "" one device; "auto" all devices on data; or
+    # "data:2,fsdp:4[,tensor:2]".
     mesh: str = ""
 
     def __post_init__(self):
@@ -166,16 +171,12 @@ class TrainConfig:
         _check_choice("chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         _check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
         _check_choice("fm", self.fm, FM_MODES)
-        if self.fm == "full":
-            raise ValueError(
-                "--fm='full': diagnosis and remediation are not available in this version; "
-                "accepted: off, detect"
-            )
         _check_positive(
             self,
             "eval_every",
             "eval_size",
             "checkpoint_every",
+            "fm_window",
             "keep_checkpoints",
             "log_every",
             "warmup_batch_size",
@@ -185,10 +186,9 @@ class TrainConfig:
                 f"steps and warmup_steps must be >= 0, got {self.steps}, {self.warmup_steps}"
             )
         if self.mesh:
-            raise ValueError(
-                f"--mesh={self.mesh!r}: device meshes are not available in this "
-                "version; leave --mesh empty for one device"
-            )
+            from rftjax.parallel import parse_mesh
+
+            parse_mesh(self.mesh, None)  # names a bad axis or syntax; devices are counted later
         if self.fork_from and self.fault == "none":
             raise ValueError("fork_from needs a fault: a clean run has nothing to fork for")
         if self.fault != "none":

@@ -136,6 +136,48 @@ def test_tool_task_runs_end_to_end_and_reports_tool_use(tmp_path):
     assert "eval_tool_rate_initial" in summary and "eval_tool_rate" in records[1]
 
 
+def test_fm_full_rolls_back_a_transient_fault_and_verifies_recovery(tmp_path):
+    # CA3 (loss mask one slot late) breaks the mask/length invariant at once; it lasts 3 steps
+    # of run time, so the rollback replays clean steps and verification passes.
+    cfg = _config(
+        tmp_path,
+        20,
+        fm="full",
+        fm_window=4,
+        fault="CA3",
+        fault_severity="severe",
+        fault_onset=10,
+        fault_duration=3,
+    )
+    summary = run(cfg)
+    (diagnosis,) = summary["diagnoses"]
+    assert diagnosis["top"] == "CA3" and diagnosis["alarm_step"] == 10
+    (action,) = summary["actions"]
+    assert action["restored_to"] < 10 and action["actions"][0]["remedy"] == "rollback"
+    assert [v["outcome"] for v in summary["verifications"]] == ["recovered"]
+    assert not summary["halted"] and summary["steps_completed"] == 20
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 21))  # replayed steps replaced
+    assert all(r["check_mask_length"] == 0 for r in records[9:])
+
+
+def test_fm_full_halts_a_fault_no_knob_fixes_with_its_diagnosis(tmp_path):
+    cfg = _config(
+        tmp_path,
+        40,
+        fm="full",
+        fm_window=4,
+        fault="OD2",
+        fault_severity="severe",
+        fault_onset=10,
+    )
+    summary = run(cfg)
+    assert summary["halted"] and summary["halt_report"]["diagnosis"] == "OD2"
+    remedies = [a["actions"][-1]["remedy"] for a in summary["actions"]]
+    assert remedies[0] == "rollback" and len(remedies) >= 2
+    assert summary["steps_completed"] < 40  # the rest of the compute is saved
+
+
 def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_path):
     # PG2 keeps the sampler's stale weights in the train state: a resumed run must restore them.
     fault = dict(fault="PG2", fault_onset=3, fault_severity="moderate")
@@ -210,6 +252,16 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         run(_config(tmp_path, 4))  # a finished run's workdir is not silently overwritten
 
 
+def test_a_field_missing_from_an_older_record_counts_as_its_default():
+    # Runs recorded before a TrainConfig field existed still resume and fork.
+    from rftjax.train.loop import _differences
+
+    ours = {"seed": 1, "fm_window": 20, "chat_template": "auto"}
+    assert _differences({"seed": 1}, ours) == []
+    assert _differences({"seed": 1}, {**ours, "fm_window": 5}) == ["fm_window"]
+    assert _differences({"seed": 2, "fm_window": 20}, ours) == ["seed"]
+
+
 @pytest.mark.parametrize(
     "flag,message",
     [
@@ -218,7 +270,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         ("--fault=TE1", "TE1 acts on tool calls: it needs a task with tools"),
         ("--fault=RF1 --fault_variant=bogus", "RF1 has no variant 'bogus'; accepted: flip, noise"),
         ("--fault=CA1 --fault_onset=5", "--fault_onset=5 is after the last step (1)"),
-        ("--fm=full", "accepted: off, detect"),
+        ("--fm_window=0", "fm_window must be > 0"),
         ("--kl_in_reward", "kl_in_reward applies to PPO"),
         ("--temperature=1e-5", "temperature must be 0 (greedy) or >= 0.001"),
         ("--kl_coef=-0.1", "kl_coef must be >= 0"),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rftjax.models import full_forward, init_cache, positions_from_valid
+from rftjax.parallel import constrain_cache
 from rftjax.tools.protocol import LIMIT, ToolResult
 
 
@@ -127,6 +128,20 @@ class _Loop(NamedTuple):
     tools: _Tools | None = None
 
 
+def _init_loop(b: int, n: int, pad_id: int, cache, tools) -> _Loop:
+    """An empty response buffer of B rows × N slots at position 0."""
+    zeros = jnp.zeros((b, n))
+    return _Loop(
+        i=jnp.zeros((), jnp.int32),
+        response=jnp.full((b, n), pad_id, jnp.int32),
+        logp=zeros,
+        mask=zeros,
+        done=jnp.zeros((b,), bool),
+        cache=cache,
+        tools=None if tools is None else _init_tools(b, n, tools),
+    )
+
+
 def _init_tools(b: int, n: int, spec) -> _Tools:
     zeros = jnp.zeros((b,), jnp.int32)
     return _Tools(
@@ -141,9 +156,9 @@ def _init_tools(b: int, n: int, spec) -> _Tools:
     )
 
 
-def _serve(spec, response, opened, rows, i):
-    """One host round-trip for the rows that closed a call at position i (skipped, with no
-    host call, when there are none)."""
+def _serve(spec, response, opened, rows, i, tool_hook=None) -> ToolResult:
+    """One host round-trip for the rows that closed a call at position i, then `tool_hook`
+    on its result; both skipped (no host call, no hook work) when there are none."""
     b, r = response.shape[0], spec.max_obs
     shapes = (
         jax.ShapeDtypeStruct((b, r), jnp.int32),
@@ -152,14 +167,15 @@ def _serve(spec, response, opened, rows, i):
     )
 
     def call(args):
-        return jax.pure_callback(spec.serve, shapes, *args, vmap_method="sequential")
+        out = jax.pure_callback(spec.serve, shapes, *args, vmap_method="sequential")
+        result = ToolResult(*out, jnp.zeros((b,), bool))
+        return tool_hook(result, rows, i) if tool_hook is not None else result
 
     def skip(args):
         del args
-        return tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
+        return ToolResult(*(jnp.zeros(x.shape, x.dtype) for x in shapes), jnp.zeros((b,), bool))
 
-    tokens, length, status = jax.lax.cond(jnp.any(rows), call, skip, (response, opened, rows, i))
-    return ToolResult(tokens, length, status, jnp.zeros((b,), bool))
+    return jax.lax.cond(jnp.any(rows), call, skip, (response, opened, rows, i))
 
 
 def _emit(s: _Loop, i, tok, lp, *, eos_id, pad_id, spec, tool_hook) -> _Loop:
@@ -189,8 +205,7 @@ def _emit(s: _Loop, i, tok, lp, *, eos_id, pad_id, spec, tool_hook) -> _Loop:
     closed = policy & (tok == spec.call_end)
     over = closed & (t.calls >= spec.max_turns)
     rows = closed & ~over
-    res = _serve(spec, s.response, opened, rows, i)
-    res = tool_hook(res, rows, i) if tool_hook is not None else res
+    res = _serve(spec, s.response, opened, rows, i, tool_hook)
     status = jnp.where(over, LIMIT, res.status)
     aborted = t.aborted | over | (rows & res.abort)
     t = _Tools(
@@ -244,6 +259,7 @@ def generate(
     logits_hook: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     tools=None,
     tool_hook: Callable | None = None,
+    mesh=None,
 ) -> Rollout:
     """Samples group_size completions of each prompt; B = Bp × group_size rows.
 
@@ -258,13 +274,16 @@ def generate(
     positions are real context (`Rollout.valid`) but not the policy's tokens
     (`response_mask` 0, log-prob 0). `tool_hook(result, rows, i)` may change a round-trip's
     `ToolResult` (fault injection: a failing or corrupted tool).
+
+    With a `mesh` (`rftjax.parallel`), the KV cache is sharded like the batch (rows on the
+    data axes, kv heads on tensor).
     """
     hook = logits_hook or (lambda x, i: x)
     model = nnx.merge(graphdef, params)
     p = prompts.shape[1]
     n, length = max_new_tokens, p + max_new_tokens
     last_hidden, cache = prefill(model, prompts, prompt_mask, length)
-    cache = repeat_rows(cache, group_size)
+    cache = constrain_cache(repeat_rows(cache, group_size), mesh)
     prompts, prompt_mask = repeat_rows((prompts, prompt_mask), group_size)
     b = prompts.shape[0]
     prompt_valid = prompt_mask.astype(bool)
@@ -274,16 +293,7 @@ def generate(
     limit = jnp.where(sampling.max_tokens > 0, jnp.minimum(sampling.max_tokens, n), n)
     slots = jnp.arange(length)
 
-    zeros = jnp.zeros((b, n))
-    state = _Loop(
-        i=jnp.ones((), jnp.int32),
-        response=jnp.full((b, n), pad_id, jnp.int32),
-        logp=zeros,
-        mask=zeros,
-        done=jnp.zeros((b,), bool),
-        cache=cache,
-        tools=None if tools is None else _init_tools(b, n, tools),
-    )
+    state = _init_loop(b, n, pad_id, cache, tools)._replace(i=jnp.ones((), jnp.int32))
     emit = functools.partial(_emit, eos_id=eos_id, pad_id=pad_id, spec=tools, tool_hook=tool_hook)
     state = emit(state, jnp.zeros((), jnp.int32), tok, lp)
 
@@ -355,16 +365,7 @@ def generate_recompute(
     prompt_valid = prompt_mask.astype(bool)
     limit = jnp.where(sampling.max_tokens > 0, jnp.minimum(sampling.max_tokens, n), n)
     emit = functools.partial(_emit, eos_id=eos_id, pad_id=pad_id, spec=tools, tool_hook=tool_hook)
-    zeros = jnp.zeros((b, n))
-    init = _Loop(
-        i=jnp.zeros((), jnp.int32),
-        response=jnp.full((b, n), pad_id, jnp.int32),
-        logp=zeros,
-        mask=zeros,
-        done=jnp.zeros((b,), bool),
-        cache=None,
-        tools=None if tools is None else _init_tools(b, n, tools),
-    )
+    init = _init_loop(b, n, pad_id, None, tools)
 
     def body(i, s):
         real = s.mask if s.tools is None else s.mask + s.tools.obs

@@ -20,13 +20,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import faults
-from rftjax import models
+from rftjax import models, parallel
 from rftjax.checkpoint import Checkpointer
 from rftjax.config import TrainConfig
 from rftjax.knobs import knobs_from_dict, knobs_to_dict, make_knobs
 from rftjax.models import hf
 from rftjax.tasks import Task, make_task
-from rftjax.train import monitor
+from rftjax.train import manage, monitor
 from rftjax.train import warmup as wu
 from rftjax.train.logs import JsonlLog, MetricsWriter, read_jsonl, write_jsonl
 from rftjax.train.step import PromptBatch, TrainState, init_state, make_learner
@@ -111,9 +111,9 @@ class Evaluator:
     def __call__(self, policy) -> dict[str, float]:
         response = self.greedy(policy, self.batch.prompts, self.batch.prompt_mask)
         if self.reward is not None:
-            scores = jax.device_get(self.reward(response, self.batch.answers))
+            scores = parallel.fetch(self.reward(response, self.batch.answers))
         else:
-            texts = self.task.decode_responses(jax.device_get(response))
+            texts = self.task.decode_responses(parallel.fetch(response))
             scores = self.task.text_reward(texts, self.batch.answer_text)
         out = {
             "eval_accuracy": float(np.mean(scores["correct"])),
@@ -140,8 +140,11 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
     directory = os.path.join(os.path.abspath(cfg.workdir), "warmup")
     meta_path = os.path.join(directory, "fingerprint.json")
     ckpt = os.path.join(directory, "params")
+    # With several processes each one computes the same warm-up (its arrays are local to it,
+    # which Orbax's multi-host path does not save); the cache is for one process.
+    cache = jax.process_count() == 1
     with ocp.StandardCheckpointer() as checkpointer:
-        if os.path.exists(meta_path) and os.path.exists(ckpt):
+        if cache and os.path.exists(meta_path) and os.path.exists(ckpt):
             with open(meta_path, encoding="utf-8") as f:
                 if json.load(f) == fingerprint:
                     logging.info("warm-up: reusing cached weights from %s", directory)
@@ -165,6 +168,8 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
             state, loss = step_fn(state, b.prompts, b.prompt_mask, b.targets, b.target_mask)
             if (i + 1) % max(1, cfg.warmup_steps // 4) == 0:
                 logging.info("warm-up: step %d/%d loss %.4f", i + 1, cfg.warmup_steps, float(loss))
+        if not cache:
+            return state.params, time.time() - t0
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(ckpt):
             shutil.rmtree(ckpt)
@@ -175,9 +180,24 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
         return state.params, time.time() - t0
 
 
+def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """Fields in which a checkpoint's recorded config differs from ours. A field the record
+    lacks (added to TrainConfig after it was written) counts as its default value."""
+    fields = TrainConfig.__dataclass_fields__
+
+    def recorded(k):
+        if k in saved or k not in fields:
+            return saved.get(k)
+        f = fields[k]
+        return f.default if f.default is not dataclasses.MISSING else None
+
+    return sorted(k for k in ours if recorded(k) != ours[k])
+
+
 def _config_record(cfg: TrainConfig) -> dict[str, Any]:
     record = dataclasses.asdict(cfg)
-    for volatile in ("workdir", "resume", "steps"):
+    # The mesh is how, not what: a run may resume on another mesh (Orbax reshards on restore).
+    for volatile in ("workdir", "resume", "steps", "mesh"):
         record.pop(volatile)
     return record
 
@@ -194,6 +214,7 @@ class _Run(NamedTuple):
     record: dict
     fault: faults.Fault | None
     fault_params: faults.FaultParams | None
+    mesh: jax.sharding.Mesh | None = None  # None: one device
 
 
 def _setup(cfg: TrainConfig):
@@ -211,6 +232,7 @@ def _setup(cfg: TrainConfig):
     else:
         graphdef, params = models.create(model_cfg, cfg.seed)
     static = (model_cfg, type(task).__name__, task.jnp_reward, tok.eos_token_id, tok.pad_token_id)
+    mesh = parallel.make_mesh(cfg.mesh) if cfg.mesh else None
 
     def build():
         tools = task.tools.spec() if task.tools is not None else None
@@ -234,10 +256,11 @@ def _setup(cfg: TrainConfig):
             fault=fault,
             trajectories=cfg.record_trajectories,
             tools=tools,
+            mesh=mesh,
         )
         return learner, detector, fault
 
-    key = ("learner", *static, cfg.rl, cfg.fm, cfg.fault, cfg.record_trajectories)
+    key = ("learner", *static, cfg.rl, cfg.fm, cfg.fault, cfg.record_trajectories, mesh)
     learner, detector, fault = _compiled(key, build)
     evaluator = Evaluator(graphdef, task, max_new_tokens=cfg.rl.max_new_tokens, cache_key=static)
     checkpointer = Checkpointer(
@@ -252,7 +275,8 @@ def _setup(cfg: TrainConfig):
         checkpointer,
         _config_record(cfg),
         fault,
-        cfg.fault_params(),
+        parallel.replicate(cfg.fault_params(), mesh),
+        mesh,
     )
     return run, graphdef, params, detector
 
@@ -275,8 +299,8 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
             return forked
     if cfg.resume and latest is not None:
         saved = checkpointer.read_meta(latest)["config"]
-        if saved != run.record:
-            changed = sorted(k for k in run.record if saved.get(k) != run.record[k])
+        changed = _differences(saved, run.record)
+        if changed:
             hint = ""
             if "fault_onset" in changed:
                 hint = (
@@ -288,7 +312,8 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
                 f"configuration (differs in: {', '.join(changed)}){hint}"
             )
         target = init_state(params, cfg.rl, cfg.seed, detector, run.fault)
-        state, meta = checkpointer.restore(latest, target)
+        # Restored straight into the mesh's shardings (each process reads its own shards).
+        state, meta = checkpointer.restore(latest, parallel.place_state(target, run.mesh))
         logging.info("resumed from step %d in %s", latest, checkpointer.directory)
         evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
         return state, knobs_from_dict(meta["knobs"]), evals, 0.0
@@ -331,7 +356,7 @@ def _fork(run: _Run, params, detector):
             return None
         saved = other.read_meta(steps[-1])["config"]
         ours = {k: v for k, v in run.record.items() if k not in _FORK_FREE}
-        changed = sorted(k for k in ours if saved.get(k) != ours[k])
+        changed = _differences(saved, ours)
         if changed or saved.get("fault") != "none":
             raise ValueError(
                 f"fork_from={source} is not this run without its fault "
@@ -367,12 +392,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     run_, graphdef, params, detector = _setup(cfg)
     try:
         state, knobs, evals, warmup_seconds = _start_or_resume(run_, graphdef, params, detector)
+        state = parallel.place_state(state, run_.mesh)
+        knobs = parallel.replicate(knobs, run_.mesh)
         initial = evals["initial"]
         start = int(state.step)
-        metrics_log = MetricsWriter(run_.workdir, resume_step=start)
+        # With several processes, process 0 alone writes the logs (they hold global values).
+        primary = jax.process_index() == 0
+        metrics_log = MetricsWriter(run_.workdir, resume_step=start) if primary else _Quiet()
         events = JsonlLog(os.path.join(run_.workdir, "events.jsonl"), resume_step=start)
+        if not primary:
+            events = _Quiet()
+        if run_.mesh is not None:  # a bad restore or placement shows before the first step
+            _check_replicas(run_, state, start, events)
         traj_log = None
-        if cfg.record_trajectories:
+        if cfg.record_trajectories and primary:
             path = os.path.join(run_.workdir, "trajectories.jsonl")
             traj_log = JsonlLog(path, resume_step=start)
         t_rl = time.time()
@@ -406,17 +439,47 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "fault": cfg.fault_record(),
         "fm": cfg.fm,
         "alarms": [{"step": e["step"], "signals": e["signals"]} for e in alarms],
-        "diagnoses": [],
-        "actions": [],
-        "halted": False,
+        **_remediation_summary(_read_events(events.path)),
     }
     for name in ("eval_tool_rate", "eval_tool_rate_correct"):  # tool tasks
         if name in final:
             summary[f"{name}_initial"] = initial.get(name)
             summary[f"{name}_final"] = final[name]
-    with open(os.path.join(run_.workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_.workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
     return summary
+
+
+class _Quiet:
+    """The logs of a process other than 0: written by process 0 only."""
+
+    path = os.devnull
+
+    def write(self, record) -> None:
+        del record
+
+    def write_step(self, step, values) -> None:
+        del step, values
+
+    def cut(self, step) -> None:
+        del step
+
+    def close(self) -> None:
+        pass
+
+
+def _remediation_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's record of the closed loop (`--fm=full`), from events.jsonl."""
+    of = lambda kind: [e for e in records if e["event"] == kind]
+    halts = of("halt")
+    return {
+        "diagnoses": of("diagnosis"),
+        "actions": of("action"),
+        "verifications": of("verification"),
+        "halted": bool(halts),
+        "halt_report": halts[-1] if halts else None,
+    }
 
 
 def _read_events(path: str) -> list[dict[str, Any]]:
@@ -430,11 +493,16 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
     # A resumed run that has nothing left to do reports the evaluation its checkpoint holds.
     start, initial, final = int(state.step), evals["initial"], evals["last"]
     pending: list = []  # (step, metrics on device) of the step not yet read
+    manager = None
+    if cfg.fm == "full":  # the closed loop: diagnosis, rollback, knobs, verification, halt
+        manager = manage.Manager(run.checkpointer, rl, state, knobs, window=cfg.fm_window)
+        if start:
+            manager.controller.resume(run.checkpointer.read_meta(start))
 
     def flush(extra=None):
         while pending:
             step_no, metrics = pending.pop()
-            metrics = jax.device_get(metrics)
+            metrics = parallel.fetch(metrics)
             rows = metrics.pop("trajectories", None)
             if traj_log is not None:
                 traj_log.write({"step": step_no, **{k: v.tolist() for k, v in rows.items()}})
@@ -444,6 +512,11 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
                 event = _alarm_event(step_no, values)
                 events.write(event)
                 logging.warning("step %d: alarm on %s", step_no, ", ".join(event["signals"]))
+            if manager is not None:
+                with jax.transfer_guard("allow"):  # a restore reads a checkpoint
+                    for event in manager.observe(step_no, values):
+                        events.write(event)
+                        logging.warning("step %d: %s", step_no, json.dumps(event))
             if step_no % cfg.log_every == 0 or step_no == cfg.steps:
                 rate = (step_no - start) / max(time.time() - t_rl, 1e-9)
                 logging.info(
@@ -457,13 +530,41 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
                     rate,
                 )
 
-    for step_no in range(start + 1, cfg.steps + 1):
-        raw = task.train_batch(step_no - 1, rl.prompts_per_step)
+    def managed() -> bool:
+        """After a flush: applies the remediator's rollback (dropping the results of steps
+        after the restored one) or halt. True if the loop must go on from there."""
+        nonlocal state, step_no
+        if manager is None:
+            return False
+        if manager.controller.halt_report is not None:
+            step_no = cfg.steps  # ends the loop
+            return True
+        restored = manager.controller.take_restore(step_no)
+        if restored is None:
+            return False
+        pending.clear()
+        with jax.transfer_guard("allow"):
+            state = parallel.place_state(manager.controller.state, run.mesh)
+        step_no = restored
+        for log in (metrics_log, traj_log):
+            if log is not None:
+                log.cut(step_no)
+        return True
+
+    step_no = start
+    while step_no < cfg.steps:
+        step_no += 1
+        offset = 0 if manager is None else manager.controller.data_offset
+        raw = task.train_batch(step_no - 1 + offset, rl.prompts_per_step)
         # Inside the hot loop every transfer is explicit: an implicit one is a bug (a hidden
         # host sync) and raises.
         with jax.transfer_guard("disallow"):
-            batch = jax.device_put(to_prompt_batch(raw))
+            batch = parallel.place_batch(to_prompt_batch(raw), run.mesh)
             fparams = run.fault_params
+            if manager is not None:
+                # A remedy's new knobs are made on one device: onto the mesh with the rest.
+                knobs = parallel.replicate(manager.controller.knob_values, run.mesh)
+                fparams = manager.controller.shifted(fparams)
             if "step" in run.learner:
                 state, metrics = run.learner["step"](state, batch, knobs, fparams)
             else:
@@ -473,6 +574,8 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
                 )
             flush()  # the previous step's metrics: read one step late
             pending.append((step_no, metrics))
+        if managed():
+            continue
         last = step_no == cfg.steps
         if step_no % cfg.eval_every == 0 or last:
             final = run.evaluator(state.params["policy"])
@@ -480,6 +583,10 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
             logging.info("step %d: held-out accuracy %.3f", step_no, final["eval_accuracy"])
         if step_no % cfg.checkpoint_every == 0 or last:
             flush()
+            if managed():
+                continue
+            if run.mesh is not None:
+                _check_replicas(run, state, step_no, events)
             meta = {
                 "config": run.record,
                 "knobs": knobs_to_dict(knobs),
@@ -487,9 +594,32 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
                 "eval_last": final,
                 "data_cursor": step_no,
             }
+            if manager is not None:
+                meta.update(manager.controller.progress())
             run.checkpointer.save(step_no, state, meta)
+            if manager is not None:
+                manager.saved(step_no)
     flush()
+    if manager is not None and manager.controller.halt_report is not None:
+        final = run.evaluator(state.params["policy"])  # where the halted run stands
     return state, final
+
+
+def _check_replicas(run: _Run, state, step_no: int, events) -> None:
+    """fm's cross-replica invariant (`fm.integrity`): every copy of a replicated block of the
+    weights, reference weights and optimizer moments must agree bit for bit; else an alarm.
+
+    Checked after placement or restore and before every checkpoint save. (Inside a step XLA
+    may compute a replicated update once per shard and all-gather it, which overwrites a
+    diverged copy: a check between steps sees what a step would silently paper over.)"""
+    check = _compiled(("integrity", run.mesh), lambda: parallel.make_integrity_check(run.mesh))
+    tree = {"params": state.params, "ref_params": state.ref_params, "opt": state.opt_state}
+    bad = parallel.diverged(check(tree))
+    if bad:
+        events.write(
+            {"step": step_no, "event": "alarm", "signals": ["replica_checksum"], "leaves": bad}
+        )
+        logging.error("step %d: replicas disagree on %s", step_no, ", ".join(bad))
 
 
 def _text_step(learner, task: Task, state: TrainState, batch: PromptBatch, knobs, fparams, answers):
@@ -497,6 +627,7 @@ def _text_step(learner, task: Task, state: TrainState, batch: PromptBatch, knobs
     if fparams is not None:
         state = learner["prepare"](state, fparams)
     rollout = learner["rollout"](state, batch, knobs, fparams)
-    texts = task.decode_responses(jax.device_get(rollout.response))
+    texts = task.decode_responses(parallel.fetch(rollout.response))
     rewards = {k: np.asarray(v, np.float32) for k, v in task.text_reward(texts, answers).items()}
-    return learner["learn"](state, rollout, jax.device_put(rewards), knobs, fparams)
+    rewards = parallel.place_batch(rewards, parallel.mesh_of(batch.prompts))
+    return learner["learn"](state, rollout, rewards, knobs, fparams)

@@ -20,6 +20,7 @@ from faults import Fault, FaultParams
 from fm import stats as fs
 from fm.detect import Detector
 from rftjax import algorithms as alg
+from rftjax import parallel
 from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
 from rftjax.sampling import Rollout, SamplingParams, generate, repeat_rows, response_logprobs
@@ -150,6 +151,7 @@ def make_learner(
     fault: Fault | None = None,
     trajectories: bool = False,
     tools=None,
+    mesh=None,
 ):
     """Returns compiled `prepare`, `rollout`, `learn`, and (jnp reward) the fused `step`.
 
@@ -175,6 +177,11 @@ def make_learner(
 
     With `trajectories`, the metrics also hold "trajectories": a dict of per-completion arrays
     [B] (see `trajectory_record`) for FaultBench's trajectory-level records.
+
+    With a `mesh` (`rftjax.parallel.make_mesh`), the state must be placed by
+    `parallel.place_state` and batches by `parallel.place_batch`: rollout and learning run
+    SPMD on that mesh, the KV cache is sharded like the batch, and every returned state is
+    constrained to the shardings it came in with (so the next call does not recompile).
     """
     optimizer = make_optimizer(cfg)
     hooks = fault.hooks if fault is not None else faults.NO_HOOKS
@@ -188,9 +195,10 @@ def make_learner(
 
     def prepare(state: TrainState, fparams: FaultParams | None = None) -> TrainState:
         ctx = fault_ctx(state, fparams)
-        return state._replace(
+        state = state._replace(
             params=hooks.params(state.params, ctx), opt_state=hooks.opt_state(state.opt_state, ctx)
         )
+        return parallel.constrain_state(state, mesh)
 
     def rollout(state: TrainState, batch: PromptBatch, knobs: Knobs, fparams=None) -> Rollout:
         ctx = fault_ctx(state, fparams)
@@ -216,6 +224,7 @@ def make_learner(
             logits_hook=None if fault is None else (lambda x, i: hooks.logits(x, i, ctx)),
             tools=tools,
             tool_hook=None if fault is None else (lambda r, rows, i: tool_hook(r, rows, i, ctx)),
+            mesh=mesh,
         )
         return ro._replace(logp=hooks.rollout_logprobs(ro.logp, ro.response_mask, ctx))
 
@@ -411,7 +420,7 @@ def make_learner(
             new_state = new_state._replace(fm=fm_state)
         if trajectories:
             metrics["trajectories"] = rows
-        return new_state, metrics
+        return parallel.constrain_state(new_state, mesh), metrics
 
     fns: dict[str, Any] = {
         "prepare": jax.jit(prepare, donate_argnums=0),
