@@ -7,12 +7,17 @@ KL to the reference flat: sampler / trainer mismatch". It returns every type ran
 confidence, its family, and the evidence in words.
 
 The inputs are plain records (one dict of statistics a step, as a trainer logs them), so any
-trainer that computes `fm.stats` can use it. A learned diagnoser can take the same inputs.
+trainer that computes `fm.stats` can use it. `Learned` is the second diagnoser, with the same
+inputs and outputs: a multinomial logistic model over the same shifts of every statistic the
+taxonomy names, trained on FaultBench records (`fit`; `launch.faultbench train-diagnoser`) and
+shipped as a small JSON artifact read with numpy alone.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -179,3 +184,150 @@ def _words(name: str, before: float, after: float, z: float) -> str:
         return f"{name} flat at {after:.3g}"
     arrow = "up" if z > 0 else "down"
     return f"{name} {arrow}: {after:.3g} against {before:.3g} before ({z:+.1f}σ)"
+
+
+# -- the learned diagnoser ---------------------------------------------------------------------
+
+MODEL_VERSION = 1
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "artifacts", "diagnoser.json")
+# Every statistic the taxonomy names, plus its invariants: the learned model's inputs.
+FEATURES: tuple[str, ...] = tuple(
+    sorted({name for t in taxonomy.CATALOG for name, _ in t.signals} | set(INVARIANTS))
+)
+
+
+def features(records: Sequence[Mapping[str, float]], alarm_index: int) -> np.ndarray:
+    """f64[len(FEATURES)]: each statistic's shift since the alarm (robust z against the steps
+    before it, with the detector's floors), squashed to ±50; 0 for a statistic not logged."""
+    floors = _floors()
+    before, after = records[:alarm_index], records[alarm_index:]
+    out = np.zeros(len(FEATURES))
+    for j, name in enumerate(FEATURES):
+        b, a = _series(before, name), _series(after, name)
+        if not np.isfinite(b).any() and not np.isfinite(a).any():
+            continue
+        if name in INVARIANTS:  # counts that must be 0: their size is the evidence
+            a = a[np.isfinite(a)]
+            out[j] = 50.0 * math.tanh(float(np.max(a, initial=0.0)) / 5.0)
+            continue
+        z = shift(b, a, floors.get(name, 0.0))[2] if np.isfinite(b).any() else 0.0
+        out[j] = 50.0 * math.tanh(z / 50.0) if math.isfinite(z) else 50.0 * np.sign(z)
+    return out
+
+
+class Model(NamedTuple):
+    """A multinomial logistic model over standardized `features`."""
+
+    version: int
+    features: tuple[str, ...]
+    classes: tuple[str, ...]  # type ids
+    mean: np.ndarray  # [F]
+    scale: np.ndarray  # [F]
+    coef: np.ndarray  # [C, F]
+    intercept: np.ndarray  # [C]
+    info: dict  # how it was trained (data, split, sizes, accuracy)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        logits = self.coef @ ((x - self.mean) / self.scale) + self.intercept
+        p = np.exp(logits - logits.max())
+        return p / p.sum()
+
+
+def save_model(model: Model, path: str) -> None:
+    record = {
+        "version": model.version,
+        "features": list(model.features),
+        "classes": list(model.classes),
+        "mean": model.mean.tolist(),
+        "scale": model.scale.tolist(),
+        "coef": model.coef.tolist(),
+        "intercept": model.intercept.tolist(),
+        "info": model.info,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+
+
+def load_model(path: str = DEFAULT_MODEL) -> Model:
+    """Reads a model written by `save_model`; refuses another version or feature set."""
+    with open(path, encoding="utf-8") as f:
+        r = json.load(f)
+    if r.get("version") != MODEL_VERSION:
+        raise ValueError(f"{path}: diagnoser version {r.get('version')}, need {MODEL_VERSION}")
+    if tuple(r["features"]) != FEATURES:
+        raise ValueError(f"{path}: trained on other features than this fm's {len(FEATURES)}")
+    arr = lambda k: np.asarray(r[k], np.float64)
+    return Model(
+        r["version"], tuple(r["features"]), tuple(r["classes"]), arr("mean"), arr("scale"),
+        arr("coef"), arr("intercept"), r.get("info", {}),
+    )  # fmt: skip
+
+
+def fit(
+    x: np.ndarray,
+    labels: Sequence[str],
+    *,
+    l2: float = 1e-2,
+    steps: int = 3000,
+    lr: float = 0.5,
+    info: dict | None = None,
+) -> Model:
+    """Multinomial logistic regression by full-batch gradient descent (deterministic, numpy
+    only): x [N, F] from `features`, labels [N] type ids."""
+    classes = tuple(sorted(set(labels)))
+    y = np.array([classes.index(t) for t in labels])
+    mean = x.mean(0)
+    # Features are z-scores: spread below 1σ across examples is noise, not to be amplified.
+    scale = np.maximum(x.std(0), 1.0)
+    xs = (x - mean) / scale
+    onehot = np.eye(len(classes))[y]
+    coef = np.zeros((len(classes), x.shape[1]))
+    intercept = np.zeros(len(classes))
+    for _ in range(steps):
+        logits = xs @ coef.T + intercept
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        err = (p - onehot) / len(y)
+        coef -= lr * (err.T @ xs + l2 * coef)
+        intercept -= lr * err.sum(0)
+    return Model(MODEL_VERSION, FEATURES, classes, mean, scale, coef, intercept, info or {})
+
+
+class Learned:
+    """The learned diagnoser: `Learned(model)(records, alarm_index, flagged=...)` returns a
+    `Diagnosis` like `diagnose` (types the model never saw get confidence 0; the evidence is
+    the rules' for the chosen type). A broken hard invariant (non-finite gradients or weights,
+    mask/length, advantage sign) is decisive here as in the rules: their diagnosis is returned."""
+
+    def __init__(self, model: Model | None = None) -> None:
+        self.model = model or load_model()
+
+    def __call__(
+        self,
+        records: Sequence[Mapping[str, float]],
+        alarm_index: int,
+        *,
+        flagged: Sequence[str] = (),
+    ) -> Diagnosis:
+        after = records[alarm_index:]
+        for name in INVARIANTS:
+            values = _series(after, name)
+            if np.any(values[np.isfinite(values)] > 0):
+                return diagnose(records, alarm_index, flagged=flagged)
+        p = self.model.probabilities(features(records, alarm_index))
+        conf = dict(zip(self.model.classes, p.tolist(), strict=True))
+        ranked = sorted((t.id for t in taxonomy.CATALOG), key=lambda t: -conf.get(t, 0.0))
+        by_family: dict[str, float] = {}
+        for t in ranked:
+            family = taxonomy.get(t).family
+            by_family[family] = by_family.get(family, 0.0) + conf.get(t, 0.0)
+        top = ranked[0]
+        evidence = diagnose(records, alarm_index, flagged=flagged, types=[top]).evidence
+        return Diagnosis(
+            ranking=tuple((t, conf.get(t, 0.0)) for t in ranked),
+            family=taxonomy.get(top).family,
+            family_confidence=by_family[taxonomy.get(top).family],
+            evidence=evidence,
+        )
+

@@ -17,6 +17,12 @@
       seed, on the default config; prints final held-out accuracy versus clean (mean over
       seeds) as a Markdown table and writes it to DIR/severity.{json,md}. Resumable.
 
+  train-diagnoser --data DIR[,DIR...] --out MODEL.json [--window 50]
+      Fits the learned diagnoser (`fm.diagnose.Learned`) on the train split's faulted runs at
+      their first alarm within the window, scores it and the rule diagnoser on the eval split
+      (held out: other seeds) and on the train split, and writes the model (JSON, read with
+      numpy alone; the package ships one at fm/artifacts/diagnoser.json).
+
 This file only parses flags and calls the libraries (`rftjax.campaign`, `fm.bench`).
 """
 
@@ -30,16 +36,20 @@ import time
 from absl import app, flags
 
 import faults
+from fm import diagnose as fm_diagnose
 from fm.bench import baselines
+from fm.bench import diagnosis as fb_diagnosis
 from fm.bench import records as fb_records
 from fm.bench import report as fb_report
 from launch import common
 from rftjax import campaign
 
-COMMANDS = ("generate", "evaluate", "severity")
+COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser")
 flags.DEFINE_string("out", None, "Campaign folder (generate, severity) or report path (evaluate).")
 flags.DEFINE_string("spec", None, "generate: a campaign spec JSON file, or standard / smoke.")
-flags.DEFINE_string("data", None, "evaluate: a folder written by generate.")
+flags.DEFINE_string(
+    "data", None, "evaluate: a folder written by generate; train-diagnoser: one or more."
+)
 flags.DEFINE_string("detector", "all", "evaluate: comma-separated detectors, or 'all'.")
 flags.DEFINE_integer("window", 50, "evaluate: W, steps after onset in which an alarm detects.")
 flags.DEFINE_enum("split", "eval", ("train", "eval", "all"), "evaluate: runs to score.")
@@ -139,12 +149,60 @@ def evaluate() -> None:
     print(text)
 
 
+def train_diagnoser() -> None:
+    if not FLAGS.data:
+        raise app.UsageError("--data is required (folders written by generate, comma-separated)")
+    try:
+        loaded = [(d, fb_records.load(d)) for d in FLAGS.data.split(",") if d]
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    split = {
+        name: [
+            ex
+            for _, r in loaded
+            for ex in fb_diagnosis.examples(r, split=name, window=FLAGS.window)
+        ]
+        for name in ("train", "eval")
+    }
+    try:
+        model = fb_diagnosis.train(split["train"])
+    except ValueError as e:
+        _fail(str(e))
+    scores = {
+        (who, name): fb_diagnosis.accuracy(fn, split[name])
+        for who, fn in (("learned", fm_diagnose.Learned(model)), ("rules", fm_diagnose.diagnose))
+        for name in ("train", "eval")
+    }
+    info = {
+        "data": [os.path.abspath(d) for d, _ in loaded],
+        "window": FLAGS.window,
+        "examples": {k: len(v) for k, v in split.items()},
+        "accuracy": {f"{who}/{name}": v for (who, name), v in scores.items()},
+    }
+    fm_diagnose.save_model(model._replace(info=info), FLAGS.out)
+    print(f"examples: train {len(split['train'])}, eval {len(split['eval'])}; wrote {FLAGS.out}")
+    print("| diagnoser | split | top-1 (macro) | top-3 (macro) | family (macro) | top-1 (micro) |")
+    print("|---|---|---|---|---|---|")
+    for (who, name), v in scores.items():
+        if v.get("examples"):
+            print(
+                f"| {who} | {name} | {v['top1_macro']:.3f} | {v['top3_macro']:.3f} | "
+                f"{v['family_macro']:.3f} | {v['top1_micro']:.3f} |"
+            )
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command: {', '.join(COMMANDS)}")
     if not FLAGS.out:
         raise app.UsageError("--out is required (the campaign folder, or the report path)")
-    {"generate": generate, "evaluate": evaluate, "severity": severity}[argv[1]]()
+    commands = {
+        "generate": generate,
+        "evaluate": evaluate,
+        "severity": severity,
+        "train-diagnoser": train_diagnoser,
+    }
+    commands[argv[1]]()
 
 
 if __name__ == "__main__":
