@@ -330,4 +330,3 @@ class Learned:
             family_confidence=by_family[taxonomy.get(top).family],
             evidence=evidence,
         )
-
