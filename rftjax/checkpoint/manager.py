@@ -55,6 +55,8 @@ class Checkpointer:
             return [int(s) for s in json.load(f)]
 
     def _write_pins(self) -> None:
+        if jax.process_index() != 0:  # every process holds the pins; one writes the file
+            return
         path = os.path.join(self.directory, _PINS)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

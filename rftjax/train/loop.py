@@ -399,9 +399,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # With several processes, process 0 alone writes the logs (they hold global values).
         primary = jax.process_index() == 0
         metrics_log = MetricsWriter(run_.workdir, resume_step=start) if primary else _Quiet()
-        events = JsonlLog(os.path.join(run_.workdir, "events.jsonl"), resume_step=start)
-        if not primary:
-            events = _Quiet()
+        # Constructing a log on resume rewrites the file: process 0's alone.
+        events_path = os.path.join(run_.workdir, "events.jsonl")
+        events = JsonlLog(events_path, resume_step=start) if primary else _Quiet()
         if run_.mesh is not None:  # a bad restore or placement shows before the first step
             _check_replicas(run_, state, start, events)
         traj_log = None
