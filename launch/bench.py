@@ -82,14 +82,26 @@ def _setup(values) -> _Setup:
     return _Setup(task, cfg.rl, graphdef, params)
 
 
+def _learner(setup: _Setup, **options):
+    """The compiled learner of the benchmark's task and model (with its tools, if any)."""
+    tok = setup.task.tokenizer
+    return make_learner(
+        setup.graphdef,
+        setup.rl,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        reward_fn=setup.task.jnp_reward,
+        tools=setup.task.tool_spec(),
+        **options,
+    )
+
+
 def bench_step(values, repeats: int) -> dict:
-    task, rl, graphdef, params = _setup(values)
+    setup = _setup(values)
+    task, rl, graphdef, params = setup
     if task.jnp_reward is None:
         raise ValueError(f"--what=step needs a task with a compiled reward, not {values.task!r}")
-    tok = task.tokenizer
-    learner = make_learner(
-        graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, reward_fn=task.jnp_reward
-    )
+    learner = _learner(setup)
     knobs = make_knobs(**common.knob_values(values))
     batches = [to_prompt_batch(task.train_batch(i, rl.prompts_per_step)) for i in range(8)]
     holder = {"state": init_state(params, rl, values.seed), "i": 0}
@@ -189,18 +201,8 @@ def _alternate(a: dict, b: dict, batches, knobs, repeats: int) -> tuple[np.ndarr
 
 def _runner(setup: _Setup, values, batches, knobs, *, detector=None, fault=None, fparams=None):
     """A compiled step with its own copy of the state, compiled and run three times."""
-    task, rl, graphdef, params = setup
-    tok = task.tokenizer
-    learner = make_learner(
-        graphdef,
-        rl,
-        eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id,
-        reward_fn=task.jnp_reward,
-        detector=detector,
-        fault=fault,
-        tools=task.tools.spec() if task.tools is not None else None,
-    )
+    learner = _learner(setup, detector=detector, fault=fault)
+    rl, params = setup.rl, setup.params
     state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, detector, fault)
     memory = _memory_bytes(learner["step"], state, batches[0], knobs, fparams)
     v = {"step": learner["step"], "state": state, "fparams": fparams, "memory": memory}
@@ -224,7 +226,7 @@ def bench_fault_overhead(values, repeats: int) -> dict:
     rl = setup.rl
     knobs = make_knobs(**common.knob_values(values))
     batches = _batches(setup)
-    tools = setup.task.tools.spec() if setup.task.tools is not None else None
+    tools = setup.task.tool_spec()
     fault_setup = faults.Setup(rl.group_size, rl.max_new_tokens, rl.normalize_adv_std, tools)
     clean = _runner(setup, values, batches, knobs)
     out = {}
@@ -398,17 +400,10 @@ def bench_scaling(values, repeats: int) -> list[dict] | dict:
                     raise RuntimeError(f"{layout}:{n} failed:\n{proc.stderr[-3000:]}")
                 points.append(json.loads(lines[-1][len("SCALING ") :]))
         return points
-    task, rl, graphdef, params = _setup(values)
+    setup = _setup(values)
+    task, rl, graphdef, params = setup
     mesh = parallel.make_mesh(values.mesh)
-    tok = task.tokenizer
-    learner = make_learner(
-        graphdef,
-        rl,
-        eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id,
-        reward_fn=task.jnp_reward,
-        mesh=mesh,
-    )
+    learner = _learner(setup, mesh=mesh)
     knobs = parallel.replicate(make_knobs(**common.knob_values(values)), mesh)
     batches = [
         parallel.place_batch(to_prompt_batch(task.train_batch(i, rl.prompts_per_step)), mesh)

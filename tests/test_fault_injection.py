@@ -42,7 +42,7 @@ def _cfg(task):
 
 
 def _setup(task):
-    tools = task.tools.spec() if task.tools is not None else None
+    tools = task.tool_spec()
     return faults.Setup(_cfg(task).group_size, _cfg(task).max_new_tokens, tools=tools), tools
 
 

@@ -155,8 +155,11 @@ def freeze(batch: Batch) -> Batch:
 
 
 def decode_ids(tokenizer: PreTrainedTokenizerFast, response: np.ndarray) -> list[str]:
-    """Decodes int ``[B, N]`` responses: text up to (excluding) the first EOS, pads dropped."""
-    pad_id, _, eos_id = _special_ids(tokenizer)
+    """Decodes int ``[B, N]`` responses: text up to (excluding) the first EOS, pads dropped.
+    Needs pad and EOS only (a tokenizer without BOS, such as Qwen2's, decodes too)."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad_id is None or eos_id is None:
+        raise ValueError(f"tokenizer needs pad and eos tokens; got (pad, eos)=({pad_id}, {eos_id})")
     rows = []
     for row in np.asarray(response).tolist():
         if eos_id in row:
@@ -200,6 +203,10 @@ class Task(abc.ABC):
         """Scores decoded responses: ``{reward, correct, format}``, each float32 ``[B]``."""
 
     tools = None  # a `rftjax.tools.ToolEnv` for tasks whose policy may call tools
+
+    def tool_spec(self):
+        """What the compiled sampler needs of `tools` (a `rftjax.tools.ToolSpec`), or None."""
+        return self.tools.spec() if self.tools is not None else None
 
     def demo_batch(self, step: int, batch_size: int) -> Demo:
         """Warm-up demonstrations: by default training batch ``step`` with its answers."""

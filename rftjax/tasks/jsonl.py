@@ -182,6 +182,3 @@ class JsonlTask(Task):
 
     def text_reward(self, responses: Sequence[str], answers: Sequence[str]) -> RewardDict:
         return self._reward(responses, answers)
-
-    def decode_responses(self, response: np.ndarray) -> list[str]:
-        return text.decode(self.tokenizer, response)

@@ -107,14 +107,3 @@ def make_batch(
     prompts, mask = encode_prompts(tokenizer, prompt_texts, prompt_len)
     answers = encode_answers(tokenizer, answer_texts, answer_len)
     return Batch(prompts, mask, answers, tuple(answer_texts))
-
-
-def decode(tokenizer, response: np.ndarray) -> list[str]:
-    """Texts of int ``[B, N]`` responses, up to (excluding) the first EOS, pads dropped."""
-    pad, _, eos = special_ids(tokenizer)
-    rows = []
-    for row in np.asarray(response).tolist():
-        if eos in row:
-            row = row[: row.index(eos)]
-        rows.append([t for t in row if t != pad])
-    return list(tokenizer.batch_decode(rows, skip_special_tokens=False)) if rows else []

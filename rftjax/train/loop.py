@@ -97,7 +97,7 @@ class Evaluator:
                 max_new_tokens=max_new_tokens,
                 eos_id=tok.eos_token_id,
                 pad_id=tok.pad_token_id,
-                tools=task.tools.spec() if task.tools is not None else None,
+                tools=task.tool_spec(),
             )
 
         if cache_key is None:
@@ -235,7 +235,7 @@ def _setup(cfg: TrainConfig):
     mesh = parallel.make_mesh(cfg.mesh) if cfg.mesh else None
 
     def build():
-        tools = task.tools.spec() if task.tools is not None else None
+        tools = task.tool_spec()
         detector = None
         if cfg.fm != "off":
             detector = monitor.make_detector(cfg.rl.algo, tools=tools is not None)
