@@ -86,6 +86,7 @@ _TRAIN_KEYS = (
     "checkpoint_every",
     "keep_checkpoints",
     "log_every",
+    "init_seed",
 )
 _RL_KEYS = tuple(f.name for f in dataclasses.fields(RLConfig))
 OVERRIDE_KEYS = (*_TRAIN_KEYS, *_RL_KEYS, "knobs")
@@ -133,6 +134,8 @@ def config_of(base: TrainConfig, out: str, run: Run) -> TrainConfig:
     else:
         extra.update(fork_from=os.path.join(out, twin_name(run.seed, run.config)))
         extra.update(keep_checkpoints=1)  # only for resuming: nothing forks from a faulted run
+    # Runs share one warm-up cache: with a fixed init_seed, one warm-up serves every seed.
+    extra.update(warmup_cache=os.path.join(out, "warmup"))
     return dataclasses.replace(cfg, workdir=workdir, seed=run.seed, resume=resume, **extra)
 
 

@@ -281,9 +281,9 @@ def _with_context(where: str, fn: Callable[[], Any]) -> Any:
 
 
 def base_config(workdir: str, base: dict[str, Any]) -> TrainConfig:
-    """Trainer defaults with the campaign's base settings, the in-step detector on and
-    trajectories recorded."""
-    cfg = TrainConfig(workdir=workdir, fm="detect", record_trajectories=True)
+    """Trainer defaults with the campaign's base settings, the in-step detector on,
+    trajectories recorded and no TensorBoard events."""
+    cfg = TrainConfig(workdir=workdir, fm="detect", record_trajectories=True, tensorboard=False)
     return apply_overrides(cfg, base)
 
 
@@ -348,8 +348,15 @@ def builtin_spec(name: str) -> dict[str, Any]:
         return {
             "name": "standard",
             "description": "every injectable type × 3 severities × onsets × seeds, 300 steps, "
-            "a clean twin per seed with two faulted runs forked from it",
-            "base": {"steps": 300, "checkpoint_every": 75, "eval_every": 100, "log_every": 100},
+            "a clean twin per seed with two faulted runs forked from it; every run starts RL "
+            "from one warmed-up model (init_seed 0), seeds vary the RL data and sampling",
+            "base": {
+                "steps": 300,
+                "checkpoint_every": 75,
+                "eval_every": 100,
+                "log_every": 100,
+                "init_seed": 0,
+            },
             "splits": {"train": train, "eval": evaluate},
             "grid": [
                 {

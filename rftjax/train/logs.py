@@ -72,20 +72,25 @@ class JsonlLog:
 class MetricsWriter(JsonlLog):
     """metrics.jsonl plus the same scalars as TensorBoard events."""
 
-    def __init__(self, workdir: str, *, resume_step: int = 0):
+    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
         super().__init__(os.path.join(workdir, "metrics.jsonl"), resume_step=resume_step)
         # purge_step drops TensorBoard events of steps that a resumed run writes again.
-        self._tb = SummaryWriter(
-            os.path.join(workdir, "tensorboard"),
-            purge_step=resume_step + 1 if resume_step else None,
-        )
+        self._tb = None
+        if tensorboard:
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"),
+                purge_step=resume_step + 1 if resume_step else None,
+            )
 
     def write_step(self, step: int, values: dict[str, Any]) -> None:
         self.write({"step": int(step), **values})
+        if self._tb is None:
+            return
         for name, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(name, value, step)
 
     def close(self) -> None:
         super().close()
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -8,6 +8,7 @@ in the hot loop except at evaluation and checkpoint steps.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -126,31 +127,45 @@ class Evaluator:
         return out
 
 
-def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
-    """Supervised warm-up, cached in workdir/warmup keyed by everything that shapes it."""
-    fingerprint = {
+def _warmup_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    return {
         "model": cfg.model,
         "model_overrides": cfg.model_overrides,
         "task": cfg.task,
-        "seed": cfg.seed,
+        "seed": cfg.model_seed,
         "steps": cfg.warmup_steps,
         "batch": cfg.warmup_batch_size,
         "lr": cfg.warmup_lr,
     }
-    directory = os.path.join(os.path.abspath(cfg.workdir), "warmup")
-    meta_path = os.path.join(directory, "fingerprint.json")
-    ckpt = os.path.join(directory, "params")
+
+
+def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
+    """Supervised warm-up, cached by everything that shapes it.
+
+    The cache (`cfg.warmup_cache`, default workdir/warmup) holds one folder per fingerprint,
+    published by an atomic rename: runs in several processes may share it, and a warm-up cut
+    short by a crash is never read."""
+    fingerprint = _warmup_fingerprint(cfg)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = os.path.abspath(cfg.warmup_cache or os.path.join(cfg.workdir, "warmup"))
+    directory = os.path.join(cache_dir, key)
     # With several processes each one computes the same warm-up (its arrays are local to it,
     # which Orbax's multi-host path does not save); the cache is for one process.
     cache = jax.process_count() == 1
     with ocp.StandardCheckpointer() as checkpointer:
-        if cache and os.path.exists(meta_path) and os.path.exists(ckpt):
-            with open(meta_path, encoding="utf-8") as f:
-                if json.load(f) == fingerprint:
-                    logging.info("warm-up: reusing cached weights from %s", directory)
-                    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
-                    return checkpointer.restore(ckpt, abstract), 0.0
+        if cache and os.path.exists(os.path.join(directory, "fingerprint.json")):
+            logging.info("warm-up: reusing cached weights from %s", directory)
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+            return checkpointer.restore(os.path.join(directory, "params"), abstract), 0.0
         t0 = time.time()
+        if cfg.model_seed != task.seed:  # demonstrations follow the warm-up's seed
+            task = make_task(
+                cfg.task,
+                seed=cfg.model_seed,
+                eval_size=cfg.eval_size,
+                tokenizer=task.tokenizer,
+                **cfg.task_options(),
+            )
         optimizer = wu.sft_optimizer(cfg.warmup_lr)
         step_fn = wu.make_sft_step(graphdef, optimizer, pad_id=task.tokenizer.pad_token_id)
         state = wu.SFTState(params, optimizer.init(params))
@@ -170,13 +185,17 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
                 logging.info("warm-up: step %d/%d loss %.4f", i + 1, cfg.warmup_steps, float(loss))
         if not cache:
             return state.params, time.time() - t0
-        os.makedirs(directory, exist_ok=True)
-        if os.path.exists(ckpt):
-            shutil.rmtree(ckpt)
-        checkpointer.save(ckpt, state.params)
+        tmp = f"{directory}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        checkpointer.save(os.path.join(tmp, "params"), state.params)
         checkpointer.wait_until_finished()
-        with open(meta_path, "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, "fingerprint.json"), "w", encoding="utf-8") as f:
             json.dump(fingerprint, f)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process published the same warm-up first
+            shutil.rmtree(tmp, ignore_errors=True)
         return state.params, time.time() - t0
 
 
@@ -197,7 +216,7 @@ def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
 def _config_record(cfg: TrainConfig) -> dict[str, Any]:
     record = dataclasses.asdict(cfg)
     # The mesh is how, not what: a run may resume on another mesh (Orbax reshards on restore).
-    for volatile in ("workdir", "resume", "steps", "mesh"):
+    for volatile in ("workdir", "resume", "steps", "mesh", "warmup_cache", "tensorboard"):
         record.pop(volatile)
     return record
 
@@ -230,7 +249,7 @@ def _setup(cfg: TrainConfig):
     if checkpoint:  # the checkpoint's weights, read into an abstract (unallocated) template
         graphdef, params = hf.load(checkpoint, model_cfg)
     else:
-        graphdef, params = models.create(model_cfg, cfg.seed)
+        graphdef, params = models.create(model_cfg, cfg.model_seed)
     static = (model_cfg, type(task).__name__, task.jnp_reward, tok.eos_token_id, tok.pad_token_id)
     mesh = parallel.make_mesh(cfg.mesh) if cfg.mesh else None
 
@@ -398,7 +417,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         start = int(state.step)
         # With several processes, process 0 alone writes the logs (they hold global values).
         primary = jax.process_index() == 0
-        metrics_log = MetricsWriter(run_.workdir, resume_step=start) if primary else _Quiet()
+        metrics_log = (
+            MetricsWriter(run_.workdir, resume_step=start, tensorboard=cfg.tensorboard)
+            if primary
+            else _Quiet()
+        )
         # Constructing a log on resume rewrites the file: process 0's alone.
         events_path = os.path.join(run_.workdir, "events.jsonl")
         events = JsonlLog(events_path, resume_step=start) if primary else _Quiet()
