@@ -25,11 +25,17 @@ from fm import diagnose as dg
 from fm import taxonomy
 
 
+class RestoreError(Exception):
+    """Raised by `Controller.restore` when that checkpoint cannot be used (e.g. it is
+    corrupt); the remediator drops it from its targets and tries an earlier one."""
+
+
 class Controller(Protocol):
     """The trainer's side of remediation. Steps are the trainer's step numbers."""
 
     def restore(self, step: int) -> None:
-        """Continue from the checkpoint of `step` (train state only; knobs stay as set)."""
+        """Continue from the checkpoint of `step` (train state only; knobs stay as set).
+        Raises `RestoreError` if that checkpoint cannot be used."""
 
     def knobs(self) -> Mapping[str, float]:
         """The current runtime knobs by name."""
@@ -116,6 +122,15 @@ class Health:
     def rolled_back(self, step: int) -> None:
         """After a restore to `step`: later checkpoints are from the abandoned timeline."""
         self.pending = [c for c in self.pending if c <= step]
+        for c in [c for c in self.healthy if c > step]:
+            self.discard(c)
+
+    def discard(self, step: int) -> None:
+        """`step` is no rollback target any more (abandoned, or found corrupt)."""
+        self.pending = [c for c in self.pending if c != step]
+        if step in self.healthy:
+            self.healthy.remove(step)
+            self.controller.unpin(step)
 
     def target(self, before: int, skip: int = 0) -> int | None:
         """The latest healthy checkpoint before `before` (`skip` of them left out: go further
@@ -151,6 +166,23 @@ class _Episode(NamedTuple):
     target: int | None = None
 
 
+def _to_json(d: dg.Diagnosis | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    return {**d._asdict(), "evidence": [e._asdict() for e in d.evidence]}
+
+
+def _from_json(d: Mapping[str, Any] | None) -> dg.Diagnosis | None:
+    if d is None:
+        return None
+    return dg.Diagnosis(
+        ranking=tuple((str(t), float(p)) for t, p in d["ranking"]),
+        family=d["family"],
+        family_confidence=float(d["family_confidence"]),
+        evidence=tuple(dg.Evidence(**e) for e in d["evidence"]),
+    )
+
+
 class Remediator:
     """The closed loop. Call `saved(step)` after each checkpoint and `observe(...)` after each
     step; it acts through the controller and returns the events of that step (dicts with an
@@ -182,6 +214,36 @@ class Remediator:
 
     def saved(self, step: int) -> None:
         self.health.saved(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the remediator holds, as JSON (saved with each checkpoint): a run resumed from
+        it goes on as if it had not stopped."""
+        ep = self.episode
+        return {
+            "records": self.records,
+            "halted": self.halted,
+            "flagged": self._flagged,
+            "initial_knobs": self.initial_knobs,
+            "pending": self.health.pending,
+            "healthy": self.health.healthy,
+            "episode": None
+            if ep is None
+            else {**ep._asdict(), "diagnosis": _to_json(ep.diagnosis)},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.records = [dict(r) for r in state["records"]]
+        self.halted = bool(state["halted"])
+        self._flagged = list(state["flagged"])
+        self.initial_knobs = dict(state["initial_knobs"])
+        self.health.pending = [int(c) for c in state["pending"]]
+        self.health.healthy = [int(c) for c in state["healthy"]]
+        ep = state["episode"]
+        self.episode = None
+        if ep is not None:
+            self.episode = _Episode(
+                **{**ep, "plan": tuple(ep["plan"]), "diagnosis": _from_json(ep["diagnosis"])}
+            )
 
     def supported(self, remedy: str) -> bool:
         knobs = self.controller.knobs()
@@ -248,10 +310,17 @@ class Remediator:
         remedy = ep.plan[attempt] if attempt < len(ep.plan) else "halt"
         if remedy == "halt":
             return self._halt(step, "the plan is used up" if attempt else "not remediable")
-        target = self.health.target(ep.alarm_step, skip=max(attempt - 1, 0))
-        if target is None:
-            return self._halt(step, "no healthy checkpoint before the alarm")
-        self.controller.restore(target)
+        events: list[dict[str, Any]] = []
+        while True:
+            target = self.health.target(ep.alarm_step, skip=max(attempt - 1, 0))
+            if target is None:
+                return [*events, *self._halt(step, "no healthy checkpoint before the alarm")]
+            try:
+                self.controller.restore(target)
+                break
+            except RestoreError as e:  # never roll back onto a corrupt checkpoint
+                self.health.discard(target)
+                events.append(self._event(step, "restore_failed", checkpoint=target, reason=str(e)))
         self.health.rolled_back(target)
         self.records = [r for r in self.records if r["step"] <= target]
         actions = [Action("rollback", {})]
@@ -264,13 +333,14 @@ class Remediator:
             attempt=attempt, verify_until=ep.alarm_step + self.verify_window, target=target
         )
         return [
+            *events,
             self._event(
                 step,
                 "action",
                 attempt=attempt + 1,
                 restored_to=target,
                 actions=[{"remedy": a.remedy, "knobs": a.knobs} for a in actions],
-            )
+            ),
         ]
 
     def _apply(self, remedy: str) -> Action:

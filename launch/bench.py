@@ -10,6 +10,9 @@ round-trip and of the callback alone.
 on `data`, then all on `fsdp`) for the same global batch, and the collectives in its compiled
 program (all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all). CPU devices
 share the same cores: the figures show overheads, not speed-ups.
+`chaos`: --cycles kills (SIGTERM or SIGKILL at a random moment) of `launch.train --chaos_args`
+runs, each resumed; prints the steps each kill lost and whether every finished run's metrics,
+events and final evaluation equal those of a run never interrupted (`rftjax.train.chaos`).
 `step`: GRPO throughput of the configured step (completions/s, generated tokens/s, learner
 tokens/s, and the rollout / learn split), its ratio to the established trainers' figure on this
 machine class, and the speed-up of KV-cache decoding over full recompute at 64 new tokens.
@@ -41,8 +44,15 @@ from rftjax.train.step import init_state, make_learner
 flags.DEFINE_enum(
     "what",
     "step",
-    ["step", "fm_overhead", "fault_overhead", "tools", "scaling"],
+    ["step", "fm_overhead", "fault_overhead", "tools", "scaling", "chaos"],
     "Which benchmark to run.",
+)
+flags.DEFINE_integer("cycles", 20, "chaos: kills to make (SIGTERM or SIGKILL, at random).")
+flags.DEFINE_string("chaos_dir", "/tmp/rftjax_chaos", "chaos: folder of its runs (replaced).")
+flags.DEFINE_string(
+    "chaos_args",
+    "--steps=300 --checkpoint_every=10 --eval_every=50 --fm=detect",
+    "chaos: the launch.train flags of every run (without --workdir / --resume).",
 )
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_string("fault_types", "all", "fault_overhead: comma-separated type ids, or 'all'.")
@@ -432,6 +442,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_libraries()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+    if FLAGS.what == "chaos":
+        from rftjax.train import chaos
+
+        out = chaos.run_chaos(FLAGS.chaos_dir, FLAGS.chaos_args.split(), cycles=FLAGS.cycles)
+        print(
+            f"chaos: {out['cycles']} kills over {out['episodes']} runs to completion; "
+            f"runs whose records differ from the uninterrupted run: {out['mismatched_episodes']}"
+        )
+        print(
+            f"  SIGTERM {out['sigterm']}: exit 0 in {out['sigterm_exit_0']}, steps lost at most "
+            f"{out['sigterm_steps_lost_max']}; SIGKILL {out['sigkill']}: steps lost at most "
+            f"{out['sigkill_steps_lost_max']}"
+        )
+        _write_json({"chaos": out})
+        return
     if FLAGS.what == "fault_overhead":
         out = bench_fault_overhead(FLAGS, FLAGS.repeats)
         print(f"inactive fault vs clean step, {FLAGS.repeats} alternating pairs per type:")

@@ -63,6 +63,12 @@ def define_run_flags() -> None:
         20,
         "--fm=full: alarm-free steps that make a checkpoint healthy and an attempt verified.",
     )
+    flags.DEFINE_bool(
+        "fm_strict",
+        False,
+        "--fm=full: an exception inside fm (diagnoser, remediator) ends the run; by default it "
+        "is logged to events.jsonl and training goes on without management.",
+    )
     flags.DEFINE_string(
         "mesh",
         "",
@@ -205,6 +211,7 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         resume=resume,
         fm=values.fm,
         fm_window=values.fm_window,
+        fm_strict=values.fm_strict,
         fault=values.fault,
         fault_severity=values.fault_severity,
         fault_variant=values.fault_variant,

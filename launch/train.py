@@ -5,13 +5,17 @@ This file only parses flags and calls the library (`rftjax.train.loop.run`).
 
 from __future__ import annotations
 
-import json
-import sys
+from rftjax.train import preempt
 
-from absl import app, flags, logging
+preempt.catch_early()  # a preemption during the imports below is not lost
 
-import faults
-from launch import common
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+
+import faults  # noqa: E402
+from launch import common  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and summary.json.")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest checkpoint.")
@@ -36,6 +40,9 @@ def main(argv):
             FLAGS, workdir=FLAGS.workdir, steps=FLAGS.steps, resume=FLAGS.resume
         )
         summary = run(cfg)
+    except preempt.Preempted as e:  # before the first RL step: nothing to save
+        logging.warning("%s; nothing to save (run again, with --resume if it had begun)", e)
+        return
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

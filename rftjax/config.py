@@ -158,6 +158,9 @@ class TrainConfig:
     # --fm=full: steps without an alarm that make a checkpoint healthy (a rollback target)
     # and a remediation attempt verified.
     fm_window: int = 20
+    # fm's own failures (an exception in the diagnoser or remediator) end the run instead of
+    # being logged to events.jsonl while training goes on unmanaged.
+    fm_strict: bool = False
     # Write trajectories.jsonl: one line a step with per-completion arrays (FaultBench).
     record_trajectories: bool = False
     # Device mesh (`rftjax.parallel`): "" one device; "auto" all devices on data; or

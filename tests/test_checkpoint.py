@@ -1,12 +1,14 @@
 """Checkpoints: bit-identical round trip, keep-last-N with pinned steps."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 import small_shapes
 
 from rftjax import models
-from rftjax.checkpoint import Checkpointer
+from rftjax.checkpoint import Checkpointer, CorruptCheckpoint, checksums
 from rftjax.config import RLConfig
 from rftjax.train.step import init_state
 
@@ -59,3 +61,92 @@ def test_keeps_last_n_and_pinned_steps(tmp_path):
     with pytest.raises(ValueError, match="kept steps: \\[6, 7\\]"):
         again.restore(2, state)
     again.close()
+
+
+def _data_file(step_dir):
+    """The largest array-data file of a saved step (Orbax OCDBT chunks)."""
+    files = [
+        os.path.join(root, f)
+        for root, _, names in os.walk(os.path.join(step_dir, "state"))
+        for f in names
+        if os.path.basename(root) == "d"
+    ]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_middle_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def _truncate_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _garble_meta(step_dir):
+    with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+        f.write('{"knobs": ')
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: _flip_middle_byte(_data_file(d)),
+        lambda d: _truncate_half(_data_file(d)),
+        lambda d: os.remove(_data_file(d)),
+        _garble_meta,
+    ],
+    ids=["bit_flip", "truncated", "missing_file", "garbled_meta"],
+)
+def test_corrupt_step_is_detected_and_latest_falls_back(tmp_path, damage):
+    state = _state(0, algo="grpo")
+    later = state._replace(step=state.step + 5)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
+    ckpt.save(1, state, {"step": 1})
+    ckpt.save(2, later, {"step": 2})
+    ckpt.wait()
+    damage(str(tmp_path / "ckpt" / "2"))
+    with pytest.raises(CorruptCheckpoint, match="step 2"):
+        ckpt.read_meta(2)
+        ckpt.restore(2, state)
+    step, restored, meta, skipped = ckpt.restore_latest(state)
+    assert (step, meta) == (1, {"step": 1})
+    assert [s for s, _ in skipped] == [2]
+    np.testing.assert_array_equal(np.asarray(restored.step), np.asarray(state.step))
+    # The corrupt step is moved aside: not listed, kept for inspection, and step 2 can be
+    # written again.
+    assert ckpt.all_steps() == [1]
+    assert len(os.listdir(str(tmp_path / "ckpt.corrupt"))) == 1
+    ckpt.save(2, later, {"step": 2})
+    ckpt.wait()
+    assert ckpt.restore(2, state)[1] == {"step": 2}
+    ckpt.close()
+
+
+def test_all_steps_corrupt_is_an_error_naming_them(tmp_path):
+    state = _state(0, algo="grpo")
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(1, state, {"step": 1})
+    ckpt.wait()
+    _flip_middle_byte(_data_file(str(tmp_path / "ckpt" / "1")))
+    with pytest.raises(CorruptCheckpoint, match="no checkpoint .* restores intact.*step 1"):
+        ckpt.restore_latest(state)
+    ckpt.close()
+
+
+def test_checksums_see_one_bit():
+    state = _state(0, algo="grpo")
+    before = checksums(state)
+    leaf = state.params["policy"]
+    flat, tree = jax.tree.flatten(leaf)
+    bits = np.asarray(flat[0]).view(np.uint32).copy()
+    bits.flat[bits.size // 2] ^= 1
+    flat[0] = jax.numpy.asarray(bits.view(np.float32))
+    after = checksums(
+        state._replace(params={**state.params, "policy": jax.tree.unflatten(tree, flat)})
+    )
+    assert sum(before[k] != after[k] for k in before) == 1

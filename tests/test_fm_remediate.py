@@ -56,11 +56,14 @@ def _stats(step, bad):
     }
 
 
-def _drive(rem, trainer, steps, fault_from, *, persistent, start=1):
+def _drive(rem, trainer, steps, fault_from, *, persistent, start=1, executed=0, stop_after=None):
     """Steps from `start`; checkpoints every 10; the fault is active from `fault_from` (in
-    steps actually executed, so a rollback does not undo a persistent fault's start)."""
-    events, step, executed = [], start, 0
+    steps actually executed, so a rollback does not undo a persistent fault's start).
+    `stop_after` executed steps: returns (events, next step, executed) there instead."""
+    events, step = [], start
     while step <= steps and not rem.halted:
+        if executed == stop_after:
+            return events, step, executed
         executed += 1
         bad = executed >= fault_from and (persistent or executed < fault_from + 3)
         restores = len([c for c in trainer.calls if c[0] == "restore"])
@@ -119,3 +122,48 @@ def test_a_persistent_fault_escalates_through_the_plan_and_halts_with_its_diagno
     assert events[-1]["event"] == "halt" and events[-1]["diagnosis"] == "OD1"
     assert trainer.calls[-1] == ("halt", "OD1") and rem.halted
     assert rem.observe(500, _stats(500, True), alarm=True) == []  # halted: nothing more
+
+
+def test_a_resumed_remediator_goes_on_exactly_as_the_uninterrupted_one():
+    # Stop mid-episode (after an action, before its verification), save the state as JSON,
+    # load it into a fresh remediator over a fresh trainer with the same knobs: the rest of
+    # the run produces the same events and the same trainer calls.
+    import json
+
+    trainer = FakeTrainer()
+    rem = remediate.Remediator(trainer, verify_window=10, healthy_window=10, evidence_steps=2)
+    straight = _drive(rem, trainer, 400, fault_from=45, persistent=True)
+
+    first = FakeTrainer()
+    rem1 = remediate.Remediator(first, verify_window=10, healthy_window=10, evidence_steps=2)
+    head, step, executed = _drive(rem1, first, 400, 45, persistent=True, stop_after=48)
+    assert head[0]["event"] == "diagnosis" and head[-1]["event"] == "action"  # mid-episode
+    assert not rem1.halted
+    saved = json.loads(json.dumps(rem1.state_dict()))
+
+    second = FakeTrainer(**first.values)
+    second.pinned = set(first.pinned)
+    rem2 = remediate.Remediator(second, verify_window=10, healthy_window=10, evidence_steps=2)
+    rem2.load_state_dict(saved)
+    assert json.loads(json.dumps(rem2.state_dict())) == saved
+    tail = _drive(rem2, second, 400, 45, persistent=True, start=step, executed=executed)
+    assert head + tail == straight
+    assert first.calls + second.calls == trainer.calls
+
+
+def test_a_corrupt_rollback_target_is_dropped_and_an_earlier_one_used():
+    class CorruptAt30(FakeTrainer):
+        def restore(self, step):
+            if step == 30:
+                self.calls.append(("restore_failed", step))
+                raise remediate.RestoreError("checkpoint step 30: checksum mismatch")
+            super().restore(step)
+
+    trainer = CorruptAt30()
+    rem = remediate.Remediator(trainer, verify_window=10, healthy_window=10, evidence_steps=2)
+    events = _drive(rem, trainer, 80, fault_from=45, persistent=False)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["diagnosis", "restore_failed", "action", "verification"]
+    assert events[1]["checkpoint"] == 30 and "checksum" in events[1]["reason"]
+    assert events[2]["restored_to"] == 20 and ("restore", 30) not in trainer.calls
+    assert 30 not in trainer.pinned and 30 not in rem.health.healthy

@@ -1,5 +1,5 @@
 """Orbax checkpoints with pinned steps."""
 
-from rftjax.checkpoint.manager import Checkpointer, PinnedSteps
+from rftjax.checkpoint.manager import Checkpointer, CorruptCheckpoint, PinnedSteps, checksums
 
-__all__ = ["Checkpointer", "PinnedSteps"]
+__all__ = ["Checkpointer", "CorruptCheckpoint", "PinnedSteps", "checksums"]

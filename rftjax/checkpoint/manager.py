@@ -10,14 +10,44 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from fm import integrity
+
 _PINS = "pins.json"
+
+
+class CorruptCheckpoint(Exception):
+    """A step that cannot be restored as it was saved: unreadable files, or arrays whose
+    checksum differs from the one recorded at save time."""
+
+
+def _words(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return integrity.checksum(x)
+
+
+_checksums = jax.jit(lambda leaves: [_words(x) for x in leaves])
+
+
+def checksums(tree: Any) -> dict[str, int]:
+    """{leaf path: uint32 checksum} of a pytree of arrays (one compiled program per
+    structure; the result is a few scalars)."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0], strict=True)
+    from rftjax import parallel  # arrays of several processes are gathered
+
+    values = parallel.fetch(_checksums(list(leaves)))
+    return {jax.tree_util.keystr(p): int(np.asarray(v)) for p, v in zip(paths, values, strict=True)}
 
 
 @dataclasses.dataclass
@@ -44,7 +74,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "meta"), options=options
+            self.directory, item_names=("state", "meta", "integrity"), options=options
         )
 
     def _read_pins(self) -> list[int]:
@@ -67,13 +97,16 @@ class Checkpointer:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(meta),
+                integrity=ocp.args.JsonSave({"checksums": checksums(state)}),
             ),
             force=force,
         )
 
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores `step` (None: latest) into the structure, shapes and dtypes of `target`."""
+        """Restores `step` (None: latest) into the structure, shapes and dtypes of `target`,
+        and checks it against the checksums written with it. Raises `CorruptCheckpoint`."""
         self.wait()
         if step is None:
             step = self.latest_step()
@@ -84,18 +117,82 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self.directory}; kept steps: {self.all_steps()}"
             )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        checked = os.path.isdir(os.path.join(self.directory, str(step), "integrity"))
+        if checked:  # (steps written before checksums existed restore unchecked)
+            items["integrity"] = ocp.args.JsonRestore()
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt step
+            raise CorruptCheckpoint(
+                f"checkpoint step {step} in {self.directory} cannot be read: "
+                f"{type(e).__name__}: {str(e)[:300]}"
+            ) from e
+        if checked:
+            expected = out.integrity.get("checksums", {})
+            got = checksums(out.state)
+            bad = sorted(k for k in expected if got.get(k) != expected[k])
+            if bad or set(got) != set(expected):
+                what = ", ".join(bad[:3]) or "its list of arrays"
+                raise CorruptCheckpoint(
+                    f"checkpoint step {step} in {self.directory} does not match the checksums "
+                    f"written with it ({len(bad)} array(s) differ: {what})"
+                )
         return out.state, out.meta
+
+    def restore_latest(
+        self, target: Any, *, check=None
+    ) -> tuple[int, Any, dict[str, Any], list[tuple[int, str]]]:
+        """The newest step that restores intact: (step, state, meta, [(corrupt step, why)]).
+        Corrupt steps are moved aside; `check(meta)` (e.g. the config matches) runs on each
+        step's metadata before its arrays are read and may raise."""
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                if check is not None:
+                    check(self.read_meta(step))
+                state, meta = self.restore(step, target)
+                return step, state, meta, skipped
+            except CorruptCheckpoint as e:
+                logging.error("%s; falling back to an earlier step", e)
+                skipped.append((step, str(e)))
+                self.quarantine(step)
+        reasons = "; ".join(why for _, why in skipped)
+        raise CorruptCheckpoint(f"no checkpoint in {self.directory} restores intact: {reasons}")
+
+    def quarantine(self, step: int) -> str | None:
+        """Moves a corrupt step to `<directory>.corrupt/<step>-<time>` (kept for inspection)
+        and unpins it. Returns the new path (None on processes other than 0)."""
+        self.wait()
+        self.unpin(step)
+        path = None
+        if jax.process_index() == 0:
+            aside = self.directory + ".corrupt"
+            os.makedirs(aside, exist_ok=True)
+            path = os.path.join(aside, f"{step}-{int(time.time() * 1000)}")
+            shutil.move(os.path.join(self.directory, str(step)), path)
+        self._manager.reload()
+        return path
+
+    def delete_after(self, step: int) -> None:
+        """Deletes the steps after `step` (and their pins)."""
+        self.wait()
+        for later in [s for s in self.all_steps() if s > step]:
+            self.unpin(later)
+            self._manager.delete(later)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of `step` alone (cheap: no arrays are read)."""
         self.wait()
-        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt step
+            raise CorruptCheckpoint(
+                f"checkpoint step {step} in {self.directory}: its metadata cannot be read: "
+                f"{type(e).__name__}: {str(e)[:300]}"
+            ) from e
+        if not isinstance(out.meta, dict):
+            raise CorruptCheckpoint(f"checkpoint step {step}: its metadata is not a JSON object")
         return out.meta
 
     def latest_step(self) -> int | None:

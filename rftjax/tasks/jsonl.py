@@ -32,37 +32,47 @@ FILE_FORMATS = ("jsonl", "parquet")
 def read_jsonl(
     path: str | Path, prompt_field: str = "prompt", answer_field: str = "answer"
 ) -> tuple[list[str], list[str]]:
-    """Reads ``(prompts, answers)`` from a JSONL file; blank lines are skipped.
+    """Reads ``(prompts, answers)`` from a UTF-8 JSONL file: one JSON object a line (empty
+    lines at the end of the file are allowed).
 
     Raises:
-      ValueError: naming the file and line for malformed JSON, a non-object row, a missing
-        field (with the fields present) or a field of the wrong type; or for an empty file.
+      ValueError: naming the file and line for bytes that are not UTF-8, an empty line
+        between rows, malformed JSON, a non-object row, a missing field (with the fields
+        present) or a field of the wrong type; or for a file with no rows.
     """
     path = Path(path)
     prompts, answers = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for field in (prompt_field, answer_field):
-                if field not in row:
-                    raise ValueError(
-                        f"{where}: missing field {field!r}; fields present: {sorted(row)}"
-                    )
-            prompt, answer = row[prompt_field], text.answer_text(row[answer_field])
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: field {prompt_field!r} must be a string")
-            if answer is None:
-                raise ValueError(f"{where}: field {answer_field!r} must be a string or number")
-            prompts.append(prompt)
-            answers.append(answer)
+    with path.open("rb") as f:
+        raw_lines = f.read().split(b"\n")
+    while raw_lines and not raw_lines[-1].strip():
+        raw_lines.pop()
+    for lineno, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{where}: bytes that are not UTF-8 at column {e.start + 1} "
+                f"({raw[e.start : e.start + 4]!r}); JSONL files must be UTF-8"
+            ) from e
+        if not line.strip():
+            raise ValueError(f"{where}: empty line between rows (one JSON object a line)")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for field in (prompt_field, answer_field):
+            if field not in row:
+                raise ValueError(f"{where}: missing field {field!r}; fields present: {sorted(row)}")
+        prompt, answer = row[prompt_field], text.answer_text(row[answer_field])
+        if not isinstance(prompt, str):
+            raise ValueError(f"{where}: field {prompt_field!r} must be a string")
+        if answer is None:
+            raise ValueError(f"{where}: field {answer_field!r} must be a string or number")
+        prompts.append(prompt)
+        answers.append(answer)
     if not prompts:
         raise ValueError(f"{path}: no rows (the file is empty)")
     return prompts, answers

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from typing import Any, NamedTuple
 
 import jax
@@ -22,12 +23,12 @@ from absl import logging
 
 import faults
 from rftjax import models, parallel
-from rftjax.checkpoint import Checkpointer
+from rftjax.checkpoint import Checkpointer, CorruptCheckpoint
 from rftjax.config import TrainConfig
 from rftjax.knobs import knobs_from_dict, knobs_to_dict, make_knobs
 from rftjax.models import hf
 from rftjax.tasks import Task, make_task
-from rftjax.train import manage, monitor
+from rftjax.train import manage, monitor, preempt
 from rftjax.train import warmup as wu
 from rftjax.train.logs import JsonlLog, MetricsWriter, read_jsonl, write_jsonl
 from rftjax.train.step import PromptBatch, TrainState, init_state, make_learner
@@ -139,7 +140,7 @@ def _warmup_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
+def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
     """Supervised warm-up, cached by everything that shapes it.
 
     The cache (`cfg.warmup_cache`, default workdir/warmup) holds one folder per fingerprint,
@@ -178,6 +179,8 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task):
         )
         loss = None
         for i in range(cfg.warmup_steps):
+            if stop is not None:
+                stop.check("warm-up")
             # Seed offset keeps warm-up data apart from the RL data stream.
             b = task.demo_batch(10_000_000 + i, cfg.warmup_batch_size)
             state, loss = step_fn(state, b.prompts, b.prompt_mask, b.targets, b.target_mask)
@@ -216,8 +219,9 @@ def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
 def _config_record(cfg: TrainConfig) -> dict[str, Any]:
     record = dataclasses.asdict(cfg)
     # The mesh is how, not what: a run may resume on another mesh (Orbax reshards on restore).
-    for volatile in ("workdir", "resume", "steps", "mesh", "warmup_cache", "tensorboard"):
-        record.pop(volatile)
+    how = ("workdir", "resume", "steps", "mesh", "warmup_cache", "tensorboard", "fm_strict")
+    for name in how:
+        record.pop(name)
     return record
 
 
@@ -300,10 +304,10 @@ def _setup(cfg: TrainConfig):
     return run, graphdef, params, detector
 
 
-def _start_or_resume(run: _Run, graphdef, params, detector):
+def _start_or_resume(run: _Run, graphdef, params, detector, stop=None):
     """A fresh start (warm-up, initial evaluation) or the latest checkpoint.
 
-    Returns (state, knobs, {"initial": eval, "last": eval}, warm-up seconds).
+    Returns a `_Start`.
     """
     cfg, checkpointer = run.cfg, run.checkpointer
     latest = checkpointer.latest_step()
@@ -317,34 +321,48 @@ def _start_or_resume(run: _Run, graphdef, params, detector):
         if forked is not None:
             return forked
     if cfg.resume and latest is not None:
-        saved = checkpointer.read_meta(latest)["config"]
-        changed = _differences(saved, run.record)
-        if changed:
-            hint = ""
-            if "fault_onset" in changed:
-                hint = (
-                    f"; the saved run's fault onset is step {saved.get('fault_onset')} (the "
-                    "default onset follows --steps: pass --fault_onset explicitly)"
+
+        def same_config(meta):
+            saved = meta["config"]
+            changed = _differences(saved, run.record)
+            if changed:
+                hint = ""
+                if "fault_onset" in changed:
+                    hint = (
+                        f"; the saved run's fault onset is step {saved.get('fault_onset')} (the "
+                        "default onset follows --steps: pass --fault_onset explicitly)"
+                    )
+                raise ValueError(
+                    f"--resume: {run.workdir} belongs to a run with a different "
+                    f"configuration (differs in: {', '.join(changed)}){hint}"
                 )
-            raise ValueError(
-                f"--resume: {run.workdir} belongs to a run with a different "
-                f"configuration (differs in: {', '.join(changed)}){hint}"
-            )
+
         target = init_state(params, cfg.rl, cfg.seed, detector, run.fault)
-        # Restored straight into the mesh's shardings (each process reads its own shards).
-        state, meta = checkpointer.restore(latest, parallel.place_state(target, run.mesh))
-        logging.info("resumed from step %d in %s", latest, checkpointer.directory)
+        # Restored straight into the mesh's shardings (each process reads its own shards); a
+        # corrupt step is set aside and the one before it restored.
+        try:
+            step, state, meta, skipped = checkpointer.restore_latest(
+                parallel.place_state(target, run.mesh), check=same_config
+            )
+        except CorruptCheckpoint as e:
+            raise ValueError(f"--resume: {e}") from e
+        logging.info("resumed from step %d in %s", step, checkpointer.directory)
         evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
-        return state, knobs_from_dict(meta["knobs"]), evals, 0.0
+        notes = [
+            {"step": step, "event": "corrupt_checkpoint", "checkpoint": s, "reason": why}
+            for s, why in skipped
+        ]
+        return _Start(state, knobs_from_dict(meta["knobs"]), evals, 0.0, meta, notes)
     warmup_seconds = 0.0
     if cfg.warmup_steps:
-        params, warmup_seconds = run_warmup(cfg, graphdef, params, run.task)
+        params, warmup_seconds = run_warmup(cfg, graphdef, params, run.task, stop)
     state = init_state(params, cfg.rl, cfg.seed, detector, run.fault)
     initial = run.evaluator(state.params["policy"])
     logging.info(
         "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
     )
-    return state, make_knobs(**cfg.knobs), {"initial": initial, "last": initial}, warmup_seconds
+    evals = {"initial": initial, "last": initial}
+    return _Start(state, make_knobs(**cfg.knobs), evals, warmup_seconds)
 
 
 # Fields a fork may differ in from its source: the fault itself and bookkeeping.
@@ -394,7 +412,24 @@ def _fork(run: _Run, params, detector):
         write_jsonl(os.path.join(run.workdir, name), [{**r, **extra} for r in records])
     logging.info("forked from step %d of %s", steps[-1], source)
     evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
-    return state, knobs_from_dict(meta["knobs"]), evals, 0.0
+    return _Start(state, knobs_from_dict(meta["knobs"]), evals)
+
+
+class _Start(NamedTuple):
+    """Where the RL loop begins: a fresh start, a fork or a resumed checkpoint."""
+
+    state: TrainState
+    knobs: Any
+    evals: dict  # {"initial": eval, "last": eval}
+    warmup_seconds: float = 0.0
+    meta: dict | None = None  # the resumed checkpoint's metadata
+    notes: list = []  # events to log: corrupt checkpoints set aside
+
+
+class _Logs(NamedTuple):
+    metrics: Any
+    events: Any
+    trajectories: Any = None
 
 
 def _alarm_event(step: int, values: dict[str, float]) -> dict[str, Any]:
@@ -406,11 +441,21 @@ def _alarm_event(step: int, values: dict[str, float]) -> dict[str, Any]:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Trains according to `cfg`; returns (and writes) the summary."""
+    """Trains according to `cfg`; returns (and writes) the summary.
+
+    SIGTERM / SIGINT (from the start on) stop the run after the RL step in flight, with a
+    checkpoint of it and the summary ("preempted": true); `resume=True` continues it."""
+    with preempt.Preemption() as stop:
+        return _run(cfg, stop)
+
+
+def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
     t_start = time.time()
     run_, graphdef, params, detector = _setup(cfg)
     try:
-        state, knobs, evals, warmup_seconds = _start_or_resume(run_, graphdef, params, detector)
+        stop.check("set-up")
+        begun = _start_or_resume(run_, graphdef, params, detector, stop)
+        state, knobs, evals, warmup_seconds = begun[:4]
         state = parallel.place_state(state, run_.mesh)
         knobs = parallel.replicate(knobs, run_.mesh)
         initial = evals["initial"]
@@ -425,6 +470,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # Constructing a log on resume rewrites the file: process 0's alone.
         events_path = os.path.join(run_.workdir, "events.jsonl")
         events = JsonlLog(events_path, resume_step=start) if primary else _Quiet()
+        for note in begun.notes:  # corrupt checkpoints set aside on resume
+            events.write(note)
         if run_.mesh is not None:  # a bad restore or placement shows before the first step
             _check_replicas(run_, state, start, events)
         traj_log = None
@@ -432,10 +479,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             path = os.path.join(run_.workdir, "trajectories.jsonl")
             traj_log = JsonlLog(path, resume_step=start)
         t_rl = time.time()
+        logs = _Logs(metrics_log, events, traj_log)
         try:
-            state, final = _train(
-                run_, state, knobs, evals, metrics_log, events, t_rl, traj_log=traj_log
-            )
+            state, final = _train(run_, state, knobs, evals, logs, t_rl, stop, begun.meta)
         finally:
             metrics_log.close()
             events.close()
@@ -463,14 +509,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "fm": cfg.fm,
         "alarms": [{"step": e["step"], "signals": e["signals"]} for e in alarms],
         **_remediation_summary(_read_events(events.path)),
+        # Stopped by SIGTERM / SIGINT after a checkpoint of its last step: --resume goes on.
+        "preempted": stop.signal is not None and int(state.step) < cfg.steps,
+        "fm_errors": [e for e in _read_events(events.path) if e["event"] == "fm_error"],
     }
     for name in ("eval_tool_rate", "eval_tool_rate_correct"):  # tool tasks
         if name in final:
             summary[f"{name}_initial"] = initial.get(name)
             summary[f"{name}_final"] = final[name]
-    if jax.process_index() == 0:
-        with open(os.path.join(run_.workdir, "summary.json"), "w", encoding="utf-8") as f:
+    if jax.process_index() == 0:  # atomically: a crash leaves the old summary or the new
+        path = os.path.join(run_.workdir, "summary.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+        os.replace(path + ".tmp", path)
     return summary
 
 
@@ -510,17 +561,44 @@ def _read_events(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=None):
-    """The RL loop. Returns (state, last evaluation)."""
+def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta=None):
+    """The RL loop. Returns (state, last evaluation). Stops early, after a checkpoint of the
+    last step, when `stop` (a `preempt.Preemption`) is reached."""
     cfg, rl, task = run.cfg, run.cfg.rl, run.task
+    metrics_log, events, traj_log = logs
     # A resumed run that has nothing left to do reports the evaluation its checkpoint holds.
     start, initial, final = int(state.step), evals["initial"], evals["last"]
     pending: list = []  # (step, metrics on device) of the step not yet read
-    manager = None
+    manager = controller = None
+    fm_failure = (resumed_meta or {}).get("fm_failure")
     if cfg.fm == "full":  # the closed loop: diagnosis, rollback, knobs, verification, halt
         manager = manage.Manager(run.checkpointer, rl, state, knobs, window=cfg.fm_window)
-        if start:
-            manager.controller.resume(run.checkpointer.read_meta(start))
+        controller = manager.controller
+        if resumed_meta is not None:
+            manager.resume(resumed_meta)
+        if fm_failure:  # management had failed before the restart: it stays off
+            manager = None
+    saved_at = start if resumed_meta is not None else None
+
+    def fm_failed(step: int, where: str, error: Exception) -> None:
+        """fm's own failure: recorded, and training goes on without management (with
+        --fm_strict: raised)."""
+        nonlocal manager, fm_failure
+        if cfg.fm_strict:
+            raise error
+        fm_failure = f"{where}: {type(error).__name__}: {error}"
+        trace = traceback.format_exception(error, limit=-4)
+        events.write(
+            {
+                "step": step,
+                "event": "fm_error",
+                "where": where,
+                "error": fm_failure,
+                "traceback": "".join(trace)[-2000:],
+            }
+        )
+        logging.error("step %d: fm failed in %s; training goes on unmanaged", step, fm_failure)
+        manager = None
 
     def flush(extra=None):
         while pending:
@@ -537,9 +615,14 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
                 logging.warning("step %d: alarm on %s", step_no, ", ".join(event["signals"]))
             if manager is not None:
                 with jax.transfer_guard("allow"):  # a restore reads a checkpoint
-                    for event in manager.observe(step_no, values):
-                        events.write(event)
-                        logging.warning("step %d: %s", step_no, json.dumps(event))
+                    try:
+                        observed = manager.observe(step_no, values)
+                    except Exception as e:  # noqa: BLE001 - fm must not lose the run
+                        fm_failed(step_no, "remediator", e)
+                        observed = []
+                for event in observed:
+                    events.write(event)
+                    logging.warning("step %d: %s", step_no, json.dumps(event))
             if step_no % cfg.log_every == 0 or step_no == cfg.steps:
                 rate = (step_no - start) / max(time.time() - t_rl, 1e-9)
                 logging.info(
@@ -553,22 +636,47 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
                     rate,
                 )
 
+    def save() -> None:
+        """Checkpoint of step `step_no` with what a resumed run needs to go on identically."""
+        nonlocal saved_at
+        if run.mesh is not None:
+            _check_replicas(run, state, step_no, events)
+        meta = {
+            "config": run.record,
+            "knobs": knobs_to_dict(knobs),
+            "eval_initial": initial,
+            "eval_last": final,
+            "data_cursor": step_no,
+        }
+        if controller is not None:
+            meta.update(controller.progress())
+        if manager is not None:
+            try:
+                manager.saved(step_no)
+                meta["remediator"] = manager.state_dict()
+            except Exception as e:  # noqa: BLE001 - fm must not lose the run
+                fm_failed(step_no, "remediator", e)
+        if fm_failure:
+            meta["fm_failure"] = fm_failure
+        run.checkpointer.save(step_no, state, meta)
+        saved_at = step_no
+
     def managed() -> bool:
         """After a flush: applies the remediator's rollback (dropping the results of steps
         after the restored one) or halt. True if the loop must go on from there."""
-        nonlocal state, step_no
+        nonlocal state, step_no, saved_at
         if manager is None:
             return False
-        if manager.controller.halt_report is not None:
+        if controller.halt_report is not None:
             step_no = cfg.steps  # ends the loop
             return True
-        restored = manager.controller.take_restore(step_no)
+        restored = controller.take_restore(step_no)
         if restored is None:
             return False
         pending.clear()
         with jax.transfer_guard("allow"):
-            state = parallel.place_state(manager.controller.state, run.mesh)
-        step_no = restored
+            state = parallel.place_state(controller.state, run.mesh)
+        step_no = saved_at = restored
         for log in (metrics_log, traj_log):
             if log is not None:
                 log.cut(step_no)
@@ -577,17 +685,17 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
     step_no = start
     while step_no < cfg.steps:
         step_no += 1
-        offset = 0 if manager is None else manager.controller.data_offset
+        offset = 0 if controller is None else controller.data_offset
         raw = task.train_batch(step_no - 1 + offset, rl.prompts_per_step)
         # Inside the hot loop every transfer is explicit: an implicit one is a bug (a hidden
         # host sync) and raises.
         with jax.transfer_guard("disallow"):
             batch = parallel.place_batch(to_prompt_batch(raw), run.mesh)
             fparams = run.fault_params
-            if manager is not None:
+            if controller is not None:
                 # A remedy's new knobs are made on one device: onto the mesh with the rest.
-                knobs = parallel.replicate(manager.controller.knob_values, run.mesh)
-                fparams = manager.controller.shifted(fparams)
+                knobs = parallel.replicate(controller.knob_values, run.mesh)
+                fparams = controller.shifted(fparams)
             if "step" in run.learner:
                 state, metrics = run.learner["step"](state, batch, knobs, fparams)
             else:
@@ -608,22 +716,17 @@ def _train(run: _Run, state, knobs, evals, metrics_log, events, t_rl, traj_log=N
             flush()
             if managed():
                 continue
-            if run.mesh is not None:
-                _check_replicas(run, state, step_no, events)
-            meta = {
-                "config": run.record,
-                "knobs": knobs_to_dict(knobs),
-                "eval_initial": initial,
-                "eval_last": final,
-                "data_cursor": step_no,
-            }
-            if manager is not None:
-                meta.update(manager.controller.progress())
-            run.checkpointer.save(step_no, state, meta)
-            if manager is not None:
-                manager.saved(step_no)
+            save()
+        if stop.reached(step_no):  # preempted: save this step and stop (--resume goes on)
+            flush()
+            if managed():  # a rollback now: stop at the next step boundary instead
+                continue
+            if saved_at != step_no:
+                save()
+            logging.warning("stopped after step %d (checkpoint saved)", step_no)
+            break
     flush()
-    if manager is not None and manager.controller.halt_report is not None:
+    if controller is not None and controller.halt_report is not None:
         final = run.evaluator(state.params["policy"])  # where the halted run stands
     return state, final
 

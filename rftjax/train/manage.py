@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from fm import remediate
 from rftjax import knobs as kn
-from rftjax.checkpoint import Checkpointer
+from rftjax.checkpoint import Checkpointer, CorruptCheckpoint
 from rftjax.config import RLConfig
 from rftjax.train.step import TrainState, make_optimizer
 
@@ -43,8 +43,16 @@ class RunController:
     # -- fm.remediate.Controller ----------------------------------------------------------
 
     def restore(self, step: int) -> None:
+        """Restores `step` and deletes the checkpoints after it (the abandoned timeline: the
+        replay writes its own). A corrupt step is set aside and raises
+        `remediate.RestoreError`: the remediator then tries an earlier one."""
         template = jax.tree.map(jnp.zeros_like, self.state)
-        self.state, _ = self.checkpointer.restore(step, template)
+        try:
+            self.state, _ = self.checkpointer.restore(step, template)
+        except CorruptCheckpoint as e:
+            self.checkpointer.quarantine(step)
+            raise remediate.RestoreError(str(e)) from e
+        self.checkpointer.delete_after(step)
         self.restored_to = step
 
     def knobs(self) -> dict[str, float]:
@@ -130,3 +138,12 @@ class Manager:
 
     def saved(self, step: int) -> None:
         self.remediator.saved(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.remediator.state_dict()
+
+    def resume(self, meta: dict[str, Any]) -> None:
+        """Picks up where the checkpoint `meta` left: data offset, fault clock, history."""
+        self.controller.resume(meta)
+        if meta.get("remediator") is not None:
+            self.remediator.load_state_dict(meta["remediator"])
