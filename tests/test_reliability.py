@@ -243,3 +243,71 @@ def test_chaos_kills_and_resumes_to_identical_records(tmp_path):
     assert out["sigterm_steps_lost_max"] == 0
     # Since the last complete checkpoint: every 5 steps, one more may be in flight.
     assert out["sigkill_steps_lost_max"] <= 10
+
+
+def test_a_stop_mid_remediation_resumes_with_the_remediators_history(tmp_path, monkeypatch):
+    # --fm=full, a transient CA3: alarm at 10, rollback, verification. The run is stopped (as
+    # by SIGTERM) at its 16th executed step, after the rollback and before verification ends;
+    # the resumed run must write the same metrics and events as the straight run.
+    from rftjax.train import preempt
+
+    def cfg(workdir, **kw):
+        return _config(
+            workdir,
+            20,
+            fm="full",
+            fm_window=4,
+            fault="CA3",
+            fault_severity="severe",
+            fault_onset=10,
+            fault_duration=3,
+            **kw,
+        )
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    reference = run(cfg(straight))
+    (action,) = reference["actions"]
+    assert action["step"] == 12 and action["restored_to"] < 10
+    calls = []
+
+    def reached(self, step):
+        calls.append(step)
+        if len(calls) == 16:  # 12 steps, the rollback, 4 replayed
+            self.signal = signal.SIGTERM
+        return self.signal is not None
+
+    monkeypatch.setattr(preempt.Preemption, "reached", reached)
+    first = run(cfg(stopped))
+    assert first["preempted"] and first["actions"] and not first["verifications"]
+    monkeypatch.undo()
+    resumed = run(cfg(stopped, resume=True))
+    assert not resumed["preempted"] and resumed["steps_completed"] == 20
+    assert chaos.compare(str(straight), str(stopped)) == []
+    assert resumed["verifications"] == reference["verifications"]
+
+
+def test_the_run_controller_refuses_a_corrupt_rollback_target(tmp_path):
+    from rftjax import models
+    from rftjax.checkpoint import Checkpointer
+    from rftjax.knobs import make_knobs
+    from rftjax.train.manage import RunController
+    from rftjax.train.step import init_state
+
+    rl = RLConfig(prompts_per_step=4, group_size=4)
+    _, params = models.create(small_shapes.MODEL, 0)
+    state = init_state(params, rl, 0)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=5)
+    for step in (2, 4, 6):
+        ckpt.save(step, state._replace(step=state.step + step), {"step": step})
+    ckpt.wait()
+    ckpt.pin(4)
+    meta_file = tmp_path / "ckpt" / "4" / "meta" / "metadata"
+    meta_file.write_text("{")
+    controller = RunController(ckpt, rl, state, make_knobs())
+    with pytest.raises(remediate.RestoreError, match="step 4"):
+        controller.restore(4)
+    assert ckpt.all_steps() == [2, 6] and ckpt.pinned == []
+    controller.restore(2)  # a good one: restored, and the abandoned later steps deleted
+    assert int(controller.state.step) == int(state.step) + 2 and controller.restored_to == 2
+    assert ckpt.all_steps() == [2]
+    ckpt.close()

@@ -44,25 +44,34 @@ def _truncate_jsonl(path: str, last_step: int) -> list[dict[str, Any]]:
 
 
 class JsonlLog:
-    """Append-only JSON-lines file; `records` holds what a resumed run kept."""
+    """Append-only JSON-lines file; `records` holds what a resumed run kept and `count` the
+    records in the file."""
 
-    def __init__(self, path: str, *, resume_step: int = 0):
+    def __init__(self, path: str, *, resume_step: int = 0, keep: int | None = None):
+        """A resumed log keeps the records of steps <= `resume_step`, or with `keep` its first
+        `keep` records (a history written in time order, e.g. events across rollbacks)."""
         self.path = path
         self.records: list[dict[str, Any]] = []
-        if resume_step:
+        if keep is not None:
+            self.records = read_jsonl(path)[:keep]
+            write_jsonl(path, self.records)
+        elif resume_step:
             self.records = _truncate_jsonl(path, resume_step)
         elif os.path.exists(path):
             os.remove(path)
+        self.count = len(self.records)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.count += 1
 
     def cut(self, last_step: int) -> None:
         """Drops the records of steps after `last_step` (a rollback replays them)."""
         self._file.close()
         self.records = _truncate_jsonl(self.path, last_step)
+        self.count = len(self.records)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:

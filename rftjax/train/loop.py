@@ -469,7 +469,10 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
         )
         # Constructing a log on resume rewrites the file: process 0's alone.
         events_path = os.path.join(run_.workdir, "events.jsonl")
-        events = JsonlLog(events_path, resume_step=start) if primary else _Quiet()
+        # Events are the run's history (alarms and actions of timelines a rollback left
+        # included): a resumed run keeps those written up to its checkpoint.
+        kept = (begun.meta or {}).get("events_written")
+        events = JsonlLog(events_path, resume_step=start, keep=kept) if primary else _Quiet()
         for note in begun.notes:  # corrupt checkpoints set aside on resume
             events.write(note)
         if run_.mesh is not None:  # a bad restore or placement shows before the first step
@@ -529,6 +532,7 @@ class _Quiet:
     """The logs of a process other than 0: written by process 0 only."""
 
     path = os.devnull
+    count = 0
 
     def write(self, record) -> None:
         del record
@@ -658,6 +662,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
                 fm_failed(step_no, "remediator", e)
         if fm_failure:
             meta["fm_failure"] = fm_failure
+        meta["events_written"] = events.count
         run.checkpointer.save(step_no, state, meta)
         saved_at = step_no
 
