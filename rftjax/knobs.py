@@ -29,6 +29,10 @@ class Knobs(NamedTuple):
     adv_clip: jax.Array  # |advantage| bound; <= 0: off
     reward_clip: jax.Array  # |reward| bound; <= 0: off
     vf_coef: jax.Array  # value-loss coefficient (PPO)
+    # Remedy switches (> 0: on), turned on by fm's remediator and off by default:
+    verifier_failover: jax.Array  # score with the task's own verifier, not the reward pipeline
+    advantage_audit: jax.Array  # advantages of the reference (shadow) estimator, as computed
+    restore_mask: jax.Array  # loss mask rebuilt from the sampler's response mask
 
 
 KNOB_NAMES = Knobs._fields
@@ -52,6 +56,9 @@ def make_knobs(
     adv_clip: float = 0.0,
     reward_clip: float = 0.0,
     vf_coef: float = 0.1,
+    verifier_failover: float = 0.0,
+    advantage_audit: float = 0.0,
+    restore_mask: float = 0.0,
 ) -> Knobs:
     """Builds knobs from Python numbers (float32 scalars; top_k int32)."""
     values = dict(locals())

@@ -83,7 +83,7 @@ def _learner(task, graphdef, fault):
     )
 
 
-def _run(task, warm, fault=None, fparams=None, learner=None):
+def _run(task, warm, fault=None, fparams=None, learner=None, knobs=KNOBS):
     """Metrics of each step and the policy after each step (host copies)."""
     graphdef, params = warm
     cfg = _cfg(task)
@@ -93,7 +93,7 @@ def _run(task, warm, fault=None, fparams=None, learner=None):
     metrics, policies = [], []
     for i in range(STEPS):
         batch = to_prompt_batch(task.train_batch(i, cfg.prompts_per_step))
-        state, m = learner["step"](state, batch, KNOBS, fparams)
+        state, m = learner["step"](state, batch, knobs, fparams)
         metrics.append(jax.device_get(m))
         policies.append(jax.device_get(state.params["policy"]))
     return learner, state, metrics, policies
@@ -202,3 +202,31 @@ def test_split_rollout_and_learn_inject_like_the_fused_step(task, warm, type_id)
             np.testing.assert_allclose(m_split[key], m_fused[key], rtol=1e-5, err_msg=key)
     for name in ("prepare", "rollout", "learn"):
         assert learner[name]._cache_size() == 1, name
+
+
+@pytest.mark.parametrize(
+    "type_id,switch",
+    [
+        ("RF1", "verifier_failover"),
+        ("RF2", "verifier_failover"),
+        ("CA1", "advantage_audit"),
+        ("CA2", "advantage_audit"),
+        ("CA3", "restore_mask"),
+    ],
+)
+def test_a_remedy_switch_undoes_its_fault_in_the_compiled_step(task, warm, clean, type_id, switch):
+    # With the fault severe from step 1 and its remedy's switch on, every update equals the
+    # clean run's: the switch takes the value from before the faulty stage. Without the switch
+    # the same run departs from the clean one (the comparison can fail).
+    fault = faults.make(type_id, _setup(task)[0])
+    fparams = faults.params_for(type_id, onset=1, severity="severe")
+    learner = _learner(task, warm[0], fault)
+    _, _, _, broken = _run(task, warm, fault, fparams, learner=learner)
+    knobs = make_knobs(lr=3e-3, **{switch: 1.0})
+    _, _, _, fixed = _run(task, warm, fault, fparams, learner=learner, knobs=knobs)
+    _, _, _, reference = clean
+    leaves = lambda policies: jax.tree.leaves(policies[-1])
+    pairs = zip(leaves(broken), leaves(reference), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in pairs)
+    for a, b in zip(leaves(fixed), leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -254,7 +254,9 @@ def make_learner(
     def targets(old_logp, old_values, data, knobs, ctx):
         """Advantages and returns from constants (behaviour log-probs and values)."""
         adv, ret = ADVANTAGE_ESTIMATORS[cfg.algo](old_logp, old_values, data, knobs, cfg)
-        adv = hooks.advantages(adv, data["scores"], data["loss_mask"], ctx)
+        # advantage_audit: the estimator's own output, past the advantage post-processing.
+        audited = hooks.advantages(adv, data["scores"], data["loss_mask"], ctx)
+        adv = jnp.where(knobs.advantage_audit > 0, adv, audited)
         return {
             "old_logp": old_logp,
             "old_values": old_values,
@@ -351,8 +353,13 @@ def make_learner(
         ctx = fault_ctx(state, fparams)
         knobs = hooks.regularizers(knobs, ctx)
         raw = rewards["reward"].astype(jnp.float32)
-        scores = _guard(hooks.rewards(raw, rewards, ro, ctx), knobs.reward_clip)
-        loss_mask = hooks.loss_mask(ro.response_mask, ro, ctx)
+        # Remedy switches (runtime knobs: no recompile). verifier_failover scores with the
+        # task's own verifier instead of the reward pipeline; restore_mask rebuilds the loss
+        # mask from the sampler's response mask instead of the pipeline's.
+        piped = hooks.rewards(raw, rewards, ro, ctx)
+        scores = _guard(jnp.where(knobs.verifier_failover > 0, raw, piped), knobs.reward_clip)
+        piped_mask = hooks.loss_mask(ro.response_mask, ro, ctx)
+        loss_mask = jnp.where(knobs.restore_mask > 0, ro.response_mask, piped_mask)
         data = {
             "tokens": ro.tokens,
             "valid": ro.valid,
