@@ -167,3 +167,21 @@ def test_a_corrupt_rollback_target_is_dropped_and_an_earlier_one_used():
     assert events[1]["checkpoint"] == 30 and "checksum" in events[1]["reason"]
     assert events[2]["restored_to"] == 20 and ("restore", 30) not in trainer.calls
     assert 30 not in trainer.pinned and 30 not in rem.health.healthy
+
+
+def test_a_switch_knob_makes_its_remedy_supported_and_the_attempt_turns_it_on():
+    # rftjax's knobs carry the switches advantage_audit, restore_mask, verifier_failover.
+    from rftjax.knobs import KNOB_NAMES
+
+    assert {"advantage_audit", "restore_mask", "verifier_failover"} <= set(KNOB_NAMES)
+    d = diagnose.Diagnosis((("CA1", 0.9), ("RF1", 0.1)), "credit-assignment", 0.9, ())
+    without = remediate.Remediator(FakeTrainer())
+    assert remediate.plan(d, supported=without.supported) == ["rollback", "halt"]
+    trainer = FakeTrainer(advantage_audit=0.0)
+    rem = remediate.Remediator(trainer)
+    assert remediate.plan(d, supported=rem.supported) == ["rollback", "advantage_audit", "halt"]
+    rem.episode = remediate._Episode(alarm_step=45, diagnosis=d, plan=("advantage_audit",))
+    assert rem._apply("advantage_audit") == remediate.Action(
+        "advantage_audit", {"advantage_audit": 1.0}
+    )
+    assert trainer.values["advantage_audit"] == 1.0
