@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
 from fm import diagnose as dg
 from fm import taxonomy
 
@@ -157,6 +159,55 @@ def plan(diagnosis: dg.Diagnosis, *, supported: Callable[[str], bool]) -> list[s
     return [*steps, "halt"]
 
 
+# A planner: (diagnosis, supported(remedy), alarm step) -> remedies to try in order, "halt"
+# last. `plan` is fm's; the others are the baselines FaultBench compares it with.
+Planner = Callable[[dg.Diagnosis, Callable[[str], bool], int], list[str]]
+
+
+def fixed_plan(*remedies: str) -> Planner:
+    """The same attempts whatever the diagnosis (each rolls back first), then halt. E.g.
+    rollback + skip the data window (as PaLM did on loss spikes) or rollback + lr × 0.5 (as
+    OPT did)."""
+
+    def planner(diagnosis, supported, alarm_step):
+        del diagnosis, alarm_step
+        return [r for r in remedies if r == "rollback" or supported(r)] + ["halt"]
+
+    return planner
+
+
+def random_plan(seed: int, attempts: int = 3) -> Planner:
+    """`attempts` remedies drawn at random from those the trainer supports, then halt: the
+    baseline of a remediator that knows which knobs exist but not which fault it faces.
+    Seeded by (seed, alarm step), so a resumed run draws the same."""
+
+    def planner(diagnosis, supported, alarm_step):
+        del diagnosis
+        choices = [
+            r for r in taxonomy.REMEDIES if r != "halt" and (r == "rollback" or supported(r))
+        ]
+        rng = np.random.default_rng([seed, alarm_step])
+        return [str(r) for r in rng.choice(choices, size=attempts)] + ["halt"]
+
+    return planner
+
+
+PLANNERS = ("fm", "random", "rollback_skip", "rollback_lr")
+
+
+def planner_for(name: str, *, seed: int = 0) -> Planner:
+    """fm's planner or a baseline by name (`PLANNERS`)."""
+    if name == "fm":
+        return lambda d, supported, alarm_step: plan(d, supported=supported)
+    if name == "random":
+        return random_plan(seed)
+    if name == "rollback_skip":
+        return fixed_plan("skip_data", "skip_data", "skip_data")
+    if name == "rollback_lr":
+        return fixed_plan("lr_scale", "lr_scale", "lr_scale")
+    raise ValueError(f"unknown remediation policy {name!r}; accepted: {', '.join(PLANNERS)}")
+
+
 class _Episode(NamedTuple):
     alarm_step: int
     diagnosis: dg.Diagnosis | None = None
@@ -198,9 +249,13 @@ class Remediator:
         evidence_steps: int = 2,
         history: int = 64,
         skip_batches: int = 0,
+        planner: Planner | None = None,
     ) -> None:
+        """`planner`: diagnosis → remedies (default: fm's `plan`; `planner_for` names the
+        baselines)."""
         self.controller = controller
         self.diagnoser = diagnoser
+        self.planner = planner or planner_for("fm")
         self.verify_window = verify_window
         self.evidence_steps = evidence_steps
         self.history_len = history
@@ -289,7 +344,7 @@ class Remediator:
             self.records.insert(0, dict(self.records[0]))
             index = 1
         d = self.diagnoser(self.records, index, flagged=self._flagged)
-        steps = tuple(plan(d, supported=self.supported))
+        steps = tuple(self.planner(d, self.supported, ep.alarm_step))
         self.episode = ep._replace(diagnosis=d, plan=steps)
         event = self._event(
             step,

@@ -7,7 +7,15 @@ import os
 from absl import flags
 
 from faults import SEVERITIES
-from rftjax.config import AGG_MODES, ALGOS, FM_MODES, KL_KINDS, RLConfig, TrainConfig
+from rftjax.config import (
+    AGG_MODES,
+    ALGOS,
+    FM_MODES,
+    FM_POLICIES,
+    KL_KINDS,
+    RLConfig,
+    TrainConfig,
+)
 
 
 def define_run_flags() -> None:
@@ -62,6 +70,14 @@ def define_run_flags() -> None:
         "fm_window",
         20,
         "--fm=full: alarm-free steps that make a checkpoint healthy and an attempt verified.",
+    )
+    flags.DEFINE_enum(
+        "fm_policy",
+        "fm",
+        FM_POLICIES,
+        "--fm=full: who plans the remedies: fm (from its diagnosis), or a baseline: random "
+        "(3 random remedies), rollback_skip (rollback + skip the data window, 3 times), "
+        "rollback_lr (rollback + lr x 0.5, 3 times).",
     )
     flags.DEFINE_bool(
         "fm_strict",
@@ -212,6 +228,7 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         fm=values.fm,
         fm_window=values.fm_window,
         fm_strict=values.fm_strict,
+        fm_policy=values.fm_policy,
         fault=values.fault,
         fault_severity=values.fault_severity,
         fault_variant=values.fault_variant,

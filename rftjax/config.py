@@ -16,6 +16,7 @@ ALGOS = ("grpo", "ppo")
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_KINDS = ("k1", "k2", "k3")
 FM_MODES = ("off", "detect", "full")
+FM_POLICIES = ("fm", "random", "rollback_skip", "rollback_lr")  # = fm.remediate.PLANNERS
 DEFAULT_WARMUP_STEPS = 300  # supervised warm-up of a preset (random) model; none for checkpoints
 
 
@@ -161,6 +162,9 @@ class TrainConfig:
     # fm's own failures (an exception in the diagnoser or remediator) end the run instead of
     # being logged to events.jsonl while training goes on unmanaged.
     fm_strict: bool = False
+    # --fm=full: who plans the remedies: fm (from the diagnosis) or a baseline (random,
+    # rollback_skip, rollback_lr; FaultBench's remediate comparison).
+    fm_policy: str = "fm"
     # Write trajectories.jsonl: one line a step with per-completion arrays (FaultBench).
     record_trajectories: bool = False
     # Device mesh (`rftjax.parallel`): "" one device; "auto" all devices on data; or
@@ -188,6 +192,7 @@ class TrainConfig:
         _check_choice("chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         _check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
         _check_choice("fm", self.fm, FM_MODES)
+        _check_choice("fm_policy", self.fm_policy, FM_POLICIES)
         _check_positive(
             self,
             "eval_every",

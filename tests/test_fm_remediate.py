@@ -185,3 +185,38 @@ def test_a_switch_knob_makes_its_remedy_supported_and_the_attempt_turns_it_on():
         "advantage_audit", {"advantage_audit": 1.0}
     )
     assert trainer.values["advantage_audit"] == 1.0
+
+
+def test_baseline_planners_ignore_the_diagnosis_and_random_is_reproducible():
+    from rftjax.config import FM_POLICIES
+
+    assert FM_POLICIES == remediate.PLANNERS
+    d = diagnose.Diagnosis((("CA1", 0.9), ("RF1", 0.1)), "credit-assignment", 0.9, ())
+    supported = remediate.Remediator(FakeTrainer()).supported
+    skip = remediate.planner_for("rollback_skip")
+    assert skip(d, supported, 45) == ["skip_data"] * 3 + ["halt"]
+    assert remediate.planner_for("rollback_lr")(d, supported, 45) == ["lr_scale"] * 3 + ["halt"]
+    assert remediate.planner_for("fm")(d, supported, 45) == remediate.plan(d, supported=supported)
+    rand = remediate.planner_for("random", seed=3)
+    drawn = [rand(d, supported, step) for step in range(40, 60)]
+    assert drawn == [rand(d, supported, step) for step in range(40, 60)]  # same seed, same draws
+    remedies = {r for p in drawn for r in p[:-1]}
+    assert all(p[-1] == "halt" and len(p) == 4 for p in drawn)
+    assert len(remedies) > 3 and all(r == "rollback" or supported(r) for r in remedies)
+    assert "advantage_audit" not in remedies  # the fake trainer has no such switch
+    with pytest.raises(ValueError, match="accepted: fm, random"):
+        remediate.planner_for("oracle")
+
+
+def test_a_baseline_planner_drives_the_closed_loop():
+    trainer = FakeTrainer()
+    rem = remediate.Remediator(
+        trainer,
+        verify_window=10,
+        healthy_window=10,
+        planner=remediate.planner_for("rollback_lr"),
+    )
+    events = _drive(rem, trainer, 400, fault_from=45, persistent=True)
+    actions = [e for e in events if e["event"] == "action"]
+    assert [a["actions"][-1]["remedy"] for a in actions] == ["lr_scale"] * len(actions)
+    assert trainer.values["lr_scale"] == 0.5 ** len(actions) and events[-1]["event"] == "halt"

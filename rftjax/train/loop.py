@@ -576,7 +576,15 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
     manager = controller = None
     fm_failure = (resumed_meta or {}).get("fm_failure")
     if cfg.fm == "full":  # the closed loop: diagnosis, rollback, knobs, verification, halt
-        manager = manage.Manager(run.checkpointer, rl, state, knobs, window=cfg.fm_window)
+        manager = manage.Manager(
+            run.checkpointer,
+            rl,
+            state,
+            knobs,
+            window=cfg.fm_window,
+            policy=cfg.fm_policy,
+            seed=cfg.seed,
+        )
         controller = manager.controller
         if resumed_meta is not None:
             manager.resume(resumed_meta)

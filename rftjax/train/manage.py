@@ -122,12 +122,17 @@ class Manager:
         knobs: kn.Knobs,
         *,
         window: int = 20,
+        policy: str = "fm",
+        seed: int = 0,
     ) -> None:
         """`window`: steps without an alarm that make a checkpoint healthy and an attempt
-        verified."""
+        verified. `policy`: fm's planner or a baseline (`fm.remediate.planner_for`)."""
         self.controller = RunController(checkpointer, rl, state, knobs)
         self.remediator = remediate.Remediator(
-            self.controller, verify_window=window, healthy_window=window
+            self.controller,
+            verify_window=window,
+            healthy_window=window,
+            planner=remediate.planner_for(policy, seed=seed),
         )
 
     def observe(self, step: int, values: dict[str, float]) -> list[dict[str, Any]]:
