@@ -17,6 +17,13 @@
       seed, on the default config; prints final held-out accuracy versus clean (mean over
       seeds) as a Markdown table and writes it to DIR/severity.{json,md}. Resumable.
 
+  remediate --spec FILE|standard|smoke --out DIR [--policies fm,random,...] [--workers 2]
+      Closed-loop comparison: every faulted run of the spec trained once per policy (none:
+      detection only; fm: --fm=full; random, rollback_skip, rollback_lr: baseline planners),
+      plus a clean run per seed under --fm=full. Writes DIR/remediate.{json,md}: recovery
+      rate on remediable faults (final accuracy >= clean median - 0.05), rollbacks, wasted
+      steps, halts and correct halts, clean runs without rollback. Resumable.
+
   train-diagnoser --data DIR[,DIR...] --out MODEL.json [--window 50]
       Fits the learned diagnoser (`fm.diagnose.Learned`) on the train split's faulted runs at
       their first alarm within the window, scores it and the rule diagnoser on the eval split
@@ -44,7 +51,7 @@ from fm.bench import report as fb_report
 from launch import common
 from rftjax import campaign
 
-COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser")
+COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser", "remediate")
 flags.DEFINE_string("out", None, "Campaign folder (generate, severity) or report path (evaluate).")
 flags.DEFINE_string("spec", None, "generate: a campaign spec JSON file, or standard / smoke.")
 flags.DEFINE_string(
@@ -57,6 +64,7 @@ flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 flags.DEFINE_string("types", "all", "Comma-separated fault type ids, or 'all' injectable ones.")
 flags.DEFINE_integer("workers", 2, "Runs in parallel (worker processes).")
 flags.DEFINE_integer("steps", 1500, "RL steps of every run.")
+flags.DEFINE_string("policies", "all", "remediate: comma-separated policies, or 'all'.")
 common.define_run_flags()
 FLAGS = flags.FLAGS
 
@@ -114,6 +122,38 @@ def generate() -> None:
         f"{sizes['trajectories']} trajectories ({sizes['run_seconds']:.0f} s of runs, "
         f"{FLAGS.workers} workers)"
     )
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def remediate() -> None:
+    from rftjax.campaign import remediate as rem
+    from rftjax.campaign.records import exclusive
+
+    if not FLAGS.spec:
+        raise app.UsageError("--spec is required: a JSON file, standard or smoke")
+    policies = rem.POLICIES if FLAGS.policies == "all" else tuple(FLAGS.policies.split(","))
+    try:
+        spec = campaign.resolve(campaign.load_spec(FLAGS.spec))
+        runs = rem.runs_for(spec, policies)
+    except ValueError as e:
+        _fail(str(e))
+    common.quiet_libraries()
+    os.makedirs(FLAGS.out, exist_ok=True)
+    try:
+        with exclusive(FLAGS.out):
+            base = campaign.base_config(FLAGS.out, spec.base)
+            failed = campaign.run_campaign(runs, FLAGS.out, base, workers=FLAGS.workers)
+    except ValueError as e:
+        _fail(str(e))
+    result = rem.score(FLAGS.out, runs)
+    text = rem.markdown(result)
+    with open(os.path.join(FLAGS.out, "remediate.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(FLAGS.out, "remediate.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text)
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
         sys.exit(1)
@@ -201,6 +241,7 @@ def main(argv):
         "evaluate": evaluate,
         "severity": severity,
         "train-diagnoser": train_diagnoser,
+        "remediate": remediate,
     }
     commands[argv[1]]()
 

@@ -323,7 +323,7 @@ def test_a_second_generate_on_the_same_folder_is_refused(tmp_path):
             "-c",
             "import sys, time\n"
             "from rftjax.campaign import records\n"
-            f"with records._exclusive({str(tmp_path)!r}):\n"
+            f"with records.exclusive({str(tmp_path)!r}):\n"
             "    print('locked', flush=True); time.sleep(60)\n",
         ],
         cwd=ROOT,
@@ -337,5 +337,5 @@ def test_a_second_generate_on_the_same_folder_is_refused(tmp_path):
     finally:
         hold.kill()
         hold.wait()
-    with records._exclusive(str(tmp_path)):  # released when its holder died
+    with records.exclusive(str(tmp_path)):  # released when its holder died
         pass

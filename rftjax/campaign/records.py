@@ -186,12 +186,12 @@ def generate(
     assembles the Parquet tables and the dataset card. Returns (failed runs, sizes).
     One process at a time per folder (a second one is refused)."""
     os.makedirs(out, exist_ok=True)
-    with _exclusive(out):
+    with exclusive(out):
         return _generate(campaign, out, workers=workers, report=report)
 
 
 @contextlib.contextmanager
-def _exclusive(out: str):
+def exclusive(out: str):
     """An advisory lock on `out/.generate.lock`, released by the OS if the holder dies."""
     path = os.path.join(out, ".generate.lock")
     with open(path, "a+", encoding="utf-8") as f:

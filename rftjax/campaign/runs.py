@@ -33,6 +33,7 @@ class Run(NamedTuple):
     fault: dict[str, Any]  # TrainConfig fault fields (empty: a clean run)
     config: str = ""  # JSON of this run's settings over the campaign base ("" for none)
     split: str = "none"  # "train" | "eval" | "none"
+    fork: bool = True  # a faulted run starts from its clean twin's checkpoint before onset
 
     @property
     def clean(self) -> bool:
@@ -87,9 +88,12 @@ _TRAIN_KEYS = (
     "keep_checkpoints",
     "log_every",
     "init_seed",
+    "fm_window",
 )
 _RL_KEYS = tuple(f.name for f in dataclasses.fields(RLConfig))
 OVERRIDE_KEYS = (*_TRAIN_KEYS, *_RL_KEYS, "knobs")
+# Set by runners (the remediate comparison), not by specs: generate needs the detector on.
+_RUNNER_KEYS = ("fm", "fm_policy", "record_trajectories")
 
 
 def apply_overrides(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
@@ -97,7 +101,7 @@ def apply_overrides(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
     errors name the bad key or value and what is accepted."""
     from rftjax.knobs import make_knobs
 
-    unknown = sorted(set(settings) - set(OVERRIDE_KEYS))
+    unknown = sorted(set(settings) - set(OVERRIDE_KEYS) - set(_RUNNER_KEYS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; accepted: {', '.join(OVERRIDE_KEYS)}")
     knobs = {**cfg.knobs, **settings.get("knobs", {})}
@@ -110,7 +114,7 @@ def apply_overrides(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
         from rftjax.tasks import make_task
 
         rl["max_new_tokens"] = make_task(settings["task"], seed=0).max_new_tokens_hint
-    outer = {k: v for k, v in settings.items() if k in _TRAIN_KEYS}
+    outer = {k: v for k, v in settings.items() if k in _TRAIN_KEYS or k in _RUNNER_KEYS}
     try:
         make_knobs(**knobs)
         return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, **rl), knobs=knobs, **outer)
@@ -131,7 +135,7 @@ def config_of(base: TrainConfig, out: str, run: Run) -> TrainConfig:
     extra: dict[str, Any] = dict(run.fault)
     if run.clean:
         extra.update(fault="none", keep_checkpoints=cfg.steps // cfg.checkpoint_every + 1)
-    else:
+    elif run.fork:
         extra.update(fork_from=os.path.join(out, twin_name(run.seed, run.config)))
         extra.update(keep_checkpoints=1)  # only for resuming: nothing forks from a faulted run
     # Runs share one warm-up cache: with a fixed init_seed, one warm-up serves every seed.

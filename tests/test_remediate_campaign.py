@@ -1,0 +1,83 @@
+"""`launch.faultbench remediate`: the runs of each policy and their scoring (hand-made
+summaries; the closed loop itself is tested end to end in test_train.py)."""
+
+import json
+import os
+
+import pytest
+
+from rftjax.campaign import remediate, resolve
+from rftjax.campaign.runs import apply_overrides, config_of
+from rftjax.campaign.spec import base_config
+
+SPEC = {
+    "name": "r",
+    "base": {"steps": 40, "checkpoint_every": 5, "fm_window": 4},
+    "runs": [
+        {"seed": 0, "type": "CA3", "severity": "severe", "onset": 12},
+        {"seed": 1, "type": "CA3", "severity": "severe", "onset": 12},
+        {"seed": 0, "type": "OD3", "severity": "severe", "onset": 12},
+    ],
+}
+
+
+def test_every_faulted_run_once_per_policy_from_scratch_and_a_managed_clean_run_per_seed(tmp_path):
+    campaign = resolve(SPEC)
+    runs = remediate.runs_for(campaign)
+    clean = [r for r in runs if r.clean]
+    assert [r.name for r in clean] == ["s0/clean", "s1/clean"]
+    faulted = [r for r in runs if not r.clean]
+    assert len(faulted) == 3 * len(remediate.POLICIES)
+    base = base_config(str(tmp_path), campaign.base)
+    by_policy = {}
+    for run in runs:
+        cfg = config_of(base, str(tmp_path), run)
+        assert cfg.fork_from == "" and not cfg.record_trajectories and cfg.fm_window == 4
+        by_policy[run.name.rsplit("/", 1)[1]] = cfg
+    assert by_policy["clean"].fm == "full" and by_policy["none"].fm == "detect"
+    for policy in ("fm", "random", "rollback_skip", "rollback_lr"):
+        assert by_policy[policy].fm == "full" and by_policy[policy].fm_policy == policy
+    with pytest.raises(ValueError, match="unknown policies \\['oracle'\\]"):
+        remediate.runs_for(campaign, ["fm", "oracle"])
+    with pytest.raises(ValueError, match="unknown key\\(s\\) \\[.fm.\\]"):  # not in specs
+        resolve({**SPEC, "base": {"fm": "off"}})
+    assert apply_overrides(base, {"fm": "full"}).fm == "full"  # runners may
+
+
+def _summary(final, actions=(), halt=None):
+    return {
+        "eval_accuracy_final": final,
+        "actions": [{"step": s, "restored_to": r} for s, r in actions],
+        "halted": halt is not None,
+        "halt_report": halt,
+    }
+
+
+def test_recovery_rollbacks_wasted_steps_and_halts_are_scored_per_policy(tmp_path):
+    runs = remediate.runs_for(resolve(SPEC), ["none", "fm"])
+    finals = {
+        "s0/clean": _summary(0.80),
+        "s1/clean": _summary(0.70, actions=[(20, 15)]),  # a false remediation
+        # clean median 0.75: recovered from 0.70 up.
+        "s0/CA3-severe-o12/none": _summary(0.30),
+        "s1/CA3-severe-o12/none": _summary(0.72),
+        "s0/CA3-severe-o12/fm": _summary(0.74, actions=[(14, 10)]),
+        "s1/CA3-severe-o12/fm": _summary(0.69, actions=[(14, 10), (16, 5)]),
+        "s0/OD3-severe-o12/none": _summary(0.10),
+        "s0/OD3-severe-o12/fm": _summary(
+            0.20, actions=[(14, 10)], halt={"diagnosis": "OD3", "alarm_step": 13}
+        ),
+    }
+    for name, summary in finals.items():
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "summary.json", "w") as f:
+            json.dump(summary, f)
+    result = remediate.score(str(tmp_path), runs, margin=0.05, halt_within=20)
+    fm, none = result["policies"]["fm"], result["policies"]["none"]
+    assert fm["recovery"] == 0.5 and none["recovery"] == 0.5  # 0.74 and 0.72 >= 0.70
+    assert fm["rollbacks_median"] == 1.0  # of 1, 2 and 1 rollbacks
+    assert fm["wasted_steps_mean"] == pytest.approx((4 + 4 + 11 + 4) / 3)
+    assert fm["halts"] == 1 and fm["halts_on_remediable"] == 0 and fm["correct_halts"] == 1.0
+    assert none["correct_halts"] == 0.0
+    assert result["policies"]["clean"] == {"runs": 2, "no_rollback": 0.5}
+    assert "| fm | 3 | 0.50 |" in remediate.markdown(result)
