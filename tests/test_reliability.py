@@ -339,3 +339,18 @@ def test_a_second_generate_on_the_same_folder_is_refused(tmp_path):
         hold.wait()
     with records.exclusive(str(tmp_path)):  # released when its holder died
         pass
+
+
+def test_a_preempted_campaign_run_counts_as_unfinished(tmp_path):
+    # Ctrl-C reaches a campaign's worker processes too: their runs save and write a summary
+    # marked preempted, which the next `generate` must resume rather than skip.
+    from rftjax.campaign.runs import Run, read_summary
+
+    run = Run("s0/clean", 0, {})
+    os.makedirs(tmp_path / "s0" / "clean")
+    path = tmp_path / "s0" / "clean" / "summary.json"
+    assert read_summary(str(tmp_path), run) is None
+    path.write_text(json.dumps({"steps_completed": 7, "preempted": True}))
+    assert read_summary(str(tmp_path), run) is None
+    path.write_text(json.dumps({"steps_completed": 12, "preempted": False}))
+    assert read_summary(str(tmp_path), run) == {"steps_completed": 12, "preempted": False}

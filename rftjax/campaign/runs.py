@@ -55,11 +55,14 @@ def severity_runs(
 
 
 def read_summary(out: str, run: Run) -> dict[str, Any] | None:
+    """The run's summary if it finished (None if absent, or if the run was preempted: it
+    resumes from its checkpoint when the campaign runs again)."""
     path = os.path.join(out, run.name, "summary.json")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        summary = json.load(f)
+    return None if summary.get("preempted") else summary
 
 
 def config_prefix(config: str) -> str:
