@@ -150,3 +150,13 @@ def test_checksums_see_one_bit():
         state._replace(params={**state.params, "policy": jax.tree.unflatten(tree, flat)})
     )
     assert sum(before[k] != after[k] for k in before) == 1
+
+
+def test_checksums_compile_once_per_tree_structure():
+    from rftjax.checkpoint import manager
+
+    first, second = _state(0, algo="grpo"), _state(1, algo="grpo")
+    checksums(first)
+    size = manager._checksums._cache_size()
+    assert checksums(second) != checksums(first)  # new values: new sums, same program
+    assert manager._checksums._cache_size() == size
