@@ -230,3 +230,4 @@ def test_a_remedy_switch_undoes_its_fault_in_the_compiled_step(task, warm, clean
     assert any(not np.array_equal(a, b) for a, b in pairs)
     for a, b in zip(leaves(fixed), leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert learner["step"]._cache_size() == 1  # the switch is a runtime value
