@@ -94,10 +94,14 @@ def severity() -> None:
     runs = campaign.severity_runs(seeds, types)
     failed = campaign.run_campaign(runs, FLAGS.out, base, workers=FLAGS.workers)
     table = campaign.severity_table(FLAGS.out, runs)
-    text = campaign.markdown(table)
-    with open(os.path.join(FLAGS.out, "severity.json"), "w", encoding="utf-8") as f:
-        json.dump(table, f, indent=2)
-    with open(os.path.join(FLAGS.out, "severity.md"), "w", encoding="utf-8") as f:
+    _report(os.path.join(FLAGS.out, "severity"), table, campaign.markdown(table), failed)
+
+
+def _report(path: str, result: dict, text: str, failed) -> None:
+    """Writes PATH.json and PATH.md, prints the table; exits 1 if runs failed."""
+    with open(path + ".json", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    with open(path + ".md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)
     if failed:
@@ -148,15 +152,7 @@ def remediate() -> None:
     except ValueError as e:
         _fail(str(e))
     result = rem.score(FLAGS.out, runs)
-    text = rem.markdown(result)
-    with open(os.path.join(FLAGS.out, "remediate.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(FLAGS.out, "remediate.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    print(text)
-    if failed:
-        print(f"{len(failed)} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
-        sys.exit(1)
+    _report(os.path.join(FLAGS.out, "remediate"), result, rem.markdown(result), failed)
 
 
 def evaluate() -> None:

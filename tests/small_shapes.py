@@ -16,3 +16,22 @@ MODEL = models.ModelConfig(
 OVERRIDES = "num_layers=1,hidden_size=32,intermediate_size=64,num_heads=2,num_kv_heads=2"
 # Entry-point flags of a small run: that model and 4 prompts × 4 completions a step.
 RUN_FLAGS = (f"--model_overrides={OVERRIDES}", "--prompts_per_step=4", "--group_size=4")
+
+
+def run_config(workdir, steps, **kw):
+    """A `TrainConfig` of a small end-to-end run: that model, 4 × 4 completions a step, a
+    10-step warm-up, evaluation and a checkpoint every 2 steps."""
+    from rftjax.config import RLConfig, TrainConfig
+
+    return TrainConfig(
+        workdir=str(workdir),
+        steps=steps,
+        model_overrides=OVERRIDES,
+        warmup_steps=10,
+        warmup_batch_size=16,
+        eval_size=16,
+        eval_every=2,
+        checkpoint_every=2,
+        rl=RLConfig(prompts_per_step=4, group_size=4),
+        **kw,
+    )

@@ -12,7 +12,7 @@ import pytest
 import small_shapes
 
 from fm import remediate
-from rftjax.config import RLConfig, TrainConfig
+from rftjax.config import RLConfig
 from rftjax.train import chaos
 from rftjax.train.logs import read_jsonl
 from rftjax.train.loop import run
@@ -90,19 +90,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert any("tmp" in name for name in os.listdir(tmp_path / "ckpt") if name != "pins.json")
 
 
-def _config(workdir, steps, **kw):
-    return TrainConfig(
-        workdir=str(workdir),
-        steps=steps,
-        model_overrides=small_shapes.OVERRIDES,
-        warmup_steps=10,
-        warmup_batch_size=16,
-        eval_size=16,
-        eval_every=2,
-        checkpoint_every=2,
-        rl=RLConfig(prompts_per_step=4, group_size=4),
-        **kw,
-    )
+_config = small_shapes.run_config
 
 
 def test_resume_skips_a_corrupt_latest_checkpoint_and_replays_identically(tmp_path):

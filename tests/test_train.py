@@ -12,7 +12,7 @@ import small_shapes
 
 import faults
 from fm import taxonomy
-from rftjax.config import RLConfig, TrainConfig
+from rftjax.config import RLConfig
 from rftjax.train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,19 +73,7 @@ def test_launch_train_writes_the_promised_outputs(tmp_path):
     assert "warm-up" in proc.stderr and "held-out accuracy" in proc.stderr
 
 
-def _config(workdir, steps, **kw):
-    return TrainConfig(
-        workdir=str(workdir),
-        steps=steps,
-        model_overrides=small_shapes.OVERRIDES,
-        warmup_steps=10,
-        warmup_batch_size=16,
-        eval_size=16,
-        eval_every=2,
-        checkpoint_every=2,
-        rl=RLConfig(prompts_per_step=4, group_size=4),
-        **kw,
-    )
+_config = small_shapes.run_config
 
 
 def test_resumed_run_continues_with_identical_metrics(tmp_path):

@@ -98,6 +98,17 @@ def run_chaos(
     report(f"reference run: {wall:.1f} s; kills at uniform(0.5, {max_delay:.1f}) s")
     kills: list[dict[str, Any]] = []
     episodes: list[dict[str, Any]] = []
+
+    def finished(episode: int, code: int) -> None:
+        """Compares a run that ended on its own with the reference."""
+        workdir = os.path.join(out, f"episode{episode}")
+        if code != 0:
+            raise RuntimeError(f"a resumed run failed (exit {code}); see {workdir}/train.log")
+        problems = compare(reference, workdir)
+        kills_here = sum(k["episode"] == episode for k in kills)
+        episodes.append({"episode": episode, "kills": kills_here, "mismatches": problems})
+        report(f"episode {episode} finished: {'identical' if not problems else problems}")
+
     episode = 0
     while len(kills) < cycles:
         workdir = os.path.join(out, f"episode{episode}")
@@ -128,31 +139,10 @@ def run_chaos(
                 f"logged step {logged}, checkpoint {resumed}, lost {k['steps_lost']}"
             )
             continue
-        if code != 0:
-            raise RuntimeError(f"a resumed run failed (exit {code}); see {workdir}/train.log")
-        problems = compare(reference, workdir)
-        episodes.append(
-            {
-                "episode": episode,
-                "kills": sum(k["episode"] == episode for k in kills),
-                "mismatches": problems,
-            }
-        )
-        report(f"episode {episode} finished: {'identical' if not problems else problems}")
+        finished(episode, code)
         episode += 1
     # The last episode, resumed once more, runs to its end.
-    workdir = os.path.join(out, f"episode{episode}")
-    if start(workdir, args).wait() != 0:
-        raise RuntimeError(f"the last resumed run failed; see {workdir}/train.log")
-    problems = compare(reference, workdir)
-    episodes.append(
-        {
-            "episode": episode,
-            "kills": sum(k["episode"] == episode for k in kills),
-            "mismatches": problems,
-        }
-    )
-    report(f"episode {episode} finished: {'identical' if not problems else problems}")
+    finished(episode, start(os.path.join(out, f"episode{episode}"), args).wait())
     term = [k for k in kills if k["signal"] == "SIGTERM"]
     hard = [k for k in kills if k["signal"] == "SIGKILL"]
     return {
