@@ -315,7 +315,7 @@ def write_jsonl(path, rows: list[str]):
 
 def test_jsonl_task_load_split_and_batches(tmp_path, tok):
     rows = [json.dumps({"prompt": f"q{i} what is {i}+1", "answer": i + 1}) for i in range(30)]
-    path = write_jsonl(tmp_path / "data.jsonl", rows[:15] + [""] + rows[15:])
+    path = write_jsonl(tmp_path / "data.jsonl", rows)  # (empty lines: refused, test_reliability)
     task = make_task(f"jsonl:{path}", seed=0, tokenizer=tok, answer_len=4)
     assert task.jnp_reward is None and task.answer_len == 4
     assert task.prompt_len == 1 + max(len(json.loads(r)["prompt"]) for r in rows)
