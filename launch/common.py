@@ -10,6 +10,7 @@ from faults import SEVERITIES
 from rftjax.config import (
     AGG_MODES,
     ALGOS,
+    FM_DIAGNOSERS,
     FM_MODES,
     FM_POLICIES,
     KL_KINDS,
@@ -78,6 +79,12 @@ def define_run_flags() -> None:
         "--fm=full: who plans the remedies: fm (from its diagnosis), or a baseline: random "
         "(3 random remedies), rollback_skip (rollback + skip the data window, 3 times), "
         "rollback_lr (rollback + lr x 0.5, 3 times).",
+    )
+    flags.DEFINE_enum(
+        "fm_diagnoser",
+        "learned",
+        FM_DIAGNOSERS,
+        "--fm=full: the diagnoser: learned (the model shipped in fm/artifacts) or rules.",
     )
     flags.DEFINE_bool(
         "fm_strict",
@@ -229,6 +236,7 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
         fm_window=values.fm_window,
         fm_strict=values.fm_strict,
         fm_policy=values.fm_policy,
+        fm_diagnoser=values.fm_diagnoser,
         fault=values.fault,
         fault_severity=values.fault_severity,
         fault_variant=values.fault_variant,

@@ -17,6 +17,7 @@ AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_KINDS = ("k1", "k2", "k3")
 FM_MODES = ("off", "detect", "full")
 FM_POLICIES = ("fm", "random", "rollback_skip", "rollback_lr")  # = fm.remediate.PLANNERS
+FM_DIAGNOSERS = ("learned", "rules")
 DEFAULT_WARMUP_STEPS = 300  # supervised warm-up of a preset (random) model; none for checkpoints
 
 
@@ -165,6 +166,9 @@ class TrainConfig:
     # --fm=full: who plans the remedies: fm (from the diagnosis) or a baseline (random,
     # rollback_skip, rollback_lr; FaultBench's remediate comparison).
     fm_policy: str = "fm"
+    # --fm=full: the diagnoser that names the fault: the learned model shipped with fm
+    # (`fm/artifacts/diagnoser.json`) or the readable rules.
+    fm_diagnoser: str = "learned"
     # Write trajectories.jsonl: one line a step with per-completion arrays (FaultBench).
     record_trajectories: bool = False
     # Device mesh (`rftjax.parallel`): "" one device; "auto" all devices on data; or
@@ -193,6 +197,7 @@ class TrainConfig:
         _check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
         _check_choice("fm", self.fm, FM_MODES)
         _check_choice("fm_policy", self.fm_policy, FM_POLICIES)
+        _check_choice("fm_diagnoser", self.fm_diagnoser, FM_DIAGNOSERS)
         _check_positive(
             self,
             "eval_every",

@@ -338,3 +338,17 @@ def test_fault_list_prints_the_catalog():
     spec = faults.SPECS["PG3"]
     for name, preset in zip(spec.variants, spec.presets, strict=True):
         assert f"{name}: " in proc.stdout and " / ".join(f"{v:g}" for v in preset) in proc.stdout
+
+
+def test_the_closed_loop_uses_the_shipped_learned_diagnoser_unless_rules_are_asked_for():
+    from fm import diagnose
+    from rftjax.knobs import make_knobs
+    from rftjax.train import manage
+
+    learned = manage.Manager(None, RLConfig(), None, make_knobs())
+    assert isinstance(learned.remediator.diagnoser, diagnose.Learned)
+    assert len(learned.remediator.diagnoser.model.classes) == 16  # every type, tools included
+    rules = manage.Manager(None, RLConfig(), None, make_knobs(), diagnoser="rules")
+    assert rules.remediator.diagnoser is diagnose.diagnose
+    with pytest.raises(ValueError, match="fm_diagnoser"):
+        _config("w", 2, fm="full", fm_diagnoser="oracle")

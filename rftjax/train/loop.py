@@ -584,6 +584,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
             window=cfg.fm_window,
             policy=cfg.fm_policy,
             seed=cfg.seed,
+            diagnoser=cfg.fm_diagnoser,
         )
         controller = manager.controller
         if resumed_meta is not None:

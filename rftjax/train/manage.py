@@ -12,11 +12,13 @@ back by the steps a rollback replays (`FaultParams` are arrays: no recompilation
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from fm import diagnose as fm_diagnose
 from fm import remediate
 from rftjax import knobs as kn
 from rftjax.checkpoint import Checkpointer, CorruptCheckpoint
@@ -111,6 +113,12 @@ class RunController:
         return self._shift[1]
 
 
+@functools.cache
+def _learned() -> fm_diagnose.Learned:
+    """The shipped learned diagnoser, read once per process."""
+    return fm_diagnose.Learned()
+
+
 class Manager:
     """`--fm=full`: the remediator over a `RunController`, fed the loop's step records."""
 
@@ -124,15 +132,18 @@ class Manager:
         window: int = 20,
         policy: str = "fm",
         seed: int = 0,
+        diagnoser: str = "learned",
     ) -> None:
         """`window`: steps without an alarm that make a checkpoint healthy and an attempt
-        verified. `policy`: fm's planner or a baseline (`fm.remediate.planner_for`)."""
+        verified. `policy`: fm's planner or a baseline (`fm.remediate.planner_for`).
+        `diagnoser`: "learned" (the model shipped with fm) or "rules"."""
         self.controller = RunController(checkpointer, rl, state, knobs)
         self.remediator = remediate.Remediator(
             self.controller,
             verify_window=window,
             healthy_window=window,
             planner=remediate.planner_for(policy, seed=seed),
+            diagnoser=_learned() if diagnoser == "learned" else fm_diagnose.diagnose,
         )
 
     def observe(self, step: int, values: dict[str, float]) -> list[dict[str, Any]]:
