@@ -494,7 +494,8 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
         run_.checkpointer.close()
     rl_seconds = time.time() - t_rl
     steps_run = int(state.step) - start
-    alarms = [e for e in _read_events(events.path) if e["event"] == "alarm"]
+    history = _read_events(events.path)
+    alarms = [e for e in history if e["event"] == "alarm"]
     summary = {
         "eval_accuracy_initial": initial["eval_accuracy"],
         "eval_accuracy_final": final["eval_accuracy"],
@@ -511,10 +512,10 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
         "fault": cfg.fault_record(),
         "fm": cfg.fm,
         "alarms": [{"step": e["step"], "signals": e["signals"]} for e in alarms],
-        **_remediation_summary(_read_events(events.path)),
+        **_remediation_summary(history),
         # Stopped by SIGTERM / SIGINT after a checkpoint of its last step: --resume goes on.
         "preempted": stop.signal is not None and int(state.step) < cfg.steps,
-        "fm_errors": [e for e in _read_events(events.path) if e["event"] == "fm_error"],
+        "fm_errors": [e for e in history if e["event"] == "fm_error"],
     }
     for name in ("eval_tool_rate", "eval_tool_rate_correct"):  # tool tasks
         if name in final:
