@@ -22,6 +22,7 @@ from faults.base import (
 from faults.catalog import (
     BLOCKED,
     SPECS,
+    acted,
     check,
     listing,
     magnitude_of,
@@ -37,6 +38,7 @@ __all__ = [
     "NO_HOOKS",
     "SEVERITIES",
     "SPECS",
+    "acted",
     "check",
     "Ctx",
     "Fault",

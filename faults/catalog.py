@@ -8,10 +8,10 @@ clearly damage training (measured: BUILD_NOTES.md, "Fault severities").
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from faults import credit, generation, optimization, reward, tool
-from faults.base import SEVERITIES, Fault, FaultParams, Setup, check_params, make_params
+from faults.base import SEVERITIES, Ctx, Fault, FaultParams, Setup, check_params, make_params
 from fm import taxonomy
 
 
@@ -132,6 +132,22 @@ def spec(type_id: str) -> Spec:
 def make(type_id: str, setup: Setup) -> Fault:
     """The injection of `type_id` for a trainer with this static `setup`."""
     return spec(type_id).factory(setup)
+
+
+# Variants that draw their event per step act on an active step only when it is drawn.
+_DRAWN: dict[str, Callable[[Ctx], Any]] = {
+    "OD2": optimization.od2_drawn,
+    "RF3": reward.rf3_drawn,
+}
+
+
+def acted(type_id: str, ctx: Ctx):
+    """Whether a fault of `type_id` changed the computation of the step of `ctx`: `ctx.active`,
+    except for the variants that draw their event per step (OD2 "nonfinite", RF3 "outage"),
+    which act on the active steps they draw. A pure function of the fault's parameters, so it
+    can be recomputed for any step without running the trainer."""
+    drawn = _DRAWN.get(type_id)
+    return ctx.active if drawn is None else ctx.active & drawn(ctx)
 
 
 def variant_index(type_id: str, variant: str | None) -> int:

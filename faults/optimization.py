@@ -48,8 +48,7 @@ def od2(setup: Setup) -> Fault:
         return jax.tree.map(lambda g, z: g + (scale * z).astype(g.dtype), grads, noise)
 
     def gradients(grads, ctx: Ctx):
-        hit = jax.random.uniform(ctx.key) < ctx.magnitude
-        nonfinite = lambda g: when(hit, lambda t: jax.tree.map(poison, t), g)
+        nonfinite = lambda g: when(_od2_hit(ctx), lambda t: jax.tree.map(poison, t), g)
         # lax.cond: inactive steps draw no noise over the whole gradient tree.
         changed = lambda g: jax.lax.cond(
             is_variant(ctx, 0), nonfinite, lambda t: explode(t, ctx), g
@@ -57,6 +56,16 @@ def od2(setup: Setup) -> Fault:
         return when(ctx.active, changed, grads)
 
     return Fault("OD2", Hooks(gradients=gradients))
+
+
+def _od2_hit(ctx: Ctx) -> jax.Array:
+    """Variant "nonfinite": whether this step's gradients get their NaN."""
+    return jax.random.uniform(ctx.key) < ctx.magnitude
+
+
+def od2_drawn(ctx: Ctx) -> jax.Array:
+    """Whether OD2 acts on an active step: "explode" on every one, "nonfinite" on its draws."""
+    return ~is_variant(ctx, 0) | _od2_hit(ctx)
 
 
 def _perturb(tree, key, scale):

@@ -44,6 +44,16 @@ def rf2(setup: Setup) -> Fault:
     return Fault("RF2", Hooks(rewards=rewards))
 
 
+def _rf3_outage(ctx: Ctx) -> jax.Array:
+    """Variant "outage": whether this step's rewards are all lost."""
+    return jax.random.uniform(ctx.key) < ctx.magnitude
+
+
+def rf3_drawn(ctx: Ctx) -> jax.Array:
+    """Whether RF3 acts on an active step: "samples" on every one, "outage" on its draws."""
+    return is_variant(ctx, 0) | _rf3_outage(ctx)
+
+
 def rf3(setup: Setup) -> Fault:
     """Missing rewards read as zero. Variant "samples": each completion's reward is lost with
     probability `magnitude`; "outage": the whole step's rewards are lost with that probability."""
@@ -52,7 +62,7 @@ def rf3(setup: Setup) -> Fault:
     def rewards(scores, reward_dict, rollout, ctx: Ctx):
         del reward_dict, rollout
         per_sample = row_draw(ctx.key, scores.shape[0], ctx.magnitude)
-        whole = jnp.broadcast_to(jax.random.uniform(ctx.key) < ctx.magnitude, scores.shape)
+        whole = jnp.broadcast_to(_rf3_outage(ctx), scores.shape)
         lost = jnp.where(is_variant(ctx, 0), per_sample, whole)
         return gate(ctx.active & lost, jnp.zeros_like(scores), scores)
 

@@ -101,6 +101,17 @@ def reward_stats(rewards: Array, *, group_size: int) -> Stats:
     }
 
 
+def reward_shadow_stats(rewards: Array, shadow: Array) -> Stats:
+    """Cross-check of the rewards the learner saw f32[B] against a shadow (redundant)
+    verifier's scores of the same completions f32[B].
+
+    Returns ``reward_shadow_gap``: mean |rewards - shadow|. It is 0 while the reward pipeline
+    passes the verifier's scores through, and a constant while it transforms them the same way
+    (a clip); labels that a pipeline flips, replaces, drops or pays a bonus on move it.
+    """
+    return {"reward_shadow_gap": jnp.mean(jnp.abs(_f32(rewards) - _f32(shadow)))}
+
+
 def length_stats(lengths: Array, truncated: Array, *, max_len: int) -> Stats:
     """Statistics of response lengths i32/f32[B]; truncated bool[B] (stopped at the cap).
 
@@ -196,7 +207,9 @@ def advantage_stats(
     side has zero variance); ``adv_shadow_sign_agree`` (fraction of rows with non-zero shadow
     advantage whose sign matches, 1 if none); ``adv_scale_ratio`` (std sequence / std shadow;
     1 if both are 0, std / eps if only the shadow's is); ``check_adv_sign`` (corr < -0.5) and
-    ``check_adv_group_mean`` (group-mean max abs > 0.5), each 1.0 or 0.0.
+    ``check_adv_group_mean`` (group-mean max abs > 0.5), each 1.0 or 0.0; ``check_adv_flip``:
+    rows whose sequence advantage has the opposite sign (or is 0) where the shadow's is not, a
+    count (any group-normalized estimator, clipped or not, keeps the shadow's signs).
     """
     a, valid, r = _f32(advantages), _valid(mask), _f32(rewards)
     seq = _masked_mean(a, valid, axis=1)
@@ -222,6 +235,7 @@ def advantage_stats(
         "adv_scale_ratio": scale,
         "check_adv_sign": (corr < -0.5).astype(jnp.float32),
         "check_adv_group_mean": (group_mean_max > 0.5).astype(jnp.float32),
+        "check_adv_flip": n_nonzero - _count(nonzero & agree),
     }
 
 

@@ -13,6 +13,8 @@ import pytest
 import faults
 from fm.bench import baselines, records, schema, scoring
 from rftjax import campaign
+from rftjax.campaign import records as campaign_records
+from rftjax.train.logs import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +92,28 @@ def test_scores_by_hand_overall_family_and_severity():
     assert s["by_type"]["PG1"]["detected"] == 0
 
 
+def test_events_start_when_the_fault_first_acted_and_never_acted_runs_are_left_out():
+    manifest = {
+        "run_id": np.array(["c", "a", "b", "n"], object),
+        "split": np.array(["eval"] * 4, object),
+        "type": np.array(["none", "OD2", "CA1", "OD2"], object),
+        "family": np.array(["none", "optimization-dynamics", "credit-assignment",
+                            "optimization-dynamics"], object),  # fmt: skip
+        "severity": np.array(["none", "subtle", "subtle", "subtle"], object),
+        "onset": np.array([-1, 5, 5, 5]),
+        "first_acted": np.array([-1, 9, 5, -1]),
+    }
+    runs = {r: slice(10 * i, 10 * i + 10) for i, r in enumerate(["c", "a", "b", "n"])}
+    labs = records.labels(manifest, runs)
+    assert [(lab.run_id, lab.onset) for lab in labs] == [("c", -1), ("a", 9), ("b", 5)]
+    # An alarm at step 6 in run a comes before its fault acted: a false alarm, not a detection.
+    result = scoring.score(labs, {"c": _alarms(10, []), "a": _alarms(10, [6]),
+                                  "b": _alarms(10, [5])}, window=3)  # fmt: skip
+    assert result["overall"]["detected"] == 1 and result["overall"]["false_alarms_before_onset"] == 1
+    del manifest["first_acted"]  # older manifests: events start at the onset
+    assert [lab.onset for lab in records.labels(manifest, runs)] == [-1, 5, 5, 5]
+
+
 def test_all_faulty_detector_on_the_hand_made_set():
     labels, _ = _hand_set()
     fit = baselines.get("all_faulty").fit([])
@@ -143,11 +167,18 @@ def test_threshold_rules_and_fm_column():
         "reward_mean": np.zeros(4),
         "alarm": np.array([0.0, 0.0, 1.0, 0.0]),
     }
-    fit = {n: baselines.get(n).fit([]) for n in ("rule_nan", "rules", "fm")}
+    fit = {n: baselines.get(n).fit([]) for n in ("rule_nan", "rules", "fm_recorded", "fm")}
     assert fit["rule_nan"](run).tolist() == [False, True, False, False]
     assert fit["rules"](run).tolist() == [False, True, True, True]
-    assert fit["fm"](run).tolist() == [False, False, True, False]
-    with pytest.raises(ValueError, match="unknown detector 'nope'; accepted: fm, all_faulty"):
+    assert fit["fm_recorded"](run).tolist() == [False, False, True, False]
+    # fm replays fm.detect over the statistics the run recorded: grad_norm and reward_mean
+    # here. Both are in warm-up for 20 steps; a non-finite value flags at once.
+    assert fit["fm"](run).tolist() == [False, False, False, False]
+    run["reward_mean"][1] = np.nan
+    assert fit["fm"](run).tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="none of fm.detect's signals"):
+        fit["fm"]({"step": np.arange(1, 3), "loss": np.ones(2)})
+    with pytest.raises(ValueError, match="unknown detector 'nope'; accepted: fm, fm_recorded, all_faulty"):
         baselines.get("nope")
 
 
@@ -322,7 +353,26 @@ def test_generate_smoke_then_evaluate(tmp_path):
         10,
     )
     assert manifest["twin"][row] == "s1/clean" and manifest["magnitude"][row] == 0.3
+    assert manifest["first_acted"][row] == 10  # CA1 acts on every active step
     assert "alarm" in steps and "score/grad_norm" in steps and "reward_mean" in steps
+    # The detector replayed over the recorded statistics is the in-step one, bit for bit.
+    fm_replay, fm_recorded = (baselines.get(n).fit([]) for n in ("fm", "fm_recorded"))
+    for run_id in manifest["run_id"]:
+        rows = {k: v[steps["run_id"] == run_id] for k, v in steps.items()}
+        assert fm_replay(rows).tolist() == fm_recorded(rows).tolist()
+    # Statistics recomputed for older records (no in-step value) equal the in-step ones.
+    run_dir = out / "s1" / "CA1-moderate-o10"
+    rows = read_jsonl(str(run_dir / "metrics.jsonl"))
+    in_step = {k: [r[k] for r in rows] for k in campaign_records.BACKFILLED}
+    assert max(in_step["check_adv_flip"][9:]) > 0 and max(in_step["check_adv_flip"][:9]) == 0
+    for r in rows:
+        for k in campaign_records.BACKFILLED:
+            del r[k]
+    campaign_records._backfill(rows, read_jsonl(str(run_dir / "trajectories.jsonl")))
+    assert [r["check_adv_flip"] for r in rows] == in_step["check_adv_flip"]
+    np.testing.assert_allclose(
+        [r["reward_shadow_gap"] for r in rows], in_step["reward_shadow_gap"], atol=1e-7
+    )
     # A forked run's records before onset are its clean twin's.
     data = records.load(str(out))
     forked = data.steps["reward_mean"][data.runs["s1/CA1-moderate-o10"]][:9]

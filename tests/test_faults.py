@@ -149,6 +149,30 @@ def test_rf3_loses_rewards_per_sample_or_per_step():
     assert set(outage) == {0.0, float(SCORES.sum())}  # all or nothing per step
 
 
+def test_acted_marks_exactly_the_steps_a_drawn_fault_changed():
+    od2 = faults.make("OD2", SETUP).hooks.gradients
+    rf3 = faults.make("RF3", SETUP).hooks.rewards
+    changed = {"OD2": [], "RF3": []}
+    acted = {"OD2": [], "RF3": []}
+    for step in range(1, 80):
+        c = ctx(step, onset=20, duration=40, magnitude=0.2, variant=0)
+        nan = not all(np.isfinite(x).all() for x in jax.tree.leaves(od2(GRADS, c)))
+        changed["OD2"].append(nan)
+        acted["OD2"].append(bool(faults.acted("OD2", c)))
+        c = ctx(step, onset=20, duration=40, magnitude=0.2, variant=1)
+        changed["RF3"].append(not np.array_equal(_rewards("RF3", c), SCORES))
+        acted["RF3"].append(bool(faults.acted("RF3", c)))
+    for type_id in ("OD2", "RF3"):
+        assert acted[type_id] == changed[type_id], type_id
+        assert 0 < sum(acted[type_id]) < 40  # drawn on some of the 40 active steps
+        assert not any(acted[type_id][:19]) and not any(acted[type_id][59:])
+    # Variants without a draw act on every active step, as do all other types.
+    for type_id, variant in (("OD2", 1), ("RF3", 0), ("CA1", 0)):
+        flags = [bool(faults.acted(type_id, ctx(s, onset=20, duration=40, variant=variant)))
+                 for s in range(1, 80)]  # fmt: skip
+        assert flags == [20 <= s < 60 for s in range(1, 80)], type_id
+
+
 def test_ca4_gives_each_cached_group_its_first_reward():
     np.testing.assert_array_equal(_rewards("CA4", ctx(magnitude=1.0)), [1.0, 1.0, 0.5, 0.5])
 

@@ -236,14 +236,18 @@ def test_bad_signals_are_named(signals, bad):
 def test_default_signals_and_flags_to_dict():
     sigs = detect.default_signals()
     names = [s.name for s in sigs]
-    assert len(set(names)) == len(names) == 22
+    assert len(set(names)) == len(names) == 24
     assert {s.name for s in sigs if s.kind == "invariant"} == {
         "nonfinite_grads",
         "nonfinite_params",
         "nonfinite_rewards",
         "check_mask_length",
         "check_adv_sign",
+        "check_adv_flip",
     }
+    # A critic's advantages need not track the group-relative reward; tool signals need tools.
+    ppo = {s.name for s in detect.default_signals(group_normalized=False, tools=False)}
+    assert set(names) - ppo == set(detect.GROUP_NORMALIZED_ONLY) | set(detect.TOOLS_ONLY)
     assert dict((s.name, s.direction) for s in sigs)["is_ess"] == "down"
     det = detect.detector(sigs)
     out, _ = det.update({n: jnp.float32(0.0) for n in names}, det.init())

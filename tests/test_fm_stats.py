@@ -169,7 +169,7 @@ def test_advantage_stats_healthy():
     assert s["adv_shadow_corr"] == pytest.approx(1.0)
     assert s["adv_shadow_sign_agree"] == 1.0
     assert s["adv_scale_ratio"] == pytest.approx(1.0, abs=1e-5)  # shadow is ±1/(1 + 2e-6)
-    assert (s["check_adv_sign"], s["check_adv_group_mean"]) == (0.0, 0.0)
+    assert (s["check_adv_sign"], s["check_adv_group_mean"], s["check_adv_flip"]) == (0, 0, 0)
 
 
 def test_advantage_sign_flip():
@@ -177,6 +177,32 @@ def test_advantage_sign_flip():
     assert s["adv_shadow_corr"] == pytest.approx(-1.0)
     assert s["adv_shadow_sign_agree"] == 0.0
     assert s["check_adv_sign"] == 1.0
+    assert s["check_adv_flip"] == 4.0  # every row against the shadow
+
+
+def test_advantage_flip_counts_rows_and_ignores_scale_and_clipping():
+    # rewards [1,0,0,0 | 1,1,0,0]: shadow signs [+,-,-,- | +,+,-,-].
+    rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    clipped = jnp.array([1.0, -0.5, -0.5, -0.5, 1.0, 1.0, -1.0, -1.0])  # any scale, clipped
+    s = _np(stats.advantage_stats(clipped[:, None], jnp.ones((8, 1)), rewards, group_size=4))
+    assert s["check_adv_flip"] == 0.0 and s["check_adv_sign"] == 0.0
+    one_group = clipped.at[4:].multiply(-1.0)  # one of the two groups negated
+    s = _np(stats.advantage_stats(one_group[:, None], jnp.ones((8, 1)), rewards, group_size=4))
+    assert s["check_adv_flip"] == 4.0 and s["check_adv_sign"] == 0.0  # corr > -0.5: sign check silent
+    zeroed = clipped.at[1].set(0.0)  # a live row with no advantage disagrees too
+    s = _np(stats.advantage_stats(zeroed[:, None], jnp.ones((8, 1)), rewards, group_size=4))
+    assert s["check_adv_flip"] == 1.0
+
+
+def test_reward_shadow_gap():
+    verifier = jnp.array([1.0, 0.0, 1.0, 0.0])
+    s = _np(stats.reward_shadow_stats(verifier, verifier))
+    assert s["reward_shadow_gap"] == 0.0
+    flipped = jnp.array([0.0, 0.0, 1.0, 1.0])  # two of four labels flipped
+    assert _np(stats.reward_shadow_stats(flipped, verifier))["reward_shadow_gap"] == 0.5
+    bonus = verifier + 0.2  # a constant bonus on every sample
+    gap = _np(stats.reward_shadow_stats(bonus, verifier))["reward_shadow_gap"]
+    assert gap == pytest.approx(0.2)
 
 
 def test_advantage_silent_shrink():
@@ -398,6 +424,7 @@ def _cases(seed):
     opt = lambda g, u, p, lr: stats.optimization_stats(g, u, p, lr=lr, group_names=groups)
     return {
         "reward": (lambda r: stats.reward_stats(r, group_size=G), (r,)),
+        "reward_shadow": (stats.reward_shadow_stats, (r, 1.0 - r)),
         "length": (lambda n, t: stats.length_stats(n, t, max_len=T), (lengths, lengths > 4)),
         "token": (stats.token_stats, (toks, mask)),
         "advantage": (

@@ -142,10 +142,19 @@ def labels(
     manifest: Columns, runs: Mapping[str, slice], split: str | None = None
 ) -> list[RunLabel]:
     """Scoring labels of the manifest's runs (of one `split`, or all for None), with the number
-    of recorded steps from `runs`."""
+    of recorded steps from `runs`.
+
+    A faulted run's event starts at `first_acted`, the first step its fault changed anything
+    (where the manifest has that column; else at `onset`). A faulted run whose fault never
+    acted is left out: it computed exactly what its clean twin did, whose alarms already count.
+    """
     out = []
+    acted = manifest.get("first_acted", manifest["onset"])
     for i, run_id in enumerate(manifest["run_id"]):
         if split is not None and manifest["split"][i] != split:
+            continue
+        clean = manifest["type"][i] == schema.CLEAN
+        if not clean and int(acted[i]) < 0:
             continue
         if run_id not in runs:
             raise ValueError(f"run {run_id!r} is in the manifest but has no step rows")
@@ -156,7 +165,7 @@ def labels(
                 str(manifest["type"][i]),
                 str(manifest["family"][i]),
                 str(manifest["severity"][i]),
-                int(manifest["onset"][i]),
+                int(manifest["onset"][i]) if clean else int(acted[i]),
                 rows.stop - rows.start,
             )
         )

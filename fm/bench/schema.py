@@ -47,6 +47,13 @@ MANIFEST: tuple[Column, ...] = (
     Column("magnitude", "float64", "fault strength in the variant's units; NaN when clean"),
     Column("onset", "int64", "first RL step with the fault active; -1 when clean"),
     Column("duration", "int64", "steps the fault lasts; <= 0: to the end (0 when clean)"),
+    Column(
+        "first_acted",
+        "int64",
+        "first step on which the fault changed the computation: the onset, or for variants "
+        "that draw their event per step (OD2 nonfinite, RF3 outage) the first drawn step; "
+        "-1 when clean or when it never acted (scoring's event onset)",
+    ),
     Column("eval_accuracy_initial", "float64", "held-out greedy accuracy before RL"),
     Column("eval_accuracy_final", "float64", "held-out greedy accuracy after the last step"),
     Column("eval_reward_initial", "float64", "held-out mean reward before RL"),
@@ -94,7 +101,7 @@ TABLES = {"manifest": MANIFEST, "steps": STEPS, "trajectories": TRAJECTORIES}
 # Metric columns that are not inputs of a detector: labels, and the in-step detector's own
 # outputs (scoring a baseline on them would score fm's detector again).
 DETECTOR_PREFIXES = ("flag/", "score/", "cusum/")
-NOT_FEATURES = frozenset({"alarm", "nonfinite", "fault_active", "step", "seed"})
+NOT_FEATURES = frozenset({"alarm", "nonfinite", "fault_active", "fault_acted", "step", "seed"})
 
 
 def names(table: str) -> tuple[str, ...]:

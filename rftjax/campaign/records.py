@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -69,6 +70,30 @@ def _manifest_row(run: Run, summary: dict[str, Any], base: dict[str, Any]) -> di
     }
 
 
+def _first_acted(run: Run, summary: dict[str, Any], rows: list[dict]) -> int:
+    """The manifest's `first_acted`: from the metric rows' `fault_acted`, or, for runs recorded
+    before the trainer logged it, recomputed from the fault's parameters (`faults.acted` is a
+    pure function of them and the step)."""
+    if run.clean or summary["fault"] == "none" or not rows:
+        return -1
+    if "fault_acted" in rows[0]:
+        flags = np.array([r.get("fault_acted", 0.0) > 0 for r in rows])
+    else:
+        import jax
+
+        import faults
+
+        f = summary["fault"]
+        params = faults.params_for(f["type"], onset=int(f["onset"]), duration=int(f["duration"]),
+                                   magnitude=float(f["magnitude"]), variant=f["variant"] or None,
+                                   seed=run.seed)  # fmt: skip
+        done = np.arange(len(rows), dtype=np.int32)  # steps completed before each step
+        on = jax.vmap(lambda d: faults.acted(f["type"], faults.context(params, d)))(done)
+        flags = np.asarray(on)
+    hits = np.flatnonzero(flags)
+    return int(hits[0]) + 1 if hits.size else -1
+
+
 def _read_metrics(out: str, run: Run) -> list[dict[str, Any]]:
     from rftjax.train.logs import read_jsonl
 
@@ -100,6 +125,45 @@ def _step_columns(run: Run, rows: list[dict], labels: dict, metrics: list[str]) 
     return columns
 
 
+# Statistics fm's in-step detector gained after some campaigns were recorded: for runs that
+# lack them, `_backfill` computes them from the run's trajectory records with the same fm.stats
+# functions, so that `evaluate` scores today's detector on older records too.
+BACKFILLED = ("reward_shadow_gap", "check_adv_flip")
+
+
+@functools.cache
+def _backfill_fn(group_size: int):
+    import jax
+    import jax.numpy as jnp
+
+    from fm import stats as fs
+
+    def per_step(reward, score, adv):
+        ones = jnp.ones((adv.shape[0], 1), jnp.float32)
+        return fs.merge(
+            fs.reward_shadow_stats(score, reward),
+            fs.advantage_stats(adv[:, None], ones, score, group_size=group_size),
+        )
+
+    return jax.jit(jax.vmap(per_step))
+
+
+def _backfill(rows: list[dict], traj: list[dict]) -> None:
+    """Adds the `BACKFILLED` statistics a run's metric rows lack, from its trajectory rows (the
+    sequence advantage stands in for the token advantages: their masked mean is the same)."""
+    missing = [n for n in BACKFILLED if n not in rows[0]] if rows else []
+    if not missing or len(traj) != len(rows):
+        return
+    group_size = int(max(traj[0]["index"])) + 1
+    arrays = [
+        np.asarray([t[k] for t in traj], np.float32) for k in ("reward", "score", "advantage")
+    ]
+    derived = {k: np.asarray(v) for k, v in _backfill_fn(group_size)(*arrays).items()}
+    for i, row in enumerate(rows):
+        for name in missing:
+            row[name] = float(derived[name][i])
+
+
 def _trajectory_columns(
     run: Run, rows: list[dict], labels: dict, active: list[int], prompts_per_step: int
 ) -> dict:
@@ -126,7 +190,7 @@ def assemble(out: str, campaign: Campaign, report: Callable[[str], None] = print
 
     done = [(r, s) for r in campaign.runs if (s := read_summary(out, r)) is not None]
     base = base_config(out, campaign.base)
-    metrics = _metric_names(out, [r for r, _ in done])
+    metrics = sorted({*_metric_names(out, [r for r, _ in done]), *BACKFILLED})
     manifest = records.TableWriter(os.path.join(out, "manifest.parquet"), "manifest")
     steps = records.TableWriter(
         os.path.join(out, "steps.parquet"), "steps", {m: "float64" for m in metrics}
@@ -136,13 +200,15 @@ def assemble(out: str, campaign: Campaign, report: Callable[[str], None] = print
     for i, (run, summary) in enumerate(done):
         labels = _labels(run, summary)
         row = _manifest_row(run, summary, campaign.base)
-        manifest.write({k: [v] for k, v in row.items()})
         rows = _read_metrics(out, run)
+        row["first_acted"] = _first_acted(run, summary, rows)
+        manifest.write({k: [v] for k, v in row.items()})
+        traj = read_jsonl(os.path.join(out, run.name, "trajectories.jsonl"))
+        _backfill(rows, traj)
         columns = _step_columns(run, rows, labels, metrics)
         steps.write(columns)
         sizes["faulty_steps"] += int(np.sum(columns["fault_active"]))
         sizes["clean_steps"] += len(rows) if run.clean else 0
-        traj = read_jsonl(os.path.join(out, run.name, "trajectories.jsonl"))
         per_prompt = apply_overrides(base, overrides_of(run)).rl.prompts_per_step
         if traj:
             active = columns["fault_active"]
@@ -164,11 +230,14 @@ def _save_campaign(out: str, campaign: Campaign) -> None:
     path = os.path.join(out, "campaign.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            if json.load(f) != record:
-                raise ValueError(
-                    f"{out} holds a different campaign (its campaign.json); resume it with the "
-                    "spec it was started with, or choose a new --out"
-                )
+            saved = json.load(f)
+        # A run field added after the folder was started reads as its default.
+        saved["runs"] = [{**Run._field_defaults, **r} for r in saved.get("runs", [])]
+        if saved != record:
+            raise ValueError(
+                f"{out} holds a different campaign (its campaign.json); resume it with the "
+                "spec it was started with, or choose a new --out"
+            )
         return
     os.makedirs(out, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -404,7 +404,7 @@ def _fork(run: _Run, params, detector):
         state = state._replace(fault=run.fault.state_init(state.params["policy"]))
     # The source's records up to the fork step become ours (the logs cut back to it on open),
     # with the fault marked inactive, as in a run that carried it from the start.
-    logs = [("metrics.jsonl", {"fault_active": 0.0}), ("events.jsonl", {})]
+    logs = [("metrics.jsonl", {"fault_active": 0.0, "fault_acted": 0.0}), ("events.jsonl", {})]
     if cfg.record_trajectories:
         logs.append(("trajectories.jsonl", {}))
     for name, extra in logs:

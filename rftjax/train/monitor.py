@@ -11,11 +11,6 @@ import jax.numpy as jnp
 from fm import detect
 from fm import stats as fs
 
-# Signals that only make sense for group-normalized advantages (GRPO): with PPO's GAE and a
-# learned critic, sequence advantages need not track the group-relative reward.
-_GROUP_ONLY = ("adv_scale_ratio", "adv_group_mean_max_abs", "check_adv_sign")
-_NEEDS_TOOLS = ("tool_error_rate",)
-
 
 class FMState(NamedTuple):
     """Carried in the train state: the detector's history and its runtime thresholds."""
@@ -25,10 +20,7 @@ class FMState(NamedTuple):
 
 
 def signals_for(algo: str, *, tools: bool = False) -> tuple[detect.Signal, ...]:
-    drop = set(_NEEDS_TOOLS if not tools else ())
-    if algo != "grpo":
-        drop |= set(_GROUP_ONLY)
-    return tuple(s for s in detect.default_signals() if s.name not in drop)
+    return detect.default_signals(group_normalized=algo == "grpo", tools=tools)
 
 
 def make_detector(
@@ -68,12 +60,23 @@ def loss_stats(
 
 
 def rollout_stats(
-    *, response, mask, loss_mask, lengths, truncated, scores, group_size: int, max_len: int
+    *,
+    response,
+    mask,
+    loss_mask,
+    lengths,
+    truncated,
+    scores,
+    verifier,
+    group_size: int,
+    max_len: int,
 ) -> dict[str, jax.Array]:
     """Trajectory-level aggregates of a rollout; the mask check compares the loss mask with
-    the response lengths."""
+    the response lengths, and the learner's `scores` are checked against the task verifier's
+    own rewards (`verifier`, the shadow)."""
     return fs.merge(
         fs.reward_stats(scores, group_size=group_size),
+        fs.reward_shadow_stats(scores, verifier),
         fs.length_stats(lengths, truncated, max_len=max_len),
         fs.token_stats(response, mask),
         fs.consistency_stats(loss_mask, lengths),

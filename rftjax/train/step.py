@@ -403,6 +403,7 @@ def make_learner(
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         if fault is not None:
             metrics["fault_active"] = ctx.active.astype(jnp.float32)
+            metrics["fault_acted"] = faults.acted(fault.type_id, ctx).astype(jnp.float32)
             if fault.state_update is not None:
                 new_state = new_state._replace(
                     fault=fault.state_update(state.fault, params["policy"], ctx)
@@ -418,6 +419,7 @@ def make_learner(
                     lengths=ro.lengths,
                     truncated=ro.truncated,
                     scores=scores,
+                    verifier=raw,
                     group_size=cfg.group_size,
                     max_len=n,
                 )
