@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -42,7 +43,7 @@ _GRID_KEYS = (
     "shuffle",
 )
 _RUN_KEYS = ("seed", "type", "severity", "variant", "magnitude", "onset", "duration", "overrides")
-BUILTINS = ("standard", "smoke")
+BUILTINS = ("standard", "smoke", "heldout")
 
 
 class Campaign(NamedTuple):
@@ -378,7 +379,41 @@ def builtin_spec(name: str) -> dict[str, Any]:
                 *(tool_grids if TOOL_TYPES else []),
             ],
         }
+    if name == "heldout":
+        return _heldout_spec()
     raise ValueError(f"no built-in campaign {name!r}; built-ins: {', '.join(BUILTINS)}")
+
+
+def _heldout_spec() -> dict[str, Any]:
+    """`heldout`: what `standard` never used, to check that thresholds and the learned
+    diagnoser were not tuned to it: seeds from 5000, onsets 60, 130 and 210, and each type's
+    default variant at the two magnitudes between its presets (geometric means: between
+    subtle and moderate, and between moderate and severe). Two faulted runs a clean twin, all
+    in the eval split; the tool types on the tool task."""
+    runs, seeds, onsets = [], itertools.count(5000), itertools.cycle([60, 130, 210])
+    for type_id, spec_ in SPECS.items():
+        lo, mid, hi = spec_.presets[0]
+        seed = next(seeds)  # the type's two runs share a clean twin
+        for magnitude in (math.sqrt(lo * mid), math.sqrt(mid * hi)):
+            run = {"seed": seed, "type": type_id, "magnitude": round(magnitude, 6),
+                   "onset": next(onsets)}  # fmt: skip
+            if type_id in TOOL_TYPES:
+                run["overrides"] = {"task": "calc", "max_new_tokens": builtin_tool_tokens()}
+            runs.append(run)
+    return {
+        "name": "heldout",
+        "description": "every injectable type at two magnitudes between its presets, onsets "
+        "and seeds that standard never used; 300 steps, settings as standard's",
+        "base": {
+            "steps": 300,
+            "checkpoint_every": 75,
+            "eval_every": 100,
+            "log_every": 100,
+            "init_seed": 0,
+        },  # fmt: skip
+        "splits": {"eval": sorted({r["seed"] for r in runs})},
+        "runs": runs,
+    }
 
 
 def builtin_tool_tokens() -> int:
