@@ -73,7 +73,12 @@ CATALOG: tuple[FaultType, ...] = (
         "noisy or flipped reward labels",
         "rewards",
         "A fraction of rewards is replaced by noise or flipped: the verifier is unreliable.",
-        [("reward_mean", "-"), ("adv_shadow_corr", "-"), ("reward_std", "~")],
+        [
+            ("reward_mean", "-"),
+            ("adv_shadow_corr", "-"),
+            ("reward_std", "~"),
+            ("reward_shadow_gap", "+"),
+        ],  # fmt: skip
         ["rollback", "verifier_failover"],
     ),
     _t(
@@ -82,7 +87,13 @@ CATALOG: tuple[FaultType, ...] = (
         "exploitable proxy reward (hacking)",
         "rewards",
         "A shortcut (length, empty or format-only answers) earns a bonus the task does not.",
-        [("reward_mean", "+"), ("length_mean", "~"), ("repetition_ratio", "+"), ("kl_ref_k1", "+")],
+        [
+            ("reward_mean", "+"),
+            ("length_mean", "~"),
+            ("repetition_ratio", "+"),
+            ("kl_ref_k1", "+"),
+            ("reward_shadow_gap", "+"),
+        ],  # fmt: skip
         ["rollback", "raise_kl", "verifier_failover"],
     ),
     _t(
@@ -91,7 +102,12 @@ CATALOG: tuple[FaultType, ...] = (
         "missing or zeroed reward (verifier outage)",
         "rewards",
         "Rewards of some or all samples are missing and read as zero.",
-        [("reward_mean", "-"), ("frac_zero_std_groups", "+"), ("grad_norm", "-")],
+        [
+            ("reward_mean", "-"),
+            ("frac_zero_std_groups", "+"),
+            ("grad_norm", "-"),
+            ("reward_shadow_gap", "+"),
+        ],  # fmt: skip
         ["mask_unscorable", "skip_data", "rollback"],
     ),
     _t(
@@ -174,7 +190,12 @@ CATALOG: tuple[FaultType, ...] = (
         "advantage sign flip",
         "advantages",
         "Advantages have the wrong sign: the policy is pushed away from rewarded samples.",
-        [("reward_mean", "-"), ("adv_shadow_corr", "-"), ("check_adv_sign", "+")],
+        [
+            ("reward_mean", "-"),
+            ("adv_shadow_corr", "-"),
+            ("check_adv_sign", "+"),
+            ("check_adv_flip", "+"),
+        ],  # fmt: skip
         ["rollback", "advantage_audit"],
     ),
     _t(

@@ -192,14 +192,17 @@ def train_diagnoser() -> None:
         loaded = [(d, fb_records.load(d)) for d in FLAGS.data.split(",") if d]
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    split = {
-        name: [
-            ex
-            for _, r in loaded
-            for ex in fb_diagnosis.examples(r, split=name, window=FLAGS.window)
-        ]
+    # Eval examples per folder too: a campaign with no train split (heldout) is all held out.
+    per_folder = {
+        (d, name): fb_diagnosis.examples(r, split=name, window=FLAGS.window)
+        for d, r in loaded
         for name in ("train", "eval")
     }
+    split = {name: [ex for (_, n), v in per_folder.items() if n == name for ex in v]
+             for name in ("train", "eval")}  # fmt: skip
+    if len(loaded) > 1:
+        split.update({f"eval:{os.path.basename(os.path.normpath(d))}": v
+                      for (d, n), v in per_folder.items() if n == "eval" and v})  # fmt: skip
     try:
         model = fb_diagnosis.train(split["train"])
     except ValueError as e:
@@ -207,7 +210,7 @@ def train_diagnoser() -> None:
     scores = {
         (who, name): fb_diagnosis.accuracy(fn, split[name])
         for who, fn in (("learned", fm_diagnose.Learned(model)), ("rules", fm_diagnose.diagnose))
-        for name in ("train", "eval")
+        for name in split
     }
     info = {
         "data": [os.path.abspath(d) for d, _ in loaded],

@@ -42,15 +42,25 @@ def _records(n_runs: int, split: str, seed: int) -> rec.Records:
 
 
 def test_examples_are_taken_at_the_first_alarm_in_the_window():
-    data = fd.examples(_records(2, "train", 0), split="train", window=10)
+    data = fd.examples(_records(2, "train", 0), split="train", window=10, replay=False)
     assert len(data) == 6 and {ex.type for ex in data} == set(SIGNATURE)
     ex = data[0]
     assert ex.window[ex.alarm_index]["alarm"] == 1.0
     # Alarm at step 26 (index 25): fewer than BEFORE steps of baseline exist before it.
     assert ex.alarm_index == 25 and len(ex.window) == 25 + fd.AFTER + 1
-    assert fd.examples(_records(2, "train", 0), split="eval", window=10) == []
+    assert fd.examples(_records(2, "train", 0), split="eval", window=10, replay=False) == []
     # An alarm outside [onset, onset + window) is not an example.
-    assert fd.examples(_records(2, "train", 0), split="train", window=1) == []
+    assert fd.examples(_records(2, "train", 0), split="train", window=1, replay=False) == []
+
+
+def test_examples_from_the_replayed_detector_start_where_the_statistic_jumps():
+    # The signature statistics jump at step 25, a step before the recorded alarm: fm.detect
+    # replayed over the statistics alarms on the jump itself and names the flagged signal.
+    data = fd.examples(_records(1, "train", 0), split="train", window=10)
+    by_type = {ex.type: ex for ex in data}
+    te1 = by_type["TE1"]
+    assert te1.alarm_index == 24 and "tool_error_rate" in te1.flagged
+    assert te1.window[te1.alarm_index]["alarm"] == 0.0  # not the recorded column's step
 
 
 def test_features_read_each_statistic_shift_and_invariants():
@@ -69,8 +79,8 @@ def test_features_read_each_statistic_shift_and_invariants():
 
 
 def test_a_model_trained_on_train_runs_names_held_out_runs_and_round_trips(tmp_path):
-    model = fd.train(fd.examples(_records(4, "train", 0), split="train"))
-    held_out = fd.examples(_records(2, "eval", 1), split="eval")
+    model = fd.train(fd.examples(_records(4, "train", 0), split="train", replay=False))
+    held_out = fd.examples(_records(2, "eval", 1), split="eval", replay=False)
     score = fd.accuracy(dg.Learned(model), held_out)
     assert score["examples"] == 6 and score["top1_macro"] == 1.0
     path = tmp_path / "model.json"

@@ -16,6 +16,7 @@ def _stat_keys() -> set[str]:
     return set(
         fs.merge(
             fs.reward_stats(ones, group_size=2),
+            fs.reward_shadow_stats(ones, ones),
             fs.length_stats(ones, ones > 0, max_len=t),
             fs.token_stats(jnp.ones((b, t), jnp.int32), mask),
             fs.advantage_stats(mask, mask, ones, group_size=2),

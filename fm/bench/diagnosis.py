@@ -10,8 +10,8 @@ import numpy as np
 
 from fm import diagnose as dg
 from fm import taxonomy
+from fm.bench import baselines, schema
 from fm.bench import records as rec
-from fm.bench import schema
 
 BEFORE, AFTER = 32, 2  # steps of baseline before the alarm, of evidence after it
 
@@ -29,18 +29,29 @@ def _record(columns: dict[str, np.ndarray], i: int, names: Sequence[str]) -> dic
     return {n: float(columns[n][i]) for n in names if n in columns}
 
 
-def examples(records: rec.Records, *, split: str | None, window: int = 50) -> list[Example]:
-    """One example per faulted run of `split` whose in-step detector alarmed in
-    [onset, onset + window): the records around that first alarm."""
-    flags = [c for c in records.steps if c.startswith("flag/")]
-    names = [*dg.FEATURES, "alarm", *flags]
+def examples(
+    records: rec.Records, *, split: str | None, window: int = 50, replay: bool = True
+) -> list[Example]:
+    """One example per faulted run of `split` whose detector alarmed in [onset, onset +
+    window): the records around that first alarm. The detector is fm.detect's default one
+    replayed over the recorded statistics (as the trainer now runs it), or with
+    `replay=False` the alarms and flags the trainer recorded."""
+    recorded_flags = [c for c in records.steps if c.startswith("flag/")]
+    names = [*dg.FEATURES, "alarm", *recorded_flags]
     out = []
     for lab in rec.labels(records.manifest, records.runs, split):
         if lab.type == schema.CLEAN:
             continue
         rows = records.runs[lab.run_id]
         steps = records.steps["step"][rows]
-        alarm = records.steps["alarm"][rows] > 0
+        if replay:
+            signals, flags = baselines.replay_flags({k: v[rows] for k, v in records.steps.items()})
+            signal_names = [s.name for s in signals]
+            alarm = flags.any(axis=-1)
+        else:
+            flags = np.stack([records.steps[f][rows] > 0 for f in recorded_flags], axis=-1)
+            signal_names = [f.split("/", 1)[1] for f in recorded_flags]
+            alarm = records.steps["alarm"][rows] > 0
         hit = np.flatnonzero(alarm & (steps >= lab.onset) & (steps < lab.onset + window))
         if hit.size == 0:
             continue
@@ -48,7 +59,7 @@ def examples(records: rec.Records, *, split: str | None, window: int = 50) -> li
         lo, hi = max(0, i - BEFORE), min(len(steps), i + AFTER + 1)
         cols = {n: records.steps[n][rows] for n in names if n in records.steps}
         win = [_record(cols, j, names) for j in range(lo, hi)]
-        flagged = tuple(f.split("/", 1)[1] for f in flags if cols[f][i] > 0)
+        flagged = tuple(n for n, f in zip(signal_names, flags[i], strict=True) if f)
         if i - lo == 0:  # an alarm on the first step: no baseline
             continue
         out.append(Example(lab.run_id, lab.type, lab.severity, win, i - lo, flagged))

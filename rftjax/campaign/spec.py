@@ -43,7 +43,7 @@ _GRID_KEYS = (
     "shuffle",
 )
 _RUN_KEYS = ("seed", "type", "severity", "variant", "magnitude", "onset", "duration", "overrides")
-BUILTINS = ("standard", "smoke", "heldout")
+BUILTINS = ("standard", "smoke", "heldout", "heldout-remedy")
 
 
 class Campaign(NamedTuple):
@@ -381,6 +381,14 @@ def builtin_spec(name: str) -> dict[str, Any]:
         }
     if name == "heldout":
         return _heldout_spec()
+    if name == "heldout-remedy":
+        # The closed-loop comparison (`remediate`) trains every run from scratch once per
+        # policy: the stronger magnitude of each type, on the default task.
+        spec = _heldout_spec()
+        runs = [r for r in spec["runs"][1::2] if "overrides" not in r]
+        return {**spec, "name": name, "runs": runs, "splits": {"eval": [r["seed"] for r in runs]},
+                "description": "heldout's stronger magnitude of each type on the default task, "
+                "for launch.faultbench remediate"}  # fmt: skip
     raise ValueError(f"no built-in campaign {name!r}; built-ins: {', '.join(BUILTINS)}")
 
 
