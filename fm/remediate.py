@@ -67,8 +67,16 @@ def _halve(name: str, *, default: float) -> Callable[[Mapping, Mapping], dict[st
     return change
 
 
-def _restore(*names: str) -> Callable[[Mapping, Mapping], dict[str, float]]:
-    return lambda now, initial: {n: float(initial[n]) for n in names if n in initial}
+def _restore(*names: str, switch: str) -> Callable[[Mapping, Mapping], dict[str, float]]:
+    """Sets `names` back to their values at the start of the run and, where the trainer has
+    the `switch` knob, turns it on: the configured values then reach the computation even if a
+    stage between the knob and its use (a sampler's defaults, a config parser) changes them."""
+
+    def change(now, initial):
+        out = {n: float(initial[n]) for n in names if n in initial}
+        return {**out, switch: 1.0} if switch in now else out
+
+    return change
 
 
 # Remedy → knob changes from (current knobs, knobs at the start of the run).
@@ -81,8 +89,10 @@ REMEDY_KNOBS: dict[str, Callable[[Mapping, Mapping], dict[str, float]]] = {
     "grad_clip": _halve("grad_clip", default=1.0),
     "raise_kl": lambda now, initial: {"kl_coef": max(2.0 * float(now["kl_coef"]), 0.02)},
     "truncated_is": lambda now, initial: {"is_cap": 2.0},
-    "restore_sampler": _restore("temperature", "top_p", "top_k"),
-    "restore_coefficients": _restore("kl_coef", "ent_coef", "eps_low", "eps_high"),
+    "restore_sampler": _restore("temperature", "top_p", "top_k", switch="restore_sampler"),
+    "restore_coefficients": _restore(
+        "kl_coef", "ent_coef", "eps_low", "eps_high", switch="restore_coefficients"
+    ),
 }
 # Remedies performed by the controller itself, not by knobs.
 CONTROLLER_REMEDIES = ("rollback", "skip_data", "reset_moments", "halt")

@@ -108,7 +108,8 @@ CATALOG: tuple[FaultType, ...] = (
             ("grad_norm", "-"),
             ("reward_shadow_gap", "+"),
         ],  # fmt: skip
-        ["mask_unscorable", "skip_data", "rollback"],
+        # Re-scoring with the redundant verifier stands in for "retry" on an outage.
+        ["mask_unscorable", "verifier_failover", "skip_data", "rollback"],
     ),
     _t(
         "PG1",
@@ -223,7 +224,8 @@ CATALOG: tuple[FaultType, ...] = (
         "rewards",
         "Groups whose samples all score alike give no gradient; or aggregation biases length.",
         [("frac_zero_std_groups", "+"), ("adv_std", "-"), ("grad_norm", "-")],
-        ["dynamic_sampling", "rollback"],
+        # A verifier that caches its scores by prompt: the redundant verifier does not.
+        ["dynamic_sampling", "verifier_failover", "rollback"],
     ),
     _t(
         "TE1",

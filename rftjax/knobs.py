@@ -33,6 +33,8 @@ class Knobs(NamedTuple):
     verifier_failover: jax.Array  # score with the task's own verifier, not the reward pipeline
     advantage_audit: jax.Array  # advantages of the reference (shadow) estimator, as computed
     restore_mask: jax.Array  # loss mask rebuilt from the sampler's response mask
+    restore_sampler: jax.Array  # the sampler runs with these knobs' settings, as configured
+    restore_coefficients: jax.Array  # the loss uses these knobs' β, entropy coef and ε
 
 
 KNOB_NAMES = Knobs._fields
@@ -59,6 +61,8 @@ def make_knobs(
     verifier_failover: float = 0.0,
     advantage_audit: float = 0.0,
     restore_mask: float = 0.0,
+    restore_sampler: float = 0.0,
+    restore_coefficients: float = 0.0,
 ) -> Knobs:
     """Builds knobs from Python numbers (float32 scalars; top_k int32)."""
     values = dict(locals())

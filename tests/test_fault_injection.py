@@ -212,6 +212,8 @@ def test_split_rollout_and_learn_inject_like_the_fused_step(task, warm, type_id)
         ("CA1", "advantage_audit"),
         ("CA2", "advantage_audit"),
         ("CA3", "restore_mask"),
+        ("PG3", "restore_sampler"),
+        ("OD4", "restore_coefficients"),
     ],
 )
 def test_a_remedy_switch_undoes_its_fault_in_the_compiled_step(task, warm, clean, type_id, switch):

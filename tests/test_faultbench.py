@@ -97,8 +97,9 @@ def test_events_start_when_the_fault_first_acted_and_never_acted_runs_are_left_o
         "run_id": np.array(["c", "a", "b", "n"], object),
         "split": np.array(["eval"] * 4, object),
         "type": np.array(["none", "OD2", "CA1", "OD2"], object),
-        "family": np.array(["none", "optimization-dynamics", "credit-assignment",
-                            "optimization-dynamics"], object),  # fmt: skip
+        "family": np.array(
+            ["none", "optimization-dynamics", "credit-assignment", "optimization-dynamics"], object
+        ),  # fmt: skip
         "severity": np.array(["none", "subtle", "subtle", "subtle"], object),
         "onset": np.array([-1, 5, 5, 5]),
         "first_acted": np.array([-1, 9, 5, -1]),
@@ -109,7 +110,9 @@ def test_events_start_when_the_fault_first_acted_and_never_acted_runs_are_left_o
     # An alarm at step 6 in run a comes before its fault acted: a false alarm, not a detection.
     result = scoring.score(labs, {"c": _alarms(10, []), "a": _alarms(10, [6]),
                                   "b": _alarms(10, [5])}, window=3)  # fmt: skip
-    assert result["overall"]["detected"] == 1 and result["overall"]["false_alarms_before_onset"] == 1
+    assert (
+        result["overall"]["detected"] == 1 and result["overall"]["false_alarms_before_onset"] == 1
+    )
     del manifest["first_acted"]  # older manifests: events start at the onset
     assert [lab.onset for lab in records.labels(manifest, runs)] == [-1, 5, 5, 5]
 
@@ -178,7 +181,9 @@ def test_threshold_rules_and_fm_column():
     assert fit["fm"](run).tolist() == [False, True, False, False]
     with pytest.raises(ValueError, match="none of fm.detect's signals"):
         fit["fm"]({"step": np.arange(1, 3), "loss": np.ones(2)})
-    with pytest.raises(ValueError, match="unknown detector 'nope'; accepted: fm, fm_recorded, all_faulty"):
+    with pytest.raises(
+        ValueError, match="unknown detector 'nope'; accepted: fm, fm_recorded, all_faulty"
+    ):
         baselines.get("nope")
 
 

@@ -151,7 +151,6 @@ def test_rf3_loses_rewards_per_sample_or_per_step():
 
 def test_acted_marks_exactly_the_steps_a_drawn_fault_changed():
     od2 = faults.make("OD2", SETUP).hooks.gradients
-    rf3 = faults.make("RF3", SETUP).hooks.rewards
     changed = {"OD2": [], "RF3": []}
     acted = {"OD2": [], "RF3": []}
     for step in range(1, 80):

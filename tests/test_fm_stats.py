@@ -188,7 +188,9 @@ def test_advantage_flip_counts_rows_and_ignores_scale_and_clipping():
     assert s["check_adv_flip"] == 0.0 and s["check_adv_sign"] == 0.0
     one_group = clipped.at[4:].multiply(-1.0)  # one of the two groups negated
     s = _np(stats.advantage_stats(one_group[:, None], jnp.ones((8, 1)), rewards, group_size=4))
-    assert s["check_adv_flip"] == 4.0 and s["check_adv_sign"] == 0.0  # corr > -0.5: sign check silent
+    assert (
+        s["check_adv_flip"] == 4.0 and s["check_adv_sign"] == 0.0
+    )  # corr > -0.5: sign check silent
     zeroed = clipped.at[1].set(0.0)  # a live row with no advantage disagrees too
     s = _np(stats.advantage_stats(zeroed[:, None], jnp.ones((8, 1)), rewards, group_size=4))
     assert s["check_adv_flip"] == 1.0

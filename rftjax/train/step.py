@@ -207,9 +207,9 @@ def make_learner(
     def sample(state: TrainState, batch: PromptBatch, knobs: Knobs, ctx) -> Rollout:
         """The rollout of a batch the data hook has already seen."""
         key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), _SAMPLE)
-        sampling = hooks.sampler(
-            SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k, jnp.int32(0)), ctx
-        )
+        configured = SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k, jnp.int32(0))
+        # restore_sampler (remedy switch): the settings as configured, past the sampler stage.
+        sampling = _switch(knobs.restore_sampler, configured, hooks.sampler(configured, ctx))
         ro = generate(
             graphdef,
             hooks.rollout_params(state.params["policy"], state.fault, ctx),
@@ -351,7 +351,8 @@ def make_learner(
 
     def learn(state: TrainState, ro: Rollout, rewards: dict, knobs: Knobs, fparams=None):
         ctx = fault_ctx(state, fparams)
-        knobs = hooks.regularizers(knobs, ctx)
+        # restore_coefficients (remedy switch): β, entropy coef and ε as configured.
+        knobs = _switch(knobs.restore_coefficients, knobs, hooks.regularizers(knobs, ctx))
         raw = rewards["reward"].astype(jnp.float32)
         # Remedy switches (runtime knobs: no recompile). verifier_failover scores with the
         # task's own verifier instead of the reward pipeline; restore_mask rebuilds the loss
@@ -478,6 +479,11 @@ def _row_repetition(tokens, mask):
     valid = mask[:, 1:] * mask[:, :-1]
     same = (tokens[:, 1:] == tokens[:, :-1]) * valid
     return same.sum(-1) / jnp.maximum(valid.sum(-1), 1.0)
+
+
+def _switch(on: jax.Array, configured, piped):
+    """A remedy switch: `configured` where `on` > 0, else what the pipeline made of it."""
+    return jax.tree.map(lambda a, b: jnp.where(on > 0, a, b), configured, piped)
 
 
 def trajectory_record(ro: Rollout, raw, scores, ref_logp, rows, group_size: int) -> dict:
