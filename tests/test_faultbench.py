@@ -187,6 +187,21 @@ def test_threshold_rules_and_fm_column():
         baselines.get("nope")
 
 
+def test_fm_replay_and_backfill_compile_once_per_shape():
+    rng = np.random.default_rng(0)
+    runs = [{"step": np.arange(1, 31), "reward_mean": rng.random(30), "grad_norm": rng.random(30)}
+            for _ in range(2)]  # fmt: skip
+    flags = [baselines.replay_flags(r)[1] for r in runs]
+    (signals, compiled), = [(k, v) for k, v in baselines._REPLAYS.items()
+                            if [s.name for s in k] == ["reward_mean", "grad_norm"]]  # fmt: skip
+    assert compiled._cache_size() == 1 and flags[0].shape == (30, 2)
+    fn = campaign_records._backfill_fn(4)
+    for seed in (1, 2):
+        rows = np.random.default_rng(seed).random((3, 3, 8)).astype(np.float32)
+        fn(*rows)
+    assert fn._cache_size() == 1
+
+
 def test_standardizer_drops_columns_that_are_not_features():
     run = {"step": np.arange(1, 4), "alarm": np.zeros(3), "score/x": np.zeros(3),
            "eval_accuracy": np.full(3, np.nan), "grad_norm": np.array([1.0, 2.0, 3.0])}  # fmt: skip
