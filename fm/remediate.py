@@ -94,6 +94,13 @@ REMEDY_KNOBS: dict[str, Callable[[Mapping, Mapping], dict[str, float]]] = {
         "kl_coef", "ent_coef", "eps_low", "eps_high", switch="restore_coefficients"
     ),
 }
+# Remedies that mitigate a root cause they cannot remove: truncated importance sampling bounds
+# what a sampler/trainer mismatch does to the update, but the mismatch stays. Once one is
+# applied, alarms on these statistics, and on those the diagnosed alarm flagged, are accepted:
+# verification and healthy checkpoints then look at everything else.
+MITIGATES: dict[str, tuple[str, ...]] = {
+    "truncated_is": ("mismatch_k3", "mismatch_max_abs", "is_ratio_max", "is_ess"),
+}
 # Remedies performed by the controller itself, not by knobs.
 CONTROLLER_REMEDIES = ("rollback", "skip_data", "reset_moments", "halt")
 
@@ -276,6 +283,7 @@ class Remediator:
         self.episode: _Episode | None = None
         self.halted = False
         self._flagged: list[str] = []
+        self.accepted: set[str] = set()  # signals a mitigation left abnormal on purpose
 
     def saved(self, step: int) -> None:
         self.health.saved(step)
@@ -288,6 +296,7 @@ class Remediator:
             "records": self.records,
             "halted": self.halted,
             "flagged": self._flagged,
+            "accepted": sorted(self.accepted),
             "initial_knobs": self.initial_knobs,
             "pending": self.health.pending,
             "healthy": self.health.healthy,
@@ -300,6 +309,7 @@ class Remediator:
         self.records = [dict(r) for r in state["records"]]
         self.halted = bool(state["halted"])
         self._flagged = list(state["flagged"])
+        self.accepted = set(state.get("accepted", ()))
         self.initial_knobs = dict(state["initial_knobs"])
         self.health.pending = [int(c) for c in state["pending"]]
         self.health.healthy = [int(c) for c in state["healthy"]]
@@ -321,6 +331,8 @@ class Remediator:
     ) -> list[dict[str, Any]]:
         if self.halted:
             return []
+        if alarm and flagged and set(flagged) <= self.accepted:
+            alarm = False  # only what an applied mitigation leaves abnormal
         self.records = [r for r in self.records if r["step"] < step]  # after a rollback
         self.records.append({"step": step, **stats})
         self.records = self.records[-self.history_len :]
@@ -415,6 +427,8 @@ class Remediator:
         if remedy == "reset_moments":
             self.controller.reset_moments()
             return Action(remedy, {})
+        if remedy in MITIGATES:
+            self.accepted |= {*MITIGATES[remedy], *self._flagged}
         knobs = self.controller.knobs()
         changes = (
             REMEDY_KNOBS[remedy](knobs, self.initial_knobs)

@@ -148,7 +148,9 @@ def remediate() -> None:
     try:
         with exclusive(FLAGS.out):
             base = campaign.base_config(FLAGS.out, spec.base)
-            failed = campaign.run_campaign(runs, FLAGS.out, base, workers=FLAGS.workers)
+            failed = campaign.run_campaign(
+                runs, FLAGS.out, base, workers=FLAGS.workers, runs_per_worker=10
+            )
     except ValueError as e:
         _fail(str(e))
     result = rem.score(FLAGS.out, runs)

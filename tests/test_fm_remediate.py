@@ -124,6 +124,49 @@ def test_a_persistent_fault_escalates_through_the_plan_and_halts_with_its_diagno
     assert rem.observe(500, _stats(500, True), alarm=True) == []  # halted: nothing more
 
 
+def _mismatch(step, bad):
+    # A persistent sampler/trainer mismatch: mismatch_k3 jumps and stays; learning is fine.
+    return {"mismatch_k3": 0.5 if bad else 1e-9, "grad_norm": 5.0, "reward_mean": 0.5}
+
+
+def _drive_mismatch(*, more_trouble: bool):
+    """A persistent mismatch from executed step 45 under a rollback-then-truncated-IS plan;
+    with `more_trouble`, the grad norm also alarms for two steps once IS is on."""
+    trainer = FakeTrainer()
+    plan = remediate.fixed_plan("rollback", "truncated_is")
+    rem = remediate.Remediator(
+        trainer, verify_window=10, healthy_window=10, evidence_steps=2, planner=plan
+    )
+    events, step, executed = [], 1, 0
+    while step <= 120 and not rem.halted:
+        executed += 1
+        bad = executed >= 45
+        flagged = ["mismatch_k3"] if bad else []
+        if more_trouble and 60 < executed < 63 and trainer.values["is_cap"] > 0:
+            flagged = ["mismatch_k3", "grad_norm"]
+        restores = len([c for c in trainer.calls if c[0] == "restore"])
+        events += rem.observe(step, _mismatch(step, bad), alarm=bool(flagged), flagged=flagged)
+        if step % 10 == 0:
+            rem.saved(step)
+        new = [c for c in trainer.calls if c[0] == "restore"][restores:]
+        step = new[-1][1] + 1 if new else step + 1
+    outcomes = [e["outcome"] for e in events if e["event"] == "verification"]
+    return trainer, rem, outcomes
+
+
+def test_after_a_mitigation_its_signals_no_longer_fail_verification():
+    # The plain rollback fails (the mismatch persists); with truncated IS on, the mismatch
+    # alarm is accepted and the attempt is verified.
+    trainer, rem, outcomes = _drive_mismatch(more_trouble=False)
+    assert outcomes == ["alarm_returned", "recovered"] and not rem.halted
+    assert trainer.values["is_cap"] == 2.0
+    assert rem.accepted == {"mismatch_k3", "mismatch_max_abs", "is_ratio_max", "is_ess"}
+    assert rem.state_dict()["accepted"] == sorted(rem.accepted)
+    # Another signal alarming next to the accepted ones still fails the attempt: halt.
+    trainer, rem, outcomes = _drive_mismatch(more_trouble=True)
+    assert outcomes == ["alarm_returned", "alarm_returned"] and rem.halted
+
+
 def test_a_resumed_remediator_goes_on_exactly_as_the_uninterrupted_one():
     # Stop mid-episode (after an action, before its verification), save the state as JSON,
     # load it into a fresh remediator over a fresh trainer with the same knobs: the rest of

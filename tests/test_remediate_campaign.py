@@ -81,3 +81,9 @@ def test_recovery_rollbacks_wasted_steps_and_halts_are_scored_per_policy(tmp_pat
     assert none["correct_halts"] == 0.0
     assert result["policies"]["clean"] == {"runs": 2, "no_rollback": 0.5}
     assert "| fm | 3 | 0.50 |" in remediate.markdown(result)
+    # A halt ends training: a halted run is not recovered, whatever its accuracy then.
+    with open(tmp_path / "s0/CA3-severe-o12/fm/summary.json", "w") as f:
+        json.dump(_summary(0.74, actions=[(14, 10)], halt={"diagnosis": "CA3"}), f)
+    result = remediate.score(str(tmp_path), runs, margin=0.05, halt_within=20)
+    assert result["policies"]["fm"]["recovery"] == 0.0
+    assert result["policies"]["fm"]["halts_on_remediable"] == 1

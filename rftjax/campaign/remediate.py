@@ -10,8 +10,9 @@ remediator needs its own healthy checkpoints before the onset):
   remedies; rollback + skip the data window, as PaLM did; rollback + lr × 0.5, as OPT did).
 
 Each seed (and setting) also has a clean run under `--fm=full`: its accuracy gives the clean
-distribution, and its rollbacks count as false remediations. A run recovers when its final
-held-out accuracy is at least the median of the clean runs (same settings) minus `margin`.
+distribution, and its rollbacks count as false remediations. A run recovers when it was not
+halted and its final held-out accuracy is at least the median of the clean runs (same
+settings) minus `margin`.
 A type whose remedies end in "halt" (OD3) is not remediable: the right outcome is a halt with
 its diagnosis within `halt_within` steps of onset.
 """
@@ -82,7 +83,9 @@ def outcome(run: Run, summary: dict[str, Any], clean_median: float, *, margin: f
         "run": run.name,
         "policy": _policy(run),
         "final": summary["eval_accuracy_final"],
-        "recovered": summary["eval_accuracy_final"] >= clean_median - margin,
+        # A halted run did not finish training: whatever its accuracy then, it did not recover.
+        "recovered": not summary.get("halted")
+        and summary["eval_accuracy_final"] >= clean_median - margin,
         "rollbacks": len(actions),
         "wasted_steps": wasted,
         "halted": bool(summary.get("halted")),

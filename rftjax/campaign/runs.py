@@ -171,19 +171,24 @@ def run_campaign(
     base: TrainConfig,
     *,
     workers: int = 1,
+    runs_per_worker: int | None = None,
     report: Callable[[str], None] = print,
 ) -> list[Run]:
     """Runs what is not finished yet (clean runs first) in `workers` processes; returns the
     runs that failed. Each worker keeps its compiled steps, so a fault type compiles once per
-    worker, whatever its seeds, severities and onsets. Reports a progress line per run with the
-    elapsed time and an estimate of the time left."""
+    worker, whatever its seeds, severities and onsets; `runs_per_worker` replaces a worker
+    after that many runs (closed-loop runs each compile their own managed step, and a worker
+    that keeps them all ran out of memory after ~35 of them). Reports a progress line per run
+    with the elapsed time and an estimate of the time left."""
     todo = [r for r in runs if read_summary(out, r) is None]
     report(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
     failed: list[Run] = []
     done = 0
     t0 = time.time()
     context = multiprocessing.get_context("spawn")  # JAX does not survive fork
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, max_tasks_per_child=runs_per_worker
+    ) as pool:
         for phase in ([r for r in todo if r.clean], [r for r in todo if not r.clean]):
             futures = {pool.submit(_run_in_process, config_of(base, out, r)): r for r in phase}
             for future in as_completed(futures):
