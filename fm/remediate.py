@@ -95,11 +95,14 @@ REMEDY_KNOBS: dict[str, Callable[[Mapping, Mapping], dict[str, float]]] = {
     ),
 }
 # Remedies that mitigate a root cause they cannot remove: truncated importance sampling bounds
-# what a sampler/trainer mismatch does to the update, but the mismatch stays. Once one is
+# what a sampler/trainer mismatch does to the update, but the mismatch stays; skipping
+# non-finite steps keeps the weights finite, but the bad gradients keep coming. Once one is
 # applied, alarms on these statistics, and on those the diagnosed alarm flagged, are accepted:
 # verification and healthy checkpoints then look at everything else.
 MITIGATES: dict[str, tuple[str, ...]] = {
     "truncated_is": ("mismatch_k3", "mismatch_max_abs", "is_ratio_max", "is_ess"),
+    # Skipped steps still see their non-finite gradients; the weights stay finite.
+    "skip_nonfinite": ("nonfinite_grads", "grad_norm", "update_param_ratio"),
 }
 # Remedies performed by the controller itself, not by knobs.
 CONTROLLER_REMEDIES = ("rollback", "skip_data", "reset_moments", "halt")

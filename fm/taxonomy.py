@@ -37,6 +37,7 @@ REMEDIES = (
     "grad_clip",
     "reset_moments",
     "skip_data",
+    "skip_nonfinite",
     "raise_kl",
     "truncated_is",
     "restore_sampler",
@@ -94,7 +95,8 @@ CATALOG: tuple[FaultType, ...] = (
             ("kl_ref_k1", "+"),
             ("reward_shadow_gap", "+"),
         ],  # fmt: skip
-        ["rollback", "raise_kl", "verifier_failover"],
+        # The gold verifier first: it removes the exploit; a higher β only slows it.
+        ["rollback", "verifier_failover", "raise_kl"],
     ),
     _t(
         "RF3",
@@ -165,7 +167,7 @@ CATALOG: tuple[FaultType, ...] = (
         "gradients",
         "Gradients become huge or non-finite after the backward pass.",
         [("grad_norm", "+"), ("nonfinite_grads", "+")],
-        ["rollback", "skip_data", "grad_clip", "reset_moments"],
+        ["rollback", "skip_nonfinite", "grad_clip", "skip_data", "reset_moments"],
     ),
     _t(
         "OD3",

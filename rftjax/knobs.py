@@ -35,6 +35,7 @@ class Knobs(NamedTuple):
     restore_mask: jax.Array  # loss mask rebuilt from the sampler's response mask
     restore_sampler: jax.Array  # the sampler runs with these knobs' settings, as configured
     restore_coefficients: jax.Array  # the loss uses these knobs' β, entropy coef and ε
+    skip_nonfinite: jax.Array  # an update whose gradients are not finite is skipped
 
 
 KNOB_NAMES = Knobs._fields
@@ -63,6 +64,7 @@ def make_knobs(
     restore_mask: float = 0.0,
     restore_sampler: float = 0.0,
     restore_coefficients: float = 0.0,
+    skip_nonfinite: float = 0.0,
 ) -> Knobs:
     """Builds knobs from Python numbers (float32 scalars; top_k int32)."""
     values = dict(locals())

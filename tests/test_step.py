@@ -163,3 +163,27 @@ def test_truncated_importance_weights_follow_the_knob(task):
     assert off > 0
     assert capped / off == pytest.approx(1.2, rel=1e-4)
     assert loose / off == pytest.approx(np.exp(0.5), rel=1e-4)
+
+
+def test_skip_nonfinite_keeps_weights_and_moments_through_a_nan_gradient():
+    import optax
+
+    from rftjax.train.step import apply_update
+
+    params = {"w": jnp.arange(4.0), "b": jnp.ones(2)}
+    optimizer = optax.scale_by_adam()
+    state = optimizer.init(params)
+    nan = {"w": jnp.array([jnp.nan, 1.0, 1.0, 1.0]), "b": jnp.ones(2)}
+    fn = jax.jit(lambda p, s, g, k: apply_update(p, s, g, k, 1e-2, optimizer)[:2])
+    for switch in (1.0, 0.0):
+        new_params, new_state = fn(params, state, nan, make_knobs(skip_nonfinite=switch))
+        leaves = jax.tree.leaves((new_params, new_state))
+        if switch:  # skipped: everything as it was
+            for a, b in zip(leaves, jax.tree.leaves((params, state)), strict=True):
+                np.testing.assert_array_equal(a, b)
+        else:
+            assert not all(np.isfinite(x).all() for x in leaves)
+    finite = {"w": jnp.ones(4), "b": jnp.ones(2)}  # a finite step is not skipped
+    moved, _ = fn(params, state, finite, make_knobs(skip_nonfinite=1.0))
+    assert not np.array_equal(moved["w"], params["w"])
+    assert fn._cache_size() == 1  # the switch is a runtime value

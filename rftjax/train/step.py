@@ -92,14 +92,18 @@ def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
         knobs.grad_clip > 0, jnp.minimum(1.0, knobs.grad_clip / (grad_norm + 1e-6)), 1.0
     )
     grads = jax.tree.map(lambda g: g * scale, grads)
-    direction, opt_state = optimizer.update(grads, opt_state, params)
+    direction, new_opt_state = optimizer.update(grads, opt_state, params)
     updates = jax.tree.map(lambda d: -lr * d, direction)
     stats = {
         "grad_norm": grad_norm,
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(params),
     }
-    return optax.apply_updates(params, updates), opt_state, updates, stats
+    # skip_nonfinite (remedy switch): a step whose gradients are not finite changes nothing,
+    # as the skip-step guards of large-scale trainers do.
+    skip = (knobs.skip_nonfinite > 0) & ~jnp.isfinite(grad_norm)
+    new_params = _switch(skip, params, optax.apply_updates(params, updates))
+    return new_params, _switch(skip, opt_state, new_opt_state), updates, stats
 
 
 def _guard(x, bound):
@@ -482,7 +486,7 @@ def _row_repetition(tokens, mask):
 
 
 def _switch(on: jax.Array, configured, piped):
-    """A remedy switch: `configured` where `on` > 0, else what the pipeline made of it."""
+    """A remedy switch: `configured` where `on` (> 0), else what the pipeline made of it."""
     return jax.tree.map(lambda a, b: jnp.where(on > 0, a, b), configured, piped)
 
 
