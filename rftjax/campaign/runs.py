@@ -176,9 +176,9 @@ def run_campaign(
 ) -> list[Run]:
     """Runs what is not finished yet (clean runs first) in `workers` processes; returns the
     runs that failed. Each worker keeps its compiled steps, so a fault type compiles once per
-    worker, whatever its seeds, severities and onsets; `runs_per_worker` replaces a worker
-    after that many runs (closed-loop runs each compile their own managed step, and a worker
-    that keeps them all ran out of memory after ~35 of them). Reports a progress line per run
+    worker, whatever its seeds, severities and onsets; `runs_per_worker` starts fresh workers
+    after that many runs each (closed-loop runs each compile their own managed step, and a
+    worker that keeps them all ran out of memory after ~35 of them). Reports a progress line per run
     with the elapsed time and an estimate of the time left."""
     todo = [r for r in runs if read_summary(out, r) is None]
     report(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
@@ -186,29 +186,31 @@ def run_campaign(
     done = 0
     t0 = time.time()
     context = multiprocessing.get_context("spawn")  # JAX does not survive fork
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, max_tasks_per_child=runs_per_worker
-    ) as pool:
-        for phase in ([r for r in todo if r.clean], [r for r in todo if not r.clean]):
-            futures = {pool.submit(_run_in_process, config_of(base, out, r)): r for r in phase}
-            for future in as_completed(futures):
-                run = futures[future]
-                _, seconds, error = future.result()
-                done += 1
-                elapsed = time.time() - t0
-                progress = (
-                    f"[{done}/{len(todo)} {100 * done // len(todo)}% {_clock(elapsed)}, "
-                    f"~{_clock(elapsed / done * (len(todo) - done))} left]"
-                )
-                if error:
-                    failed.append(run)
-                    report(f"{progress} {run.name}: FAILED: {error}")
-                    continue
-                s = read_summary(out, run)
-                report(
-                    f"{progress} {run.name}: accuracy {s['eval_accuracy_initial']:.3f}"
-                    f" -> {s['eval_accuracy_final']:.3f} ({seconds:.0f} s)"
-                )
+    for phase in ([r for r in todo if r.clean], [r for r in todo if not r.clean]):
+        # A fresh pool every `runs_per_worker` runs a worker (the executor's own
+        # max_tasks_per_child can hang on Python 3.11 when it replaces a worker).
+        size = len(phase) if runs_per_worker is None else runs_per_worker * workers
+        for chunk in (phase[i : i + size] for i in range(0, len(phase), max(size, 1))):
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = {pool.submit(_run_in_process, config_of(base, out, r)): r for r in chunk}
+                for future in as_completed(futures):
+                    run = futures[future]
+                    _, seconds, error = future.result()
+                    done += 1
+                    elapsed = time.time() - t0
+                    progress = (
+                        f"[{done}/{len(todo)} {100 * done // len(todo)}% {_clock(elapsed)}, "
+                        f"~{_clock(elapsed / done * (len(todo) - done))} left]"
+                    )
+                    if error:
+                        failed.append(run)
+                        report(f"{progress} {run.name}: FAILED: {error}")
+                        continue
+                    s = read_summary(out, run)
+                    report(
+                        f"{progress} {run.name}: accuracy {s['eval_accuracy_initial']:.3f}"
+                        f" -> {s['eval_accuracy_final']:.3f} ({seconds:.0f} s)"
+                    )
     return failed
 
 
