@@ -21,6 +21,7 @@ from faults.base import (
 )
 from faults.catalog import (
     BLOCKED,
+    ONE_TIME,
     SPECS,
     acted,
     check,
@@ -34,6 +35,7 @@ from faults.catalog import (
 
 __all__ = [
     "BLOCKED",
+    "ONE_TIME",
     "HOOK_NAMES",
     "NO_HOOKS",
     "SEVERITIES",

@@ -134,6 +134,10 @@ def make(type_id: str, setup: Setup) -> Fault:
     return spec(type_id).factory(setup)
 
 
+# Variants that act on their onset step only (a one-time corruption of the weights or the
+# optimizer state): a rollback to a checkpoint before the onset undoes them.
+ONE_TIME: dict[str, tuple[str, ...]] = {"OD3": ("policy", "optimizer")}
+
 # Variants that draw their event per step act on an active step only when it is drawn.
 _DRAWN: dict[str, Callable[[Ctx], Any]] = {
     "OD2": optimization.od2_drawn,

@@ -309,15 +309,21 @@ class Learned:
         alarm_index: int,
         *,
         flagged: Sequence[str] = (),
+        types: Sequence[str] | None = None,
     ) -> Diagnosis:
+        """`types`: the fault types this trainer can have (default: all); the model's
+        probabilities are renormalized over them."""
         after = records[alarm_index:]
         for name in INVARIANTS:
             values = _series(after, name)
             if np.any(values[np.isfinite(values)] > 0):
-                return diagnose(records, alarm_index, flagged=flagged)
+                return diagnose(records, alarm_index, flagged=flagged, types=types)
         p = self.model.probabilities(features(records, alarm_index))
-        conf = dict(zip(self.model.classes, p.tolist(), strict=True))
-        ranked = sorted((t.id for t in taxonomy.CATALOG), key=lambda t: -conf.get(t, 0.0))
+        ids = [t.id for t in taxonomy.CATALOG] if types is None else list(types)
+        conf = {t: c for t, c in zip(self.model.classes, p.tolist(), strict=True) if t in ids}
+        total = sum(conf.values())
+        conf = {t: c / total for t, c in conf.items()} if total > 0 else conf
+        ranked = sorted(ids, key=lambda t: -conf.get(t, 0.0))
         by_family: dict[str, float] = {}
         for t in ranked:
             family = taxonomy.get(t).family

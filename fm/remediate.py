@@ -97,8 +97,8 @@ REMEDY_KNOBS: dict[str, Callable[[Mapping, Mapping], dict[str, float]]] = {
 # Remedies that mitigate a root cause they cannot remove: truncated importance sampling bounds
 # what a sampler/trainer mismatch does to the update, but the mismatch stays; skipping
 # non-finite steps keeps the weights finite, but the bad gradients keep coming. Once one is
-# applied, alarms on these statistics, and on those the diagnosed alarm flagged, are accepted:
-# verification and healthy checkpoints then look at everything else.
+# applied, alarms on these statistics, and on those flagged so far in the episode (the fault's
+# signature), are accepted: verification and healthy checkpoints then look at everything else.
 MITIGATES: dict[str, tuple[str, ...]] = {
     "truncated_is": ("mismatch_k3", "mismatch_max_abs", "is_ratio_max", "is_ess"),
     # Skipped steps still see their non-finite gradients; the weights stay finite.
@@ -287,6 +287,7 @@ class Remediator:
         self.halted = False
         self._flagged: list[str] = []
         self.accepted: set[str] = set()  # signals a mitigation left abnormal on purpose
+        self._seen: set[str] = set()  # signals flagged so far in the current episode
 
     def saved(self, step: int) -> None:
         self.health.saved(step)
@@ -300,6 +301,7 @@ class Remediator:
             "halted": self.halted,
             "flagged": self._flagged,
             "accepted": sorted(self.accepted),
+            "seen": sorted(self._seen),
             "initial_knobs": self.initial_knobs,
             "pending": self.health.pending,
             "healthy": self.health.healthy,
@@ -313,6 +315,7 @@ class Remediator:
         self.halted = bool(state["halted"])
         self._flagged = list(state["flagged"])
         self.accepted = set(state.get("accepted", ()))
+        self._seen = set(state.get("seen", ()))
         self.initial_knobs = dict(state["initial_knobs"])
         self.health.pending = [int(c) for c in state["pending"]]
         self.health.healthy = [int(c) for c in state["healthy"]]
@@ -336,6 +339,8 @@ class Remediator:
             return []
         if alarm and flagged and set(flagged) <= self.accepted:
             alarm = False  # only what an applied mitigation leaves abnormal
+        if alarm and self.episode is not None:
+            self._seen |= set(flagged)
         self.records = [r for r in self.records if r["step"] < step]  # after a rollback
         self.records.append({"step": step, **stats})
         self.records = self.records[-self.history_len :]
@@ -353,6 +358,7 @@ class Remediator:
         if ep is None and alarm:
             self.episode = ep = _Episode(alarm_step=step)
             self._flagged = list(flagged)
+            self._seen = set(flagged)
         if ep is None or step < ep.alarm_step + self.evidence_steps:
             return []
         return self._diagnose(step)
@@ -430,8 +436,8 @@ class Remediator:
         if remedy == "reset_moments":
             self.controller.reset_moments()
             return Action(remedy, {})
-        if remedy in MITIGATES:
-            self.accepted |= {*MITIGATES[remedy], *self._flagged}
+        if remedy in MITIGATES:  # the fault's signature so far stays: accepted
+            self.accepted |= {*MITIGATES[remedy], *self._seen}
         knobs = self.controller.knobs()
         changes = (
             REMEDY_KNOBS[remedy](knobs, self.initial_knobs)

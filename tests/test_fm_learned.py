@@ -92,6 +92,11 @@ def test_a_model_trained_on_train_runs_names_held_out_runs_and_round_trips(tmp_p
     assert a.ranking == b.ranking and a.top == ex.type
     assert len(a.ranking) == len(taxonomy.CATALOG)
     assert sum(p for _, p in a.ranking) == pytest.approx(1.0)
+    # Restricted to the types a trainer can have: renormalized over them.
+    others = [t for t in SIGNATURE if t != ex.type]
+    c = dg.Learned(model)(ex.window, ex.alarm_index, types=others)
+    assert [t for t, _ in c.ranking] == sorted(others, key=lambda t: -dict(a.ranking)[t])
+    assert sum(p for _, p in c.ranking) == pytest.approx(1.0) and c.top in others
     # A model of another version or feature set is refused with its reason.
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "version": 99}))

@@ -16,7 +16,8 @@ SPEC = {
     "runs": [
         {"seed": 0, "type": "CA3", "severity": "severe", "onset": 12},
         {"seed": 1, "type": "CA3", "severity": "severe", "onset": 12},
-        {"seed": 0, "type": "OD3", "severity": "severe", "onset": 12},
+        {"seed": 0, "type": "OD3", "variant": "reference", "severity": "severe", "onset": 12},
+        {"seed": 1, "type": "OD3", "severity": "severe", "onset": 12},  # policy: acts once
     ],
 }
 
@@ -27,7 +28,7 @@ def test_every_faulted_run_once_per_policy_from_scratch_and_a_managed_clean_run_
     clean = [r for r in runs if r.clean]
     assert [r.name for r in clean] == ["s0/clean", "s1/clean"]
     faulted = [r for r in runs if not r.clean]
-    assert len(faulted) == 3 * len(remediate.POLICIES)
+    assert len(faulted) == 4 * len(remediate.POLICIES)
     base = base_config(str(tmp_path), campaign.base)
     by_policy = {}
     for run in runs:
@@ -63,10 +64,12 @@ def test_recovery_rollbacks_wasted_steps_and_halts_are_scored_per_policy(tmp_pat
         "s1/CA3-severe-o12/none": _summary(0.72),
         "s0/CA3-severe-o12/fm": _summary(0.74, actions=[(14, 10)]),
         "s1/CA3-severe-o12/fm": _summary(0.69, actions=[(14, 10), (16, 5)]),
-        "s0/OD3-severe-o12/none": _summary(0.10),
-        "s0/OD3-severe-o12/fm": _summary(
+        "s0/OD3-severe-reference-o12/none": _summary(0.10),
+        "s0/OD3-severe-reference-o12/fm": _summary(
             0.20, actions=[(14, 10)], halt={"diagnosis": "OD3", "alarm_step": 13}
         ),
+        # A one-time weight corruption: a rollback undoes it, so it is remediable.
+        "s1/OD3-severe-o12/fm": _summary(0.76, actions=[(14, 10)]),
     }
     for name, summary in finals.items():
         os.makedirs(tmp_path / name)
@@ -74,16 +77,17 @@ def test_recovery_rollbacks_wasted_steps_and_halts_are_scored_per_policy(tmp_pat
             json.dump(summary, f)
     result = remediate.score(str(tmp_path), runs, margin=0.05, halt_within=20)
     fm, none = result["policies"]["fm"], result["policies"]["none"]
-    assert fm["recovery"] == 0.5 and none["recovery"] == 0.5  # 0.74 and 0.72 >= 0.70
-    assert fm["rollbacks_median"] == 1.0  # of 1, 2 and 1 rollbacks
-    assert fm["wasted_steps_mean"] == pytest.approx((4 + 4 + 11 + 4) / 3)
+    # fm: 0.74 and OD3's 0.76 >= 0.70, 0.69 not; none: 0.72 of two.
+    assert fm["recovery"] == pytest.approx(2 / 3) and none["recovery"] == 0.5
+    assert fm["rollbacks_median"] == 1.0  # of 1, 2, 1 and 1 rollbacks
+    assert fm["wasted_steps_mean"] == pytest.approx((4 + 4 + 11 + 4 + 4) / 4)
     assert fm["halts"] == 1 and fm["halts_on_remediable"] == 0 and fm["correct_halts"] == 1.0
     assert none["correct_halts"] == 0.0
     assert result["policies"]["clean"] == {"runs": 2, "no_rollback": 0.5}
-    assert "| fm | 3 | 0.50 |" in remediate.markdown(result)
+    assert "| fm | 4 | 0.67 |" in remediate.markdown(result)
     # A halt ends training: a halted run is not recovered, whatever its accuracy then.
     with open(tmp_path / "s0/CA3-severe-o12/fm/summary.json", "w") as f:
         json.dump(_summary(0.74, actions=[(14, 10)], halt={"diagnosis": "CA3"}), f)
     result = remediate.score(str(tmp_path), runs, margin=0.05, halt_within=20)
-    assert result["policies"]["fm"]["recovery"] == 0.0
+    assert result["policies"]["fm"]["recovery"] == pytest.approx(1 / 3)
     assert result["policies"]["fm"]["halts_on_remediable"] == 1

@@ -13,8 +13,9 @@ Each seed (and setting) also has a clean run under `--fm=full`: its accuracy giv
 distribution, and its rollbacks count as false remediations. A run recovers when it was not
 halted and its final held-out accuracy is at least the median of the clean runs (same
 settings) minus `margin`.
-A type whose remedies end in "halt" (OD3) is not remediable: the right outcome is a halt with
-its diagnosis within `halt_within` steps of onset.
+A type whose remedies end in "halt" (OD3) is not remediable unless its variant acts once (a
+rollback to before it undoes it: `faults.ONE_TIME`): the right outcome is a halt with its
+diagnosis within `halt_within` steps of onset.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+import faults
 from fm import taxonomy
 from rftjax.campaign.runs import Run, config_prefix, read_summary
 from rftjax.campaign.spec import Campaign
@@ -92,7 +94,11 @@ def outcome(run: Run, summary: dict[str, Any], clean_median: float, *, margin: f
     }
     if not run.clean:
         type_id = run.fault["fault"]
-        remediable = "halt" not in taxonomy.get(type_id).remedies
+        variant = run.fault.get("fault_variant") or faults.SPECS[type_id].variants[0]
+        remediable = (
+            "halt" not in taxonomy.get(type_id).remedies
+            or variant in faults.ONE_TIME.get(type_id, ())  # a rollback undoes it
+        )
         report = summary.get("halt_report") or {}
         onset = run.fault.get("fault_onset", 1)
         right = (

@@ -387,6 +387,9 @@ def builtin_spec(name: str) -> dict[str, Any]:
         # Checkpoints every 10 steps: rollback targets must exist before the earliest onset.
         spec = _heldout_spec()
         runs = [r for r in spec["runs"][1::2] if "overrides" not in r]
+        # And a fault no knob fixes (a persistently corrupted reference model): a halt.
+        od3 = next(r for r in runs if r["type"] == "OD3")
+        runs.append({**od3, "variant": "reference", "onset": 130})
         base = {**spec["base"], "checkpoint_every": 10}
         return {**spec, "name": name, "runs": runs, "splits": {"eval": [r["seed"] for r in runs]},
                 "base": base,

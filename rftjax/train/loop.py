@@ -586,6 +586,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
             policy=cfg.fm_policy,
             seed=cfg.seed,
             diagnoser=cfg.fm_diagnoser,
+            tools=task.tool_spec() is not None,
         )
         controller = manager.controller
         if resumed_meta is not None:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fm import diagnose as fm_diagnose
-from fm import remediate
+from fm import remediate, taxonomy
 from rftjax import knobs as kn
 from rftjax.checkpoint import Checkpointer, CorruptCheckpoint
 from rftjax.config import RLConfig
@@ -133,17 +133,21 @@ class Manager:
         policy: str = "fm",
         seed: int = 0,
         diagnoser: str = "learned",
+        tools: bool = False,
     ) -> None:
         """`window`: steps without an alarm that make a checkpoint healthy and an attempt
         verified. `policy`: fm's planner or a baseline (`fm.remediate.planner_for`).
-        `diagnoser`: "learned" (the model shipped with fm) or "rules"."""
+        `diagnoser`: "learned" (the model shipped with fm) or "rules". `tools`: whether the
+        task calls tools (without them, tool-environment faults are not candidates)."""
         self.controller = RunController(checkpointer, rl, state, knobs)
+        types = [t.id for t in taxonomy.CATALOG if tools or t.family != "tool-environment"]
+        named = _learned() if diagnoser == "learned" else fm_diagnose.diagnose
         self.remediator = remediate.Remediator(
             self.controller,
             verify_window=window,
             healthy_window=window,
             planner=remediate.planner_for(policy, seed=seed),
-            diagnoser=_learned() if diagnoser == "learned" else fm_diagnose.diagnose,
+            diagnoser=functools.partial(named, types=types),
         )
 
     def observe(self, step: int, values: dict[str, float]) -> list[dict[str, Any]]:
