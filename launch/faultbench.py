@@ -1,6 +1,6 @@
 """FaultBench campaigns: `python -m launch.faultbench COMMAND [flags]`.
 
-  generate --spec FILE|standard|smoke --out DIR [--workers 2]
+  generate --spec FILE|standard|heldout|smoke --out DIR [--workers 2]
       Runs a campaign spec (JSON; see the README) with the in-step detector and trajectory
       records on, then writes DIR/manifest.parquet, steps.parquet, trajectories.parquet and a
       dataset card DIR/README.md. Resumable: finished runs are skipped and the tables are
@@ -17,12 +17,13 @@
       seed, on the default config; prints final held-out accuracy versus clean (mean over
       seeds) as a Markdown table and writes it to DIR/severity.{json,md}. Resumable.
 
-  remediate --spec FILE|standard|smoke --out DIR [--policies fm,random,...] [--workers 2]
+  remediate --spec FILE|heldout-remedy|... --out DIR [--policies fm,random,...] [--workers 2]
       Closed-loop comparison: every faulted run of the spec trained once per policy (none:
       detection only; fm: --fm=full; random, rollback_skip, rollback_lr: baseline planners),
       plus a clean run per seed under --fm=full. Writes DIR/remediate.{json,md}: recovery
-      rate on remediable faults (final accuracy >= clean median - 0.05), rollbacks, wasted
-      steps, halts and correct halts, clean runs without rollback. Resumable.
+      rate on remediable faults (not halted, final accuracy >= clean median - 0.05),
+      rollbacks, wasted steps, halts and correct halts, clean runs without rollback.
+      Resumable.
 
   train-diagnoser --data DIR[,DIR...] --out MODEL.json [--window 50]
       Fits the learned diagnoser (`fm.diagnose.Learned`) on the train split's faulted runs at
@@ -53,7 +54,12 @@ from rftjax import campaign
 
 COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser", "remediate")
 flags.DEFINE_string("out", None, "Campaign folder (generate, severity) or report path (evaluate).")
-flags.DEFINE_string("spec", None, "generate: a campaign spec JSON file, or standard / smoke.")
+flags.DEFINE_string(
+    "spec",
+    None,
+    "generate, remediate: a campaign spec JSON file, or a built-in: standard, heldout, "
+    "heldout-remedy, smoke.",
+)
 flags.DEFINE_string(
     "data", None, "evaluate: a folder written by generate; train-diagnoser: one or more."
 )
