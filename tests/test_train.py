@@ -149,21 +149,21 @@ def test_fm_full_rolls_back_a_transient_fault_and_verifies_recovery(tmp_path):
     assert all(r["check_mask_length"] == 0 for r in records[9:])
 
 
-def test_fm_full_halts_a_fault_no_knob_fixes_with_its_diagnosis(tmp_path):
-    cfg = _config(
-        tmp_path,
-        40,
-        fm="full",
-        fm_window=4,
-        fault="OD2",
-        fault_severity="severe",
-        fault_onset=10,
-    )
-    summary = run(cfg)
+def test_persistent_nan_gradients_fm_skips_them_and_a_plan_without_that_halts(tmp_path):
+    fault = dict(fm="full", fm_window=4, fault="OD2", fault_severity="severe", fault_onset=10)
+    # A baseline plan (rollback + skip the data window) cannot stop NaN gradients that keep
+    # coming: it escalates and halts with the diagnosis, saving the rest of the compute.
+    summary = run(_config(tmp_path / "baseline", 40, fm_policy="rollback_skip", **fault))
     assert summary["halted"] and summary["halt_report"]["diagnosis"] == "OD2"
+    first = summary["actions"][0]
+    assert first["restored_to"] < summary["halt_report"]["alarm_step"]  # before the NaNs
+    assert summary["steps_completed"] < 40
+    # fm's plan: a plain rollback, then skip_nonfinite, which the run finishes with.
+    summary = run(_config(tmp_path / "fm", 40, **fault))
+    assert not summary["halted"] and summary["steps_completed"] == 40
     remedies = [a["actions"][-1]["remedy"] for a in summary["actions"]]
-    assert remedies[0] == "rollback" and len(remedies) >= 2
-    assert summary["steps_completed"] < 40  # the rest of the compute is saved
+    assert remedies == ["rollback", "skip_nonfinite"]
+    assert summary["verifications"][-1]["outcome"] == "recovered"
 
 
 def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_path):
@@ -346,9 +346,12 @@ def test_the_closed_loop_uses_the_shipped_learned_diagnoser_unless_rules_are_ask
     from rftjax.train import manage
 
     learned = manage.Manager(None, RLConfig(), None, make_knobs())
-    assert isinstance(learned.remediator.diagnoser, diagnose.Learned)
-    assert len(learned.remediator.diagnoser.model.classes) == 16  # every type, tools included
-    rules = manage.Manager(None, RLConfig(), None, make_knobs(), diagnoser="rules")
-    assert rules.remediator.diagnoser is diagnose.diagnose
+    named = learned.remediator.diagnoser  # restricted to the types this trainer can have
+    assert isinstance(named.func, diagnose.Learned)
+    assert len(named.func.model.classes) == 16  # every type, tools included
+    assert "TE1" not in named.keywords["types"] and len(named.keywords["types"]) == 14
+    rules = manage.Manager(None, RLConfig(), None, make_knobs(), diagnoser="rules", tools=True)
+    assert rules.remediator.diagnoser.func is diagnose.diagnose
+    assert len(rules.remediator.diagnoser.keywords["types"]) == 16
     with pytest.raises(ValueError, match="fm_diagnoser"):
         _config("w", 2, fm="full", fm_diagnoser="oracle")
