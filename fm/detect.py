@@ -64,8 +64,8 @@ class Signal(NamedTuple):
         that matters. Signals that sit at 0 or move in discrete steps (a fraction of 128
         samples, a numerical mismatch of 1e-6) would otherwise turn any movement into z ≫ 1.
       cusum_h: this signal's CUSUM threshold (None: the config's; math.inf: no drift alarm),
-        e.g. higher for statistics
-        that trend while training goes well (KL to the reference, entropy).
+        e.g. higher for statistics that trend while training goes well (KL to the reference,
+        entropy).
       z: this signal's z-score threshold (None: the config's), e.g. higher for statistics with
         heavy tails in healthy runs.
     """

@@ -325,7 +325,7 @@ def builtin_spec(name: str) -> dict[str, Any]:
         train = list(range(sum(n_train)))
         evaluate = list(range(1000, 1000 + sum(n_eval)))
         # Tool types run on the tool task, on seeds of their own.
-        tool_task = {"task": "calc", "max_new_tokens": builtin_tool_tokens()}
+        tool_task = _tool_task()
         tool_grids = [
             {
                 "types": list(TOOL_TYPES),
@@ -351,13 +351,7 @@ def builtin_spec(name: str) -> dict[str, Any]:
             "description": "every injectable type × 3 severities × onsets × seeds, 300 steps, "
             "a clean twin per seed with two faulted runs forked from it; every run starts RL "
             "from one warmed-up model (init_seed 0), seeds vary the RL data and sampling",
-            "base": {
-                "steps": 300,
-                "checkpoint_every": 75,
-                "eval_every": 100,
-                "log_every": 100,
-                "init_seed": 0,
-            },
+            "base": dict(_STANDARD_BASE),
             "splits": {"train": train, "eval": evaluate},
             "grid": [
                 {
@@ -412,22 +406,31 @@ def _heldout_spec() -> dict[str, Any]:
             run = {"seed": seed, "type": type_id, "magnitude": round(magnitude, 6),
                    "onset": next(onsets)}  # fmt: skip
             if type_id in TOOL_TYPES:
-                run["overrides"] = {"task": "calc", "max_new_tokens": builtin_tool_tokens()}
+                run["overrides"] = _tool_task()
             runs.append(run)
     return {
         "name": "heldout",
         "description": "every injectable type at two magnitudes between its presets, onsets "
         "and seeds that standard never used; 300 steps, settings as standard's",
-        "base": {
-            "steps": 300,
-            "checkpoint_every": 75,
-            "eval_every": 100,
-            "log_every": 100,
-            "init_seed": 0,
-        },  # fmt: skip
+        "base": dict(_STANDARD_BASE),
         "splits": {"eval": sorted({r["seed"] for r in runs})},
         "runs": runs,
     }
+
+
+# Settings of every run of `standard` and `heldout`: 300 RL steps from one shared warm-up.
+_STANDARD_BASE = {
+    "steps": 300,
+    "checkpoint_every": 75,
+    "eval_every": 100,
+    "log_every": 100,
+    "init_seed": 0,
+}
+
+
+def _tool_task() -> dict[str, Any]:
+    """Overrides that put a built-in campaign's tool-fault runs on the tool task."""
+    return {"task": "calc", "max_new_tokens": builtin_tool_tokens()}
 
 
 def builtin_tool_tokens() -> int:
