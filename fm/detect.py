@@ -442,6 +442,9 @@ def default_signals(*, group_normalized: bool = True, tools: bool = True) -> tup
         "check_mask_length",
         "check_adv_sign",
         "check_adv_flip",
+        "check_weights",
+        "check_reference",
+        "check_coefficients",
     )
     drop = set(() if group_normalized else GROUP_NORMALIZED_ONLY) | set(() if tools else TOOLS_ONLY)
     signals = tuple(

@@ -31,6 +31,9 @@ INVARIANTS = {
     "nonfinite_params": "OD3",
     "check_mask_length": "CA3",
     "check_adv_sign": "CA1",
+    "check_weights": "OD3",
+    "check_reference": "OD3",
+    "check_coefficients": "OD4",
 }
 
 
@@ -178,6 +181,8 @@ def diagnose(
 
 
 def _words(name: str, before: float, after: float, z: float) -> str:
+    if name in INVARIANTS and after > 0:
+        return f"{name} {after:.3g} (must be 0)"
     if not math.isfinite(after):
         return f"{name} non-finite (was {before:.3g})"
     if abs(z) < 2:

@@ -12,7 +12,10 @@ Usage (works inside or outside jit; the mesh and specs are those the arrays are 
   sums = integrity.device_checksums(x, mesh, spec)    # uint32, shaped like the mesh
   bad = integrity.replica_mismatch(sums, integrity.replicated_axes(spec, mesh.axis_names))
 
-`tree_mismatches` does the same for a pytree and returns one bool per leaf.
+`tree_mismatches` does the same for a pytree and returns one bool per leaf. `tree_checksum`
+fingerprints a whole pytree (one device's view of it): a train step compares the weights it
+reads with the fingerprint the previous step sealed, and the reference weights with the
+fingerprint taken when they were loaded (`fm.stats.integrity_stats`).
 """
 
 from __future__ import annotations
@@ -25,26 +28,48 @@ _GOLDEN = 0x9E3779B1  # odd: every position's weight is odd, so any single-word 
 
 
 def _as_words(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (16-bit and 8-bit values widened, 64-bit split)."""
+    """The array's bits as uint32 words, in its own shape (16-bit and 8-bit values widened;
+    64-bit values split, adding a trailing axis of 2)."""
     x = jnp.asarray(x)
     if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32).reshape(-1)
+        return x.astype(jnp.uint32)
     width = x.dtype.itemsize
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[width]
-    bits = jax.lax.bitcast_convert_type(x, unsigned)
-    return bits.astype(jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """Each element's row-major position (mod 2³²), built from per-axis iotas so that a
+    sharded array is never flattened (no gather onto one device)."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        index = index + iota * jnp.uint32(stride % (1 << 32))
+        stride *= shape[axis]
+    return index
 
 
 def checksum(x: jax.Array) -> jax.Array:
-    """Bit-exact uint32 fingerprint of an array: Σ_i bits_i · w_i mod 2³², with odd w_i.
+    """Bit-exact uint32 fingerprint of an array: Σ_i bits_i · w_i mod 2³², with odd w_i
+    (i the row-major position).
 
     Position-weighted, so swapped elements change it too; −0.0 and 0.0, or two NaN payloads,
     differ (what matters here is bit identity, not numerical equality).
     """
     words = _as_words(x)
-    i = jnp.arange(words.shape[0], dtype=jnp.uint32)
-    weights = (2 * i + 1) * jnp.uint32(_GOLDEN)
+    weights = (2 * _flat_index(words.shape) + 1) * jnp.uint32(_GOLDEN)
     return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+def tree_checksum(tree) -> jax.Array:
+    """Bit-exact uint32 fingerprint of a pytree: the `checksum` of its leaves' checksums, in
+    leaf order (a change in any leaf, or two leaves swapped, changes it). Works on sharded
+    arrays: the sum is modular, so it does not depend on the reduction order."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.uint32)
+    return checksum(jnp.stack([checksum(x) for x in leaves]))
 
 
 def device_checksums(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:

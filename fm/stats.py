@@ -451,6 +451,44 @@ def consistency_stats(mask: Array, lengths: Array) -> Stats:
     }
 
 
+def integrity_stats(
+    weights: Array, sealed_weights: Array, reference: Array, loaded_reference: Array
+) -> Stats:
+    """Weight integrity: fingerprints (`fm.integrity.tree_checksum`, uint32) of what a step reads
+    against what it should be. ``weights`` (policy and optimizer state as the step reads them)
+    against ``sealed_weights`` (as the previous step wrote them): anything that changed them in
+    between (a bad restore, a bit flip, a stray write) shows; ``reference`` (the frozen
+    reference weights as read) against ``loaded_reference`` (as loaded).
+
+    Returns ``check_weights`` and ``check_reference``: 1.0 on a mismatch, else 0.0.
+    """
+    return {
+        "check_weights": (weights != sealed_weights).astype(jnp.float32),
+        "check_reference": (reference != loaded_reference).astype(jnp.float32),
+    }
+
+
+def coefficient_stats(
+    effective: Mapping[str, Array], configured: Mapping[str, Array], *, rtol: float = 1e-3
+) -> Stats:
+    """Regularizer audit: the loss's effective coefficients against the configured ones.
+
+    ``effective``: each coefficient as the loss applies it, measured (e.g. the derivative of
+    the loss with respect to its KL or entropy term); ``configured``: the same names as set.
+    Returns ``check_coefficients``: how many differ by more than ``rtol`` relative (absolute
+    below a magnitude of 1e-6), so a sign flip or a stray override between config and loss
+    shows the step it starts.
+    """
+    if set(effective) != set(configured):
+        raise ValueError(f"coefficients {sorted(effective)} against {sorted(configured)}")
+    off = [
+        jnp.abs(_f32(effective[k]) - _f32(configured[k]))
+        > rtol * jnp.maximum(jnp.abs(_f32(configured[k])), 1e-6)
+        for k in sorted(effective)
+    ]
+    return {"check_coefficients": _count(jnp.stack(off))}
+
+
 def nonfinite_count(stats: Mapping[str, Array]) -> Array:
     """Number of non-finite elements over all values of a stats dict: f32[]."""
     return sum((_count(~jnp.isfinite(_f32(v))) for v in stats.values()), _f32(0.0))

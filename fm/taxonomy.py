@@ -40,6 +40,7 @@ REMEDIES = (
     "skip_nonfinite",
     "raise_kl",
     "truncated_is",
+    "resync_sampler",
     "restore_sampler",
     "mask_unscorable",
     "advantage_audit",
@@ -110,8 +111,9 @@ CATALOG: tuple[FaultType, ...] = (
             ("grad_norm", "-"),
             ("reward_shadow_gap", "+"),
         ],  # fmt: skip
-        # Re-scoring with the redundant verifier stands in for "retry" on an outage.
-        ["mask_unscorable", "verifier_failover", "skip_data", "rollback"],
+        # Re-scoring with the redundant verifier stands in for "retry" on an outage; masking
+        # needs the pipeline to know which samples went unscored.
+        ["verifier_failover", "mask_unscorable", "skip_data", "rollback"],
     ),
     _t(
         "PG1",
@@ -126,7 +128,8 @@ CATALOG: tuple[FaultType, ...] = (
             ("is_ess", "-"),
             ("grad_norm", "+"),
         ],
-        ["truncated_is", "rollback"],
+        # Re-syncing removes the mismatch; truncated IS only bounds what it does to the update.
+        ["resync_sampler", "truncated_is", "rollback"],
     ),
     _t(
         "PG2",
@@ -135,7 +138,7 @@ CATALOG: tuple[FaultType, ...] = (
         "rollout_params",
         "Rollouts come from parameters several steps old.",
         [("mismatch_k3", "+"), ("is_ratio_max", "+"), ("is_ess", "-")],
-        ["truncated_is", "rollback"],
+        ["resync_sampler", "truncated_is", "rollback"],
     ),
     _t(
         "PG3",
@@ -175,7 +178,13 @@ CATALOG: tuple[FaultType, ...] = (
         "corrupted parameters or reference model",
         "params",
         "Policy or reference weights are corrupted (bit flips, a bad load, a reset).",
-        [("kl_ref_k1", "~"), ("reward_mean", "-"), ("nonfinite_params", "+")],
+        [
+            ("kl_ref_k1", "~"),
+            ("reward_mean", "-"),
+            ("nonfinite_params", "+"),
+            ("check_weights", "+"),
+            ("check_reference", "+"),
+        ],
         ["rollback", "halt"],
     ),
     _t(
@@ -184,7 +193,7 @@ CATALOG: tuple[FaultType, ...] = (
         "regularizer misconfiguration",
         "regularizers",
         "KL sign, entropy coefficient or clip range set wrong.",
-        [("entropy_mean", "~"), ("kl_ref_k1", "+")],
+        [("entropy_mean", "~"), ("kl_ref_k1", "+"), ("check_coefficients", "+")],
         ["restore_coefficients", "rollback"],
     ),
     _t(
@@ -245,7 +254,8 @@ CATALOG: tuple[FaultType, ...] = (
         "observations",
         "Tool observations arrive corrupted or not at all.",
         [("tool_aborted_frac", "+"), ("reward_mean", "-")],
-        ["mask_tool_tokens", "skip_data"],
+        # A timed-out call is an infra failure (masked); a silently corrupted one is not seen.
+        ["mask_unscorable", "mask_tool_tokens", "skip_data"],
     ),
 )
 

@@ -36,6 +36,8 @@ class Knobs(NamedTuple):
     restore_sampler: jax.Array  # the sampler runs with these knobs' settings, as configured
     restore_coefficients: jax.Array  # the loss uses these knobs' β, entropy coef and ε
     skip_nonfinite: jax.Array  # an update whose gradients are not finite is skipped
+    resync_sampler: jax.Array  # the sampler runs the trainer's current weights and numerics
+    mask_unscorable: jax.Array  # completions whose tool calls failed in the environment: no loss
 
 
 KNOB_NAMES = Knobs._fields
@@ -65,6 +67,8 @@ def make_knobs(
     restore_sampler: float = 0.0,
     restore_coefficients: float = 0.0,
     skip_nonfinite: float = 0.0,
+    resync_sampler: float = 0.0,
+    mask_unscorable: float = 0.0,
 ) -> Knobs:
     """Builds knobs from Python numbers (float32 scalars; top_k int32)."""
     values = dict(locals())

@@ -16,6 +16,7 @@ from rftjax.algorithms import (
     gae,
     group_advantages,
     group_stats,
+    impute_group_mean,
     kl_penalty,
     policy_loss,
     token_rewards,
@@ -68,6 +69,18 @@ def test_group_stats():
     np.testing.assert_allclose(stats["mean"], [0.5, 1.0])
     np.testing.assert_allclose(stats["std"], [0.5, 0.0])
     np.testing.assert_allclose(stats["frac_zero_std"], 0.5)
+
+
+def test_impute_group_mean_gives_dropped_rows_the_kept_rows_mean():
+    rewards = f32([1, 0, 0, 1, 1, 1, 0, 0])
+    keep = jnp.array([True, False, True, True, False, False, False, False])
+    out = impute_group_mean(rewards, keep, group_size=4)
+    # Group 1: kept rows 1, 0, 1 -> the dropped row gets 2/3; group 2 keeps nothing: as it was.
+    np.testing.assert_allclose(out, [1, 2 / 3, 0, 1, 1, 1, 0, 0], rtol=1e-6)
+    # The kept rows' group-relative advantages are as if the dropped row did not exist, and
+    # the dropped row's own is 0 (Dr. GRPO: no std).
+    adv = group_advantages(out, group_size=4, normalize_std=False)
+    np.testing.assert_allclose(adv[:4], [1 / 3, 0, -2 / 3, 1 / 3], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from rftjax.config import RLConfig
 from rftjax.knobs import make_knobs
 from rftjax.tasks import make_task
 from rftjax.train import monitor
+from rftjax.train import step as step_lib
 from rftjax.train import warmup as wu
 from rftjax.train.loop import to_prompt_batch
 from rftjax.train.step import init_state, make_learner
@@ -214,6 +215,8 @@ def test_split_rollout_and_learn_inject_like_the_fused_step(task, warm, type_id)
         ("CA3", "restore_mask"),
         ("PG3", "restore_sampler"),
         ("OD4", "restore_coefficients"),
+        ("PG1", "resync_sampler"),
+        ("PG2", "resync_sampler"),
     ],
 )
 def test_a_remedy_switch_undoes_its_fault_in_the_compiled_step(task, warm, clean, type_id, switch):
@@ -233,3 +236,83 @@ def test_a_remedy_switch_undoes_its_fault_in_the_compiled_step(task, warm, clean
     for a, b in zip(leaves(fixed), leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert learner["step"]._cache_size() == 1  # the switch is a runtime value
+
+
+CHECKS = ("check_weights", "check_reference", "check_coefficients")
+
+
+@pytest.mark.parametrize(
+    "type_id,variant,check,steps",
+    [
+        ("OD3", "policy", "check_weights", "onset"),  # once: the next step reads what it sealed
+        ("OD3", "optimizer", "check_weights", "onset"),
+        ("OD3", "reference", "check_reference", "after"),
+        ("OD4", "kl_sign", "check_coefficients", "after"),
+        ("OD4", "entropy", "check_coefficients", "after"),
+    ],
+)
+def test_integrity_and_coefficient_checks_name_the_corruption(
+    task, warm, clean, type_id, variant, check, steps
+):
+    # Zero at every step of a clean run; the corrupted stage's check is non-zero exactly on the
+    # steps that read corrupted state, and the other checks stay zero.
+    _, _, clean_metrics, _ = clean
+    assert all(m[c] == 0.0 for m in clean_metrics for c in CHECKS)
+    fault = faults.make(type_id, _setup(task)[0])
+    fparams = faults.params_for(type_id, onset=ONSET, severity="moderate", variant=variant)
+    _, _, metrics, _ = _run(task, warm, fault, fparams)
+    expect = [i + 1 == ONSET if steps == "onset" else i + 1 >= ONSET for i in range(STEPS)]
+    assert [bool(m[check] > 0) for m in metrics] == expect
+    assert all(m[c] == 0.0 for m in metrics for c in CHECKS if c != check)
+    assert all(bool(m["alarm"]) for m, on in zip(metrics, expect, strict=True) if on)
+
+
+def test_a_deliberate_change_between_steps_is_sealed(task, warm, clean):
+    # Resetting the optimizer moments between steps changes the weights the next step reads:
+    # unsealed that is a check_weights alarm, sealed (as the remediator's controller does) not.
+    learner, state, _, _ = clean
+    fresh = state._replace(opt_state=step_lib.make_optimizer(CFG).init(state.params))
+    batch = to_prompt_batch(task.train_batch(STEPS, CFG.prompts_per_step))
+    copy = lambda st: jax.tree.map(jnp.copy, st)
+    _, unsealed = learner["step"](copy(fresh), batch, KNOBS, None)
+    _, sealed = learner["step"](step_lib.seal_weights(copy(fresh)), batch, KNOBS, None)
+    assert float(unsealed["check_weights"]) == 1.0
+    assert float(sealed["check_weights"]) == 0.0
+    assert learner["step"]._cache_size() == 1
+
+
+def test_mask_unscorable_takes_infra_failed_completions_out_of_the_loss(tool_warm):
+    # A rollout of the tool task in which the environment failed rows 1 and 4-7 (one of a
+    # mixed group, and a whole group), with rewards 1, 0, 1, 0, ...: with the switch on,
+    # those rows train with advantage 0, row 1 with the mean score of its group's others
+    # ((1 + 1 + 0) / 3), and the mask audit still sees the pipeline's own mask.
+    # Without the switch row 1 carries an advantage (the check can fail).
+    _, tools = _setup(TOOL_TASK)
+    tok, detector = TOOL_TASK.tokenizer, monitor.make_detector("grpo", tools=True)
+    learner = make_learner(
+        tool_warm[0], TOOL_CFG, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+        reward_fn=TOOL_TASK.jnp_reward, detector=detector, tools=tools, trajectories=True,
+    )  # fmt: skip
+    batch = to_prompt_batch(TOOL_TASK.train_batch(0, TOOL_CFG.prompts_per_step))
+    state = init_state(tool_warm[1], TOOL_CFG, 0, detector)
+    ro = learner["rollout"](state, batch, KNOBS)
+    b, g = ro.lengths.shape[0], TOOL_CFG.group_size
+    failed = np.zeros(b, bool)
+    failed[[1, 4, 5, 6, 7]] = True
+    ro = ro._replace(tool_failures=jnp.asarray(failed, jnp.int32))
+    reward = jnp.asarray(np.arange(b) % 2 == 0, jnp.float32)
+    rows = {}
+    for switch in (0.0, 1.0):
+        fresh = init_state(tool_warm[1], TOOL_CFG, 0, detector)
+        knobs = make_knobs(lr=3e-3, mask_unscorable=switch)
+        _, m = learner["learn"](fresh, ro, {"reward": reward}, knobs)
+        rows[switch] = jax.device_get(m["trajectories"])
+        assert float(m["check_mask_length"]) == 0.0
+    assert np.all(rows[1.0]["advantage"][failed] == 0.0)
+    assert rows[0.0]["advantage"][1] != 0.0
+    np.testing.assert_allclose(rows[1.0]["score"][1], (1 + 1 + 0) / 3, rtol=1e-6)
+    np.testing.assert_array_equal(rows[1.0]["score"][~failed], reward[~failed])
+    # Group 2 (rows 8-11) is untouched: the same advantages either way.
+    group2 = slice(2 * g, 3 * g)
+    np.testing.assert_array_equal(rows[1.0]["advantage"][group2], rows[0.0]["advantage"][group2])
+    assert learner["learn"]._cache_size() == 1

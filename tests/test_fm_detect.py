@@ -236,7 +236,7 @@ def test_bad_signals_are_named(signals, bad):
 def test_default_signals_and_flags_to_dict():
     sigs = detect.default_signals()
     names = [s.name for s in sigs]
-    assert len(set(names)) == len(names) == 24
+    assert len(set(names)) == len(names) == 27
     assert {s.name for s in sigs if s.kind == "invariant"} == {
         "nonfinite_grads",
         "nonfinite_params",
@@ -244,6 +244,9 @@ def test_default_signals_and_flags_to_dict():
         "check_mask_length",
         "check_adv_sign",
         "check_adv_flip",
+        "check_weights",
+        "check_reference",
+        "check_coefficients",
     }
     # A critic's advantages need not track the group-relative reward; tool signals need tools.
     ppo = {s.name for s in detect.default_signals(group_normalized=False, tools=False)}

@@ -81,3 +81,21 @@ def test_alarm_index_must_leave_a_baseline_and_evidence():
         diagnose.diagnose(_records(), 0)
     with pytest.raises(ValueError, match="alarm_index"):
         diagnose.diagnose(_records(n=10), 10)
+
+
+@pytest.mark.parametrize(
+    "check,type_id",
+    [("check_weights", "OD3"), ("check_reference", "OD3"), ("check_coefficients", "OD4")],
+)
+def test_a_broken_integrity_check_names_its_type_in_both_diagnosers(check, type_id):
+    # The statistics move like a learning-rate spike (OD1's signature); the integrity check
+    # that broke outweighs them, in the rules and in the shipped learned model alike.
+    moves = dict(update_param_ratio=1e-2, grad_norm=20.0, kl_ref_k1=0.5)
+    records = _records(**moves, **{check: 1.0})
+    for r in records[:30]:
+        r[check] = 0.0
+    assert diagnose.diagnose(_records(**moves), 30).top == "OD1"  # without the check
+    rules = diagnose.diagnose(records, 30)
+    assert rules.top == type_id and rules.ranking[0][1] > 0.99
+    assert rules.evidence[0].text == f"{check} 1 (must be 0)"
+    assert diagnose.Learned()(records, 30, types=["OD1", "OD3", "OD4"]).top == type_id

@@ -26,6 +26,8 @@ def _stat_keys() -> set[str]:
             fs.optimization_stats(tree, tree, tree, lr=1.0),
             fs.tool_stats(ones, ones, ones, ones > 0),
             fs.consistency_stats(mask, ones),
+            fs.integrity_stats(*jnp.zeros((4,), jnp.uint32)),
+            fs.coefficient_stats({"kl_coef": ones[0]}, {"kl_coef": ones[0]}),
         )
     )
 

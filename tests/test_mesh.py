@@ -201,6 +201,19 @@ def test_checksum_sees_one_flipped_bit_and_a_swap():
     assert c(jnp.ones(3, jnp.bfloat16)) != c(jnp.ones(3, jnp.float32))
 
 
+def test_checksum_matches_a_numpy_reference_and_tree_checksum_sees_leaves():
+    # Reference: Σ_i bits_i · (2i + 1) · 0x9E3779B1 mod 2³² over the row-major words.
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 2)), jnp.float32)
+    words = np.asarray(x).view(np.uint32).reshape(-1).astype(np.uint64)
+    weights = ((2 * np.arange(words.size, dtype=np.uint64) + 1) * 0x9E3779B1) % (1 << 32)
+    assert int(integrity.checksum(x)) == int(np.sum(words * weights % (1 << 32)) % (1 << 32))
+    a, b = jnp.ones((2, 2)), jnp.zeros((2, 2))
+    t = integrity.tree_checksum
+    assert t({"a": a, "b": b}) == t({"a": jnp.array(a), "b": jnp.array(b)})
+    assert t({"a": a, "b": b}) != t({"a": b, "b": a})  # swapped leaves
+    assert t({"a": a, "b": b}) != t({"a": a, "b": b.at[1, 1].set(1e-30)})
+
+
 def test_replica_mismatch_compares_along_the_replica_axes_only():
     spec = PartitionSpec("fsdp")  # mesh (data 2, fsdp 2): replicas along data
     axes = integrity.replicated_axes(spec, ("data", "fsdp"))

@@ -4,6 +4,7 @@ from rftjax.algorithms.advantages import (
     gae,
     group_advantages,
     group_stats,
+    impute_group_mean,
     token_rewards,
     whiten,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "group_stats",
+    "impute_group_mean",
     "kl_penalty",
     "masked_mean",
     "policy_loss",

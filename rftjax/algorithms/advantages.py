@@ -65,6 +65,20 @@ def group_advantages(
     return centered.reshape(-1)
 
 
+def impute_group_mean(rewards: Array, keep: Array, *, group_size: int) -> Array:
+    """Rewards with each row not in `keep` replaced by the mean of its group's kept rows, so
+    that a group-relative baseline is that of the kept rows alone (and a replaced row's own
+    advantage is 0 without std normalization). A group with no kept row is left as it is.
+
+    Args: rewards f32[B]; keep bool[B]; group_size G (static).
+    """
+    r = _grouped(rewards, group_size)
+    k = jnp.asarray(keep, bool).reshape(r.shape)
+    n = jnp.sum(k, axis=1, keepdims=True)
+    mean = jnp.sum(jnp.where(k, r, 0.0), axis=1, keepdims=True) / jnp.maximum(n, 1)
+    return jnp.where(k | (n == 0), r, mean).reshape(-1)
+
+
 def group_stats(rewards: Array, *, group_size: int) -> dict[str, Array]:
     """Per-group reward statistics.
 

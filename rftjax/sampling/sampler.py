@@ -22,7 +22,7 @@ from flax import nnx
 
 from rftjax.models import full_forward, init_cache, positions_from_valid
 from rftjax.parallel import constrain_cache
-from rftjax.tools.protocol import LIMIT, ToolResult
+from rftjax.tools.protocol import LIMIT, TIMEOUT, TOOL_ERROR, ToolResult
 
 
 class SamplingParams(NamedTuple):
@@ -58,6 +58,9 @@ class Rollout(NamedTuple):
     tool_errors: jax.Array | None = None
     turns: jax.Array | None = None
     aborted: jax.Array | None = None
+    # Calls the environment failed to serve (the tool raised or timed out), int32 [B]: unlike a
+    # parse error or the turn limit, not the policy's doing.
+    tool_failures: jax.Array | None = None
 
 
 def log_probs(logits: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -114,6 +117,7 @@ class _Tools(NamedTuple):
     opened: jax.Array  # int32 [B]: position of the open <call>, -1 if none
     calls: jax.Array  # int32 [B]
     errors: jax.Array  # int32 [B]
+    failures: jax.Array  # int32 [B]: errors of the environment's own (tool raised, timeout)
     aborted: jax.Array  # bool [B]
     obs: jax.Array  # float32 [B, N]: 1 on observation tokens
 
@@ -151,6 +155,7 @@ def _init_tools(b: int, n: int, spec) -> _Tools:
         opened=zeros - 1,
         calls=zeros,
         errors=zeros,
+        failures=zeros,
         aborted=jnp.zeros((b,), bool),
         obs=jnp.zeros((b, n)),
     )
@@ -215,6 +220,7 @@ def _emit(s: _Loop, i, tok, lp, *, eos_id, pad_id, spec, tool_hook) -> _Loop:
         opened=jnp.where(closed, -1, opened),
         calls=t.calls + rows,
         errors=t.errors + (closed & (status != 0)),
+        failures=t.failures + (rows & ((status == TOOL_ERROR) | (status == TIMEOUT))),
         aborted=aborted,
         obs=put(t.obs, forced.astype(jnp.float32)),
     )
@@ -334,7 +340,11 @@ def _finish(prompts, prompt_valid, final: _Loop) -> Rollout:
     if t is None:
         return ro
     return ro._replace(
-        tool_calls=t.calls, tool_errors=t.errors, turns=t.calls + 1, aborted=t.aborted
+        tool_calls=t.calls,
+        tool_errors=t.errors,
+        turns=t.calls + 1,
+        aborted=t.aborted,
+        tool_failures=t.failures,
     )
 
 

@@ -23,7 +23,7 @@ from fm import remediate, taxonomy
 from rftjax import knobs as kn
 from rftjax.checkpoint import Checkpointer, CorruptCheckpoint
 from rftjax.config import RLConfig
-from rftjax.train.step import TrainState, make_optimizer
+from rftjax.train.step import TrainState, make_optimizer, seal_weights
 
 
 class RunController:
@@ -71,7 +71,7 @@ class RunController:
 
     def reset_moments(self) -> None:
         fresh = make_optimizer(self.rl).init(self.state.params)
-        self.state = self.state._replace(opt_state=fresh)
+        self.state = seal_weights(self.state._replace(opt_state=fresh))
 
     def pin(self, step: int) -> None:
         self.checkpointer.pin(step)

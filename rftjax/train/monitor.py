@@ -8,15 +8,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fm import detect
+from fm import detect, integrity
 from fm import stats as fs
 
 
 class FMState(NamedTuple):
-    """Carried in the train state: the detector's history and its runtime thresholds."""
+    """Carried in the train state: the detector's history and its runtime thresholds, and the
+    fingerprints of the weights as the last step left them and of the reference as loaded."""
 
     detect: detect.DetectState
     thresholds: detect.Thresholds
+    sealed_weights: jax.Array  # uint32: `weights_of` the state the last step returned
+    loaded_reference: jax.Array  # uint32: the reference weights' fingerprint at load
 
 
 def signals_for(algo: str, *, tools: bool = False) -> tuple[detect.Signal, ...]:
@@ -29,9 +32,20 @@ def make_detector(
     return detect.detector(signals_for(algo, tools=tools), config or detect.DetectConfig())
 
 
-def init_fm_state(detector: detect.Detector) -> FMState:
+def weights_of(params, opt_state) -> jax.Array:
+    """The fingerprint of what the optimizer owns: parameters and optimizer state."""
+    return integrity.tree_checksum((params, opt_state))
+
+
+def init_fm_state(detector: detect.Detector, params, opt_state, ref_params) -> FMState:
+    state = FMState(
+        detector.init(),
+        detector.thresholds(),
+        weights_of(params, opt_state),
+        integrity.tree_checksum(ref_params),
+    )
     # Distinct buffers per leaf: the train state is donated, and a buffer may be donated once.
-    return jax.tree.map(jnp.copy, FMState(detector.init(), detector.thresholds()))
+    return jax.tree.map(jnp.copy, state)
 
 
 def loss_stats(
@@ -81,6 +95,23 @@ def rollout_stats(
         fs.token_stats(response, mask),
         fs.consistency_stats(loss_mask, lengths),
     )
+
+
+def integrity_stats(read: tuple[jax.Array, jax.Array], state: FMState) -> dict[str, jax.Array]:
+    """`read`: fingerprints of (weights, reference) as the step read them."""
+    return fs.integrity_stats(read[0], state.sealed_weights, read[1], state.loaded_reference)
+
+
+def coefficient_stats(metrics, configured, *, kl_in_reward: bool) -> dict[str, jax.Array]:
+    """The regularizer audit of one step: the loss's measured coefficients (`loss_kl_coef`,
+    `loss_ent_coef` in `metrics`) against the knobs as configured (`configured`, before any
+    stage between knob and loss). With the KL in the reward, the loss applies no β."""
+    effective = {"kl_coef": metrics["loss_kl_coef"], "ent_coef": metrics["loss_ent_coef"]}
+    expected = {
+        "kl_coef": jnp.zeros(()) if kl_in_reward else configured.kl_coef,
+        "ent_coef": configured.ent_coef,
+    }
+    return fs.coefficient_stats(effective, expected)
 
 
 def update_stats(grads, updates, params, lr) -> dict[str, jax.Array]:

@@ -19,6 +19,7 @@ import faults
 from faults import Fault, FaultParams
 from fm import stats as fs
 from fm.detect import Detector
+from fm.integrity import tree_checksum
 from rftjax import algorithms as alg
 from rftjax import parallel
 from rftjax.config import RLConfig
@@ -66,15 +67,30 @@ def init_state(
     if cfg.algo == "ppo":
         hidden = policy["model"]["norm"]["weight"].shape[0]
         params["value_head"] = {"weight": jnp.zeros((hidden,)), "bias": jnp.zeros(())}
+    ref_params = jax.tree.map(jnp.copy, policy)
+    opt_state = make_optimizer(cfg).init(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ref_params=jax.tree.map(jnp.copy, policy),
-        opt_state=make_optimizer(cfg).init(params),
+        ref_params=ref_params,
+        opt_state=opt_state,
         key=jax.random.PRNGKey(seed),
-        fm=None if detector is None else monitor.init_fm_state(detector),
+        fm=None
+        if detector is None
+        else monitor.init_fm_state(detector, params, opt_state, ref_params),
         fault=fault.state_init(policy) if fault is not None and fault.state_init else None,
     )
+
+
+@jax.jit
+def seal_weights(state: TrainState) -> TrainState:
+    """The state with its weights' fingerprint renewed: after a deliberate change between
+    steps (resetting the optimizer moments), so that the next step does not read it as
+    corruption. The identity without failure management."""
+    if state.fm is None:
+        return state
+    sealed = monitor.weights_of(state.params, state.opt_state)
+    return state._replace(fm=state.fm._replace(sealed_weights=sealed))
 
 
 def learning_rate(
@@ -214,9 +230,17 @@ def make_learner(
         configured = SamplingParams(knobs.temperature, knobs.top_p, knobs.top_k, jnp.int32(0))
         # restore_sampler (remedy switch): the settings as configured, past the sampler stage.
         sampling = _switch(knobs.restore_sampler, configured, hooks.sampler(configured, ctx))
+        # resync_sampler (remedy switch): the sampler runs the trainer's current weights with
+        # the trainer's numerics and reports what it computed, past the weight-sync and
+        # inference-engine stages.
+        resync = knobs.resync_sampler > 0
+        policy = state.params["policy"]
+        weights = hooks.rollout_params(policy, state.fault, ctx)
+        if fault is not None:
+            weights = jax.lax.cond(resync, lambda: policy, lambda: weights)
         ro = generate(
             graphdef,
-            hooks.rollout_params(state.params["policy"], state.fault, ctx),
+            weights,
             batch.prompts,
             batch.prompt_mask,
             key,
@@ -225,12 +249,15 @@ def make_learner(
             max_new_tokens=n,
             eos_id=eos_id,
             pad_id=pad_id,
-            logits_hook=None if fault is None else (lambda x, i: hooks.logits(x, i, ctx)),
+            logits_hook=None
+            if fault is None
+            else (lambda x, i: jnp.where(resync, x, hooks.logits(x, i, ctx))),
             tools=tools,
             tool_hook=None if fault is None else (lambda r, rows, i: tool_hook(r, rows, i, ctx)),
             mesh=mesh,
         )
-        return ro._replace(logp=hooks.rollout_logprobs(ro.logp, ro.response_mask, ctx))
+        reported = hooks.rollout_logprobs(ro.logp, ro.response_mask, ctx)
+        return ro._replace(logp=jnp.where(resync, ro.logp, reported))
 
     def tool_hook(result, rows, i, ctx):
         result = hooks.tool_results(result, rows, i, ctx)
@@ -268,7 +295,9 @@ def make_learner(
             "returns": ret,
         }
 
-    def loss_fn(params, data, knobs, ctx):
+    def loss_fn(params, probe, data, knobs, ctx):
+        """`probe`: zeros added to the aggregated KL and entropy terms; the loss's gradient
+        with respect to them is the coefficient it applies to each (the regularizer audit)."""
         # Attention sees every real token (data["mask"]); the loss, KL, entropy and advantages
         # count the loss mask (the policy's actions); sampler/trainer ratios are measured over
         # the tokens the sampler produced.
@@ -293,9 +322,9 @@ def make_learner(
         )
         kl = alg.aggregate(alg.kl_penalty(logp, data["ref_logp"], kind=cfg.kl_kind), mask, **agg)
         ent = alg.aggregate(entropy, mask, **agg)
-        loss = pg_loss - knobs.ent_coef * ent
+        loss = pg_loss - knobs.ent_coef * (ent + probe["ent_coef"])
         if not cfg.kl_in_reward:
-            loss = loss + knobs.kl_coef * kl
+            loss = loss + knobs.kl_coef * (kl + probe["kl_coef"])
         metrics = {
             **pg_m,
             "pg_loss": pg_loss,
@@ -339,11 +368,14 @@ def make_learner(
             )
         return loss, metrics
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+    no_probe = {"kl_coef": jnp.zeros(()), "ent_coef": jnp.zeros(())}
 
     def update(carry, mb, knobs, lr, ctx):
         params, opt_state = carry
-        grads, metrics = grad_fn(params, mb, knobs, ctx)
+        (grads, probed), metrics = grad_fn(params, no_probe, mb, knobs, ctx)
+        if detector is not None:  # the coefficients the loss applied, as measured
+            metrics.update(loss_kl_coef=probed["kl_coef"], loss_ent_coef=-probed["ent_coef"])
         grads = hooks.gradients(grads, ctx)
         new_params, opt_state, updates, stats = apply_update(
             params, opt_state, grads, knobs, lr, optimizer
@@ -355,6 +387,7 @@ def make_learner(
 
     def learn(state: TrainState, ro: Rollout, rewards: dict, knobs: Knobs, fparams=None):
         ctx = fault_ctx(state, fparams)
+        configured = knobs
         # restore_coefficients (remedy switch): β, entropy coef and ε as configured.
         knobs = _switch(knobs.restore_coefficients, knobs, hooks.regularizers(knobs, ctx))
         raw = rewards["reward"].astype(jnp.float32)
@@ -365,16 +398,28 @@ def make_learner(
         scores = _guard(jnp.where(knobs.verifier_failover > 0, raw, piped), knobs.reward_clip)
         piped_mask = hooks.loss_mask(ro.response_mask, ro, ctx)
         loss_mask = jnp.where(knobs.restore_mask > 0, ro.response_mask, piped_mask)
+        # What the learner trains on; `scores` and `loss_mask` stay what the pipeline made
+        # (the reward statistics and the mask audit watch the pipeline).
+        train_scores, train_mask = scores, loss_mask
+        if ro.tool_failures is not None:
+            # mask_unscorable (remedy switch): a completion whose tool calls the environment
+            # failed to serve leaves the loss, and its score becomes its group's mean over the
+            # other completions, so that their baseline is theirs alone.
+            unscorable = (knobs.mask_unscorable > 0) & (ro.tool_failures > 0)
+            train_scores = alg.impute_group_mean(scores, ~unscorable, group_size=cfg.group_size)
+            train_mask = jnp.where(unscorable[:, None], 0.0, loss_mask)
         data = {
             "tokens": ro.tokens,
             "valid": ro.valid,
             "mask": ro.response_mask,
-            "loss_mask": loss_mask,
+            "loss_mask": train_mask,
             "sampler_logp": ro.logp,
-            "scores": scores,
+            "scores": train_scores,
         }
         ref_params = hooks.ref_params(state.ref_params, ctx)
         data["ref_logp"] = policy_forward(ref_params, data, knobs)[0]
+        if detector is not None:  # the weights as this step reads them, fingerprinted
+            read = (monitor.weights_of(state.params, state.opt_state), tree_checksum(ref_params))
         if precompute:
             old_logp, _, old_values = forward(state.params, data, knobs)
             data.update(targets(old_logp, old_values, data, knobs, ctx))
@@ -399,11 +444,11 @@ def make_learner(
         if trajectories:
             if rows is None:  # several updates: the trainer's view before the first one
                 rows = _row_stats(
-                    data["old_logp"], ro.logp, data["adv"], loss_mask, ro.response_mask
+                    data["old_logp"], ro.logp, data["adv"], train_mask, ro.response_mask
                 )
             else:
                 rows = jax.tree.map(lambda x: x[0], rows)
-            rows = trajectory_record(ro, raw, scores, data["ref_logp"], rows, cfg.group_size)
+            rows = trajectory_record(ro, raw, train_scores, data["ref_logp"], rows, cfg.group_size)
         metrics.update(_rollout_stats(ro, rewards, scores, cfg.group_size), lr=lr)
         new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         if fault is not None:
@@ -416,6 +461,10 @@ def make_learner(
         if ro.tool_calls is not None:
             metrics.update(fs.tool_stats(ro.tool_calls, ro.tool_errors, ro.turns, ro.aborted))
         if detector is not None:
+            metrics.update(
+                monitor.integrity_stats(read, state.fm),
+                **monitor.coefficient_stats(metrics, configured, kl_in_reward=cfg.kl_in_reward),
+            )
             metrics.update(
                 monitor.rollout_stats(
                     response=ro.response,
@@ -431,7 +480,9 @@ def make_learner(
             )
             flags, fm_state = monitor.observe(detector, metrics, state.fm)
             metrics.update(flags)
-            new_state = new_state._replace(fm=fm_state)
+            # Sealed: what the next step must find unchanged.
+            sealed = monitor.weights_of(new_state.params, new_state.opt_state)
+            new_state = new_state._replace(fm=fm_state._replace(sealed_weights=sealed))
         if trajectories:
             metrics["trajectories"] = rows
         return parallel.constrain_state(new_state, mesh), metrics
