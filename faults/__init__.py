@@ -22,6 +22,7 @@ from faults.base import (
 from faults.catalog import (
     BLOCKED,
     ONE_TIME,
+    REPORTED,
     SPECS,
     acted,
     check,
@@ -36,6 +37,7 @@ from faults.catalog import (
 __all__ = [
     "BLOCKED",
     "ONE_TIME",
+    "REPORTED",
     "HOOK_NAMES",
     "NO_HOOKS",
     "SEVERITIES",

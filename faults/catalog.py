@@ -138,6 +138,10 @@ def make(type_id: str, setup: Setup) -> Fault:
 # optimizer state): a rollback to a checkpoint before the onset undoes them.
 ONE_TIME: dict[str, tuple[str, ...]] = {"OD3": ("policy", "optimizer")}
 
+# Variants whose failures the environment reports (an error status on the call): a trainer can
+# tell the affected samples apart, unlike a silent corruption of the same type.
+REPORTED: dict[str, tuple[str, ...]] = {"TE1": ("error",), "TE2": ("timeout",)}
+
 # Variants that draw their event per step act on an active step only when it is drawn.
 _DRAWN: dict[str, Callable[[Ctx], Any]] = {
     "OD2": optimization.od2_drawn,

@@ -103,6 +103,8 @@ MITIGATES: dict[str, tuple[str, ...]] = {
     "truncated_is": ("mismatch_k3", "mismatch_max_abs", "is_ratio_max", "is_ess"),
     # Skipped steps still see their non-finite gradients; the weights stay finite.
     "skip_nonfinite": ("nonfinite_grads", "grad_norm", "update_param_ratio"),
+    # The environment still fails calls; the learner no longer trains on them.
+    "mask_unscorable": ("tool_error_rate", "tool_aborted_frac"),
 }
 # Remedies performed by the controller itself, not by knobs.
 CONTROLLER_REMEDIES = ("rollback", "skip_data", "reset_moments", "halt")

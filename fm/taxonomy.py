@@ -254,8 +254,10 @@ CATALOG: tuple[FaultType, ...] = (
         "observations",
         "Tool observations arrive corrupted or not at all.",
         [("tool_aborted_frac", "+"), ("reward_mean", "-")],
-        # A timed-out call is an infra failure (masked); a silently corrupted one is not seen.
-        ["mask_unscorable", "mask_tool_tokens", "skip_data"],
+        # A timed-out call is an infra failure the trainer can mask; an observation corrupted
+        # with an OK status is not seen as one, and no knob of the trainer repairs the
+        # environment: halt and report.
+        ["mask_unscorable", "halt"],
     ),
 )
 

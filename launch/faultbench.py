@@ -228,13 +228,17 @@ def train_diagnoser() -> None:
     }
     fm_diagnose.save_model(model._replace(info=info), FLAGS.out)
     print(f"examples: train {len(split['train'])}, eval {len(split['eval'])}; wrote {FLAGS.out}")
-    print("| diagnoser | split | top-1 (macro) | top-3 (macro) | family (macro) | top-1 (micro) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| diagnoser | split | top-1 (macro) | top-3 (macro) | family (macro) | top-1 (micro) "
+        "| confidence (mean) | calibration error |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for (who, name), v in scores.items():
         if v.get("examples"):
             print(
                 f"| {who} | {name} | {v['top1_macro']:.3f} | {v['top3_macro']:.3f} | "
-                f"{v['family_macro']:.3f} | {v['top1_micro']:.3f} |"
+                f"{v['family_macro']:.3f} | {v['top1_micro']:.3f} | "
+                f"{v['top1_confidence_mean']:.3f} | {v['calibration_error']:.3f} |"
             )
 
 

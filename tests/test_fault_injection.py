@@ -279,6 +279,9 @@ def test_a_deliberate_change_between_steps_is_sealed(task, warm, clean):
     assert float(unsealed["check_weights"]) == 1.0
     assert float(sealed["check_weights"]) == 0.0
     assert learner["step"]._cache_size() == 1
+    compiled = step_lib.seal_weights._cache_size()
+    step_lib.seal_weights(copy(state))  # new values, same structure: no new program
+    assert step_lib.seal_weights._cache_size() == compiled
 
 
 def test_mask_unscorable_takes_infra_failed_completions_out_of_the_loss(tool_warm):

@@ -89,6 +89,7 @@ def test_a_model_trained_on_train_runs_names_held_out_runs_and_round_trips(tmp_p
     ex = held_out[0]
     a = dg.Learned(model)(ex.window, ex.alarm_index)
     b = dg.Learned(again)(ex.window, ex.alarm_index)
+    assert again.temperature == model.temperature != 1.0  # fitted out of fold, saved
     assert a.ranking == b.ranking and a.top == ex.type
     assert len(a.ranking) == len(taxonomy.CATALOG)
     assert sum(p for _, p in a.ranking) == pytest.approx(1.0)
@@ -116,3 +117,24 @@ def test_the_shipped_model_loads_and_diagnoses():
     for r in records[6:]:
         r["nonfinite_grads"], r["grad_norm"] = 5.0, float("nan")
     assert dg.Learned(model)(records, 6).top == "OD2"
+
+
+def test_calibration_error_is_the_binned_gap_between_confidence_and_accuracy():
+    # Bin [0.9, 1.0]: confidences 0.95, 0.95, 1.0 with 2 of 3 right -> |2/3 - 0.9667|;
+    # bin [0.5, 0.6): 0.5 right -> |1 - 0.5|. Weighted by 3/4 and 1/4.
+    conf, right = [0.95, 0.95, 1.0, 0.5], [True, False, True, True]
+    want = 0.75 * abs(2 / 3 - (0.95 + 0.95 + 1.0) / 3) + 0.25 * 0.5
+    assert fd.calibration_error(conf, right) == pytest.approx(want)
+    assert fd.calibration_error([0.7] * 10, [True] * 7 + [False] * 3) == pytest.approx(0.0)
+
+
+def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_at():
+    # Labels drawn from softmax(logits / 2.5): the fitted temperature is 2.5 within sampling
+    # error, and it leaves every ranking as it was.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=4.0, size=(20000, 5))
+    p = np.exp(logits / 2.5)
+    p /= p.sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    assert dg.fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+    assert dg.fit_temperature(logits * 2.5, labels) == pytest.approx(6.25, rel=0.05)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from rftjax.campaign import remediate, resolve
-from rftjax.campaign.runs import apply_overrides, config_of
+from rftjax.campaign.runs import Run, apply_overrides, config_of
 from rftjax.campaign.spec import base_config
 
 SPEC = {
@@ -91,3 +91,27 @@ def test_recovery_rollbacks_wasted_steps_and_halts_are_scored_per_policy(tmp_pat
     result = remediate.score(str(tmp_path), runs, margin=0.05, halt_within=20)
     assert result["policies"]["fm"]["recovery"] == pytest.approx(1 / 3)
     assert result["policies"]["fm"]["halts_on_remediable"] == 1
+
+
+@pytest.mark.parametrize(
+    "type_id,variant,remediable",
+    [
+        ("TE2", "", False),  # "corrupt": an OK status, nothing marks the samples it touches
+        ("TE2", "timeout", True),  # reported by the environment: those samples can be masked
+        ("TE1", "", True),
+        ("OD3", "reference", False),
+        ("OD3", "optimizer", True),  # acts once: a rollback undoes it
+    ],
+)
+def test_a_type_that_ends_in_a_halt_is_remediable_only_in_its_undoable_variants(
+    type_id, variant, remediable
+):
+    fault = {"fault": type_id, "fault_variant": variant, "fault_onset": 30}
+    run = Run(f"s0/{type_id}/fm", 0, fault, "", "eval", fork=False)
+    halt = {"diagnosis": type_id, "alarm_step": 31}
+    row = remediate.outcome(run, _summary(0.5, halt=halt), 0.8, margin=0.05, halt_within=20)
+    assert row["remediable"] is remediable and row["correct_halt"] is True
+    late = remediate.outcome(
+        run, _summary(0.5, halt={**halt, "alarm_step": 51}), 0.8, margin=0.05, halt_within=20
+    )
+    assert late["correct_halt"] is False  # more than 20 steps after onset

@@ -66,15 +66,34 @@ def examples(
     return out
 
 
+def calibration_error(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10):
+    """Expected calibration error of top-1 confidences: Σ_b (n_b / N) · |accuracy_b −
+    mean confidence_b| over `bins` equal-width confidence bins (a confidence of 1 falls in the
+    last). 0 when the confidences are calibrated."""
+    conf = np.asarray(confidence, np.float64)
+    right = np.asarray(correct, np.float64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(
+        sum(
+            np.sum(which == b) / conf.size * abs(right[which == b].mean() - conf[which == b].mean())
+            for b in range(bins)
+            if np.any(which == b)
+        )
+    )
+
+
 def accuracy(diagnoser: Callable[..., dg.Diagnosis], data: Sequence[Example]) -> dict:
-    """Top-1, top-3 and family accuracy, macro over types (and micro), with per-type counts."""
+    """Top-1, top-3 and family accuracy, macro over types (and micro), with per-type counts;
+    the mean top-1 confidence and its expected calibration error (micro)."""
     per: dict[str, list[tuple[bool, bool, bool]]] = {}
+    confidence = []
     for ex in data:
         d = diagnoser(ex.window, ex.alarm_index, flagged=ex.flagged)
         family = taxonomy.get(ex.type).family
         per.setdefault(ex.type, []).append(
             (d.top == ex.type, ex.type in d.top_k(3), d.family == family)
         )
+        confidence.append((d.ranking[0][1], d.top == ex.type))
     if not per:
         return {"examples": 0}
     macro = np.mean([np.mean(v, axis=0) for v in per.values()], axis=0)
@@ -87,12 +106,33 @@ def accuracy(diagnoser: Callable[..., dg.Diagnosis], data: Sequence[Example]) ->
         "family_macro": float(macro[2]),
         "top1_micro": float(micro[0]),
         "per_type_top1": {t: float(np.mean([x[0] for x in v])) for t, v in sorted(per.items())},
+        "top1_confidence_mean": float(np.mean([c for c, _ in confidence])),
+        "calibration_error": calibration_error(*zip(*confidence, strict=True)),
     }
 
 
-def train(data: Sequence[Example], **fit_options) -> dg.Model:
-    """The learned diagnoser fit on `data`."""
+def train(data: Sequence[Example], *, folds: int = 5, **fit_options) -> dg.Model:
+    """The learned diagnoser fit on `data`, its temperature fitted on out-of-fold logits
+    (`folds` folds by run, so no run's example calibrates a model that saw it; 1: none)."""
     if not data:
         raise ValueError("no training examples: no faulted run alarmed within the window")
     x = np.stack([dg.features(ex.window, ex.alarm_index) for ex in data])
-    return dg.fit(x, [ex.type for ex in data], **fit_options)
+    labels = [ex.type for ex in data]
+    model = dg.fit(x, labels, **fit_options)
+    if folds < 2:
+        return model
+    runs = sorted({ex.run_id for ex in data})
+    fold_of = {r: i % folds for i, r in enumerate(runs)}
+    fold = np.array([fold_of[ex.run_id] for ex in data])
+    logits = np.full((len(data), len(model.classes)), -np.inf)
+    for k in range(folds):
+        held = fold == k
+        part = dg.fit(x[~held], [t for t, h in zip(labels, held, strict=True) if not h],
+                      **fit_options)  # fmt: skip
+        cols = [model.classes.index(c) for c in part.classes]
+        logits[np.ix_(held, cols)] = part.logits(x[held])
+    # A class a fold never saw keeps -inf (probability 0) for that fold's examples; examples
+    # whose own class is missing from their fold's model cannot be scored and are left out.
+    y = np.array([model.classes.index(t) for t in labels])
+    ok = np.isfinite(logits[np.arange(len(y)), y])
+    return model._replace(temperature=dg.fit_temperature(logits[ok], y[ok]))

@@ -13,9 +13,10 @@ Each seed (and setting) also has a clean run under `--fm=full`: its accuracy giv
 distribution, and its rollbacks count as false remediations. A run recovers when it was not
 halted and its final held-out accuracy is at least the median of the clean runs (same
 settings) minus `margin`.
-A type whose remedies end in "halt" (OD3) is not remediable unless its variant acts once (a
-rollback to before it undoes it: `faults.ONE_TIME`): the right outcome is a halt with its
-diagnosis within `halt_within` steps of onset.
+A type whose remedies end in "halt" (OD3, TE2) is not remediable unless its variant acts once
+(a rollback to before it undoes it: `faults.ONE_TIME`) or the environment reports its failures
+(the samples they touch can be masked: `faults.REPORTED`); otherwise the right outcome is a
+halt with its diagnosis within `halt_within` steps of onset.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def outcome(run: Run, summary: dict[str, Any], clean_median: float, *, margin: f
         remediable = (
             "halt" not in taxonomy.get(type_id).remedies
             or variant in faults.ONE_TIME.get(type_id, ())  # a rollback undoes it
+            or variant in faults.REPORTED.get(type_id, ())  # its samples can be masked
         )
         report = summary.get("halt_report") or {}
         onset = run.fault.get("fault_onset", 1)

@@ -377,18 +377,18 @@ def builtin_spec(name: str) -> dict[str, Any]:
         return _heldout_spec()
     if name == "heldout-remedy":
         # The closed-loop comparison (`remediate`) trains every run from scratch once per
-        # policy: the stronger magnitude of each type, on the default task.
+        # policy: the stronger magnitude of each type (the tool types on the tool task).
         # Checkpoints every 10 steps: rollback targets must exist before the earliest onset.
         spec = _heldout_spec()
-        runs = [r for r in spec["runs"][1::2] if "overrides" not in r]
+        runs = spec["runs"][1::2]
         # And a fault no knob fixes (a persistently corrupted reference model): a halt.
         od3 = next(r for r in runs if r["type"] == "OD3")
         runs.append({**od3, "variant": "reference", "onset": 130})
         base = {**spec["base"], "checkpoint_every": 10}
         return {**spec, "name": name, "runs": runs, "splits": {"eval": [r["seed"] for r in runs]},
                 "base": base,
-                "description": "heldout's stronger magnitude of each type on the default task, "
-                "for launch.faultbench remediate"}  # fmt: skip
+                "description": "heldout's stronger magnitude of each type, for "
+                "launch.faultbench remediate"}  # fmt: skip
     raise ValueError(f"no built-in campaign {name!r}; built-ins: {', '.join(BUILTINS)}")
 
 
