@@ -103,8 +103,18 @@ MITIGATES: dict[str, tuple[str, ...]] = {
     "truncated_is": ("mismatch_k3", "mismatch_max_abs", "is_ratio_max", "is_ess"),
     # Skipped steps still see their non-finite gradients; the weights stay finite.
     "skip_nonfinite": ("nonfinite_grads", "grad_norm", "update_param_ratio"),
-    # The environment still fails calls; the learner no longer trains on them.
-    "mask_unscorable": ("tool_error_rate", "tool_aborted_frac"),
+    # The environment still fails calls, and the rollout statistics still count the samples
+    # it failed (their errors, rewards, lengths); the learner no longer trains on them, so the
+    # learner's own statistics (KL, entropy, gradients, advantages) must come back.
+    "mask_unscorable": (
+        "tool_error_rate",
+        "tool_aborted_frac",
+        "reward_mean",
+        "reward_std",
+        "length_mean",
+        "clip_ratio",
+        "frac_zero_std_groups",
+    ),
 }
 # Remedies performed by the controller itself, not by knobs.
 CONTROLLER_REMEDIES = ("rollback", "skip_data", "reset_moments", "halt")

@@ -209,7 +209,8 @@ def advantage_stats(
     1 if both are 0, std / eps if only the shadow's is); ``check_adv_sign`` (corr < -0.5) and
     ``check_adv_group_mean`` (group-mean max abs > 0.5), each 1.0 or 0.0; ``check_adv_flip``:
     rows whose sequence advantage has the opposite sign (or is 0) where the shadow's is not, a
-    count (any group-normalized estimator, clipped or not, keeps the shadow's signs).
+    count (any group-normalized estimator, clipped or not, keeps the shadow's signs). A row
+    with no valid token has no advantage to compare: it counts in neither sign check.
     """
     a, valid, r = _f32(advantages), _valid(mask), _f32(rewards)
     seq = _masked_mean(a, valid, axis=1)
@@ -218,7 +219,7 @@ def advantage_stats(
     shadow = jnp.where(jnp.repeat(live, group_size), shadow, 0.0)
     group_mean_max = jnp.max(jnp.abs(jnp.mean(_grouped(seq, group_size), axis=1)))
     corr = _pearson(seq, shadow)
-    nonzero = shadow != 0
+    nonzero = (shadow != 0) & jnp.any(valid, axis=1)
     agree = jnp.sign(seq) == jnp.sign(shadow)
     n_nonzero = _count(nonzero)
     sign_agree = jnp.where(n_nonzero > 0, _safe_div(_count(nonzero & agree), n_nonzero), 1.0)

@@ -194,6 +194,10 @@ def test_advantage_flip_counts_rows_and_ignores_scale_and_clipping():
     zeroed = clipped.at[1].set(0.0)  # a live row with no advantage disagrees too
     s = _np(stats.advantage_stats(zeroed[:, None], jnp.ones((8, 1)), rewards, group_size=4))
     assert s["check_adv_flip"] == 1.0
+    # ... unless it has no token in the loss (a completion masked out): nothing to compare.
+    masked = jnp.ones((8, 1)).at[1].set(0.0)
+    s = _np(stats.advantage_stats(zeroed[:, None], masked, rewards, group_size=4))
+    assert s["check_adv_flip"] == 0.0 and s["adv_shadow_sign_agree"] == 1.0
 
 
 def test_reward_shadow_gap():
