@@ -84,6 +84,19 @@ def _learner(task, graphdef, fault):
     )
 
 
+_LEARNERS: dict = {}  # (task, type id) -> (fault, learner): one compile per type and task
+
+
+def _shared(task, graphdef, type_id):
+    """The fault of `type_id` and its learner, compiled once for every test of this module
+    (onsets, variants, magnitudes and knobs are runtime values)."""
+    key = (id(task), type_id)
+    if key not in _LEARNERS:
+        fault = faults.make(type_id, _setup(task)[0])
+        _LEARNERS[key] = (fault, _learner(task, graphdef, fault))
+    return _LEARNERS[key]
+
+
 def _run(task, warm, fault=None, fparams=None, learner=None, knobs=KNOBS):
     """Metrics of each step and the policy after each step (host copies)."""
     graphdef, params = warm
@@ -132,9 +145,9 @@ def test_tool_fault_is_silent_before_onset_and_visible_after(tool_warm, tool_cle
 
 
 def _check_fault(task, warm, clean, type_id):
-    fault = faults.make(type_id, _setup(task)[0])
+    fault, learner = _shared(task, warm[0], type_id)
     fparams = faults.params_for(type_id, onset=ONSET, severity="severe")
-    learner, state, metrics, policies = _run(task, warm, fault, fparams)
+    learner, state, metrics, policies = _run(task, warm, fault, fparams, learner=learner)
     _, _, clean_metrics, clean_policies = clean
 
     # Before onset: bit for bit the clean run (every metric, and the weights).
@@ -223,9 +236,8 @@ def test_a_remedy_switch_undoes_its_fault_in_the_compiled_step(task, warm, clean
     # With the fault severe from step 1 and its remedy's switch on, every update equals the
     # clean run's: the switch takes the value from before the faulty stage. Without the switch
     # the same run departs from the clean one (the comparison can fail).
-    fault = faults.make(type_id, _setup(task)[0])
+    fault, learner = _shared(task, warm[0], type_id)
     fparams = faults.params_for(type_id, onset=1, severity="severe")
-    learner = _learner(task, warm[0], fault)
     _, _, _, broken = _run(task, warm, fault, fparams, learner=learner)
     knobs = make_knobs(lr=3e-3, **{switch: 1.0})
     _, _, _, fixed = _run(task, warm, fault, fparams, learner=learner, knobs=knobs)
@@ -258,9 +270,9 @@ def test_integrity_and_coefficient_checks_name_the_corruption(
     # steps that read corrupted state, and the other checks stay zero.
     _, _, clean_metrics, _ = clean
     assert all(m[c] == 0.0 for m in clean_metrics for c in CHECKS)
-    fault = faults.make(type_id, _setup(task)[0])
+    fault, learner = _shared(task, warm[0], type_id)
     fparams = faults.params_for(type_id, onset=ONSET, severity="moderate", variant=variant)
-    _, _, metrics, _ = _run(task, warm, fault, fparams)
+    _, _, metrics, _ = _run(task, warm, fault, fparams, learner=learner)
     expect = [i + 1 == ONSET if steps == "onset" else i + 1 >= ONSET for i in range(STEPS)]
     assert [bool(m[check] > 0) for m in metrics] == expect
     assert all(m[c] == 0.0 for m in metrics for c in CHECKS if c != check)

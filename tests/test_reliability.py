@@ -42,7 +42,10 @@ def _summary(workdir):
         return json.load(f)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGINT goes through the same handler as SIGTERM: its run is kept for the slow suite.
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
 def test_a_signal_saves_the_step_in_flight_and_resume_is_identical(tmp_path, sig):
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
     proc = _train(stopped, "--steps=150")
@@ -222,6 +225,9 @@ def test_bad_campaign_specs_fail_before_any_run(tmp_path, run_spec, message):
     assert not os.path.exists(tmp_path / "out" / "s0")
 
 
+# Random kills: the deterministic SIGTERM and SIGKILL-during-save tests above cover each kind
+# of kill in the default run.
+@pytest.mark.slow
 def test_chaos_kills_and_resumes_to_identical_records(tmp_path):
     args = [*FLAGS, "--steps=60", "--checkpoint_every=5"]
     lines = []

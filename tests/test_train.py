@@ -186,7 +186,9 @@ def test_faulted_run_marks_active_steps_and_resumes_with_its_fault_state(tmp_pat
     }
 
 
-@pytest.mark.parametrize("fault_id", ["OD3", "PG2"])
+# PG2 adds a fault state to the fork (kept for the slow suite; the fault state's resume is
+# tested in the default run above).
+@pytest.mark.parametrize("fault_id", ["OD3", pytest.param("PG2", marks=pytest.mark.slow)])
 def test_fork_from_the_clean_run_equals_a_straight_faulted_run(tmp_path, fault_id):
     # Before onset a fault is the identity, so a campaign may start a faulted run from the clean
     # run's checkpoint just before onset: records and final state must match a straight run.
