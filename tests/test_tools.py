@@ -151,6 +151,9 @@ def test_multi_turn_rollout_feeds_observations_and_counts_calls(model):
     )
     np.testing.assert_array_equal(ro.tool_calls, [1, 1, 0, 1, 1, 2])
     np.testing.assert_array_equal(ro.tool_errors, [0, 1, 0, 1, 1, 2])
+    # Of those, the environment's own failures: only row 4's tool raising (parse errors and
+    # the turn limit are the policy's doing).
+    np.testing.assert_array_equal(ro.tool_failures, [0, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(ro.turns, ro.tool_calls + 1)
     np.testing.assert_array_equal(ro.aborted, [0, 0, 0, 0, 0, 1])
     np.testing.assert_array_equal(ro.truncated, [0] * 6)
@@ -178,6 +181,7 @@ def test_a_timeout_in_the_sampler_is_an_error_observation_and_the_rollout_goes_o
     assert TOK.decode(ro.response[0][3:19]) == "<result>error: timeout</result>"
     assert TOK.decode(ro.response[1][3:6]) == "<result>2</result>"
     np.testing.assert_array_equal(ro.tool_errors, [1, 0])
+    np.testing.assert_array_equal(ro.tool_failures, [1, 0])  # a timeout is the environment's
     assert sorted(calls) == ["1", "2"]  # both rows were served in the one round-trip
 
 
