@@ -35,11 +35,17 @@ class Timeline(NamedTuple):
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file ([] when it does not exist)."""
+    """Records of a JSON-lines file ([] if absent); a line cut short by a crash is skipped."""
     if not os.path.exists(path):
         return []
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def timeline(events: Sequence[Mapping[str, Any]]) -> Timeline:

@@ -11,19 +11,9 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from fm.report import read_jsonl  # the trainer's logs and fm's report read them alike
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file ([] if absent); a line cut short by a crash is skipped."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+__all__ = ["JsonlLog", "MetricsWriter", "read_jsonl", "write_jsonl"]
 
 
 def write_jsonl(path: str, records: list[dict[str, Any]]) -> None:

@@ -82,15 +82,18 @@ def init_state(
     )
 
 
-@jax.jit
-def seal_weights(state: TrainState) -> TrainState:
-    """The state with its weights' fingerprint renewed: after a deliberate change between
-    steps (resetting the optimizer moments), so that the next step does not read it as
-    corruption. The identity without failure management."""
+def _seal(state: TrainState) -> TrainState:
+    """The state with the fingerprint of its weights (and optimizer state) renewed: what the
+    next step must find unchanged. The identity without failure management."""
     if state.fm is None:
         return state
     sealed = monitor.weights_of(state.params, state.opt_state)
     return state._replace(fm=state.fm._replace(sealed_weights=sealed))
+
+
+# After a deliberate change between steps (resetting the optimizer moments), so that the next
+# step does not read it as corruption.
+seal_weights = jax.jit(_seal)
 
 
 def learning_rate(
@@ -233,11 +236,11 @@ def make_learner(
         # resync_sampler (remedy switch): the sampler runs the trainer's current weights with
         # the trainer's numerics and reports what it computed, past the weight-sync and
         # inference-engine stages.
-        resync = knobs.resync_sampler > 0
+        resync = knobs.resync_sampler
         policy = state.params["policy"]
         weights = hooks.rollout_params(policy, state.fault, ctx)
-        if fault is not None:
-            weights = jax.lax.cond(resync, lambda: policy, lambda: weights)
+        if fault is not None:  # a branch, not `_switch`: no select over every weight
+            weights = jax.lax.cond(resync > 0, lambda: policy, lambda: weights)
         ro = generate(
             graphdef,
             weights,
@@ -251,13 +254,13 @@ def make_learner(
             pad_id=pad_id,
             logits_hook=None
             if fault is None
-            else (lambda x, i: jnp.where(resync, x, hooks.logits(x, i, ctx))),
+            else (lambda x, i: _switch(resync, x, hooks.logits(x, i, ctx))),
             tools=tools,
             tool_hook=None if fault is None else (lambda r, rows, i: tool_hook(r, rows, i, ctx)),
             mesh=mesh,
         )
         reported = hooks.rollout_logprobs(ro.logp, ro.response_mask, ctx)
-        return ro._replace(logp=jnp.where(resync, ro.logp, reported))
+        return ro._replace(logp=_switch(resync, ro.logp, reported))
 
     def tool_hook(result, rows, i, ctx):
         result = hooks.tool_results(result, rows, i, ctx)
@@ -480,9 +483,7 @@ def make_learner(
             )
             flags, fm_state = monitor.observe(detector, metrics, state.fm)
             metrics.update(flags)
-            # Sealed: what the next step must find unchanged.
-            sealed = monitor.weights_of(new_state.params, new_state.opt_state)
-            new_state = new_state._replace(fm=fm_state._replace(sealed_weights=sealed))
+            new_state = _seal(new_state._replace(fm=fm_state))
         if trajectories:
             metrics["trajectories"] = rows
         return parallel.constrain_state(new_state, mesh), metrics
