@@ -301,7 +301,16 @@ def test_standard_campaign_sizes_splits_and_balance():
     faulted_per_seed = {}
     for r in c.runs:
         faulted_per_seed[r.seed] = faulted_per_seed.get(r.seed, 0) + (not r.clean)
-    assert max(faulted_per_seed.values()) == 2
+    tool_seeds = {r.seed for r in c.runs if '"task": "calc"' in r.config}
+    assert max(n for s, n in faulted_per_seed.items() if s not in tool_seeds) == 2
+    assert max(n for s, n in faulted_per_seed.items() if s in tool_seeds) == 4
+    # Every onset comes after a checkpoint of the twin to fork from, and the evaluation's
+    # window of 50 steps from onset fits in the run.
+    base = campaign.base_config("x", c.base)
+    for r in c.runs:
+        if not r.clean:
+            cfg = campaign.apply_overrides(base, json.loads(r.config) if r.config else {})
+            assert cfg.checkpoint_every < r.fault["fault_onset"] <= cfg.steps - 49
 
 
 def test_tool_types_run_on_the_tool_task_and_are_refused_elsewhere():

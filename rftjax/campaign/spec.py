@@ -290,8 +290,9 @@ def base_config(workdir: str, base: dict[str, Any]) -> TrainConfig:
 
 def builtin_spec(name: str) -> dict[str, Any]:
     """`smoke` (6 tiny runs, seconds each) or `standard` (every injectable type × 3 severities
-    × onsets × seeds, each seed a clean run and two faulted ones, so that clean runs hold more
-    steps than faults are active; train and eval seeds and onsets differ)."""
+    × onsets × seeds, each seed a clean run and two faulted ones (four on the tool task), so
+    that clean runs hold more steps than faults are active; train and eval seeds and onsets
+    differ)."""
     if name == "smoke":
         return {
             "name": "smoke",
@@ -320,37 +321,43 @@ def builtin_spec(name: str) -> dict[str, Any]:
     if name == "standard":
         per_type = 3 * len(SEVERITIES)  # onsets × severities
         kinds = len(SPECS) - len(TOOL_TYPES), len(TOOL_TYPES)
-        n_train = [-(-k * per_type * 3 // 2) for k in kinds]  # 3 replicates, 2 runs a seed
-        n_eval = [-(-k * len(SEVERITIES) * 4 // 2) for k in kinds]  # 2 onsets × 2 durations
+        # The tool task's runs cost ~5× a step of arith's (22 response slots with tool
+        # round-trips against 4) and its accuracy saturates (~0.99) by step 100: they run
+        # 150 steps, onsets at the same fractions of the run, and each clean twin serves four
+        # faulted runs (arith's twins keep the campaign's clean steps above its faulty ones).
+        deals = 2, 4
+        n_train = [-(-k * per_type * 3 // d) for k, d in zip(kinds, deals)]  # 3 replicates
+        n_eval = [-(-k * len(SEVERITIES) * 4 // d) for k, d in zip(kinds, deals)]  # 2 × 2
         train = list(range(sum(n_train)))
         evaluate = list(range(1000, 1000 + sum(n_eval)))
         # Tool types run on the tool task, on seeds of their own.
-        tool_task = _tool_task()
+        tool_task = {**_tool_task(), "steps": 150, "checkpoint_every": 25}
         tool_grids = [
             {
                 "types": list(TOOL_TYPES),
-                "onsets": [76, 151, 226],
+                "onsets": [51, 76, 101],
                 "seeds": train[n_train[0] :],
-                "deal": 2,
+                "deal": deals[1],
                 "repeat": 3,
                 "shuffle": 2,
                 "overrides": tool_task,
             },
             {
                 "types": list(TOOL_TYPES),
-                "onsets": [113, 188],
+                "onsets": [57, 94],
                 "durations": [-1, 50],
                 "seeds": evaluate[n_eval[0] :],
-                "deal": 2,
+                "deal": deals[1],
                 "shuffle": 3,
                 "overrides": tool_task,
             },
         ]
         return {
             "name": "standard",
-            "description": "every injectable type × 3 severities × onsets × seeds, 300 steps, "
-            "a clean twin per seed with two faulted runs forked from it; every run starts RL "
-            "from one warmed-up model (init_seed 0), seeds vary the RL data and sampling",
+            "description": "every injectable type × 3 severities × onsets × seeds, 300 steps "
+            "(150 on the tool task), a clean twin per seed with two faulted runs forked from it "
+            "(four on the tool task); every run starts RL from one warmed-up model (init_seed "
+            "0), seeds vary the RL data and sampling",
             "base": dict(_STANDARD_BASE),
             "splits": {"train": train, "eval": evaluate},
             "grid": [
