@@ -326,8 +326,9 @@ def builtin_spec(name: str) -> dict[str, Any]:
         # 150 steps, onsets at the same fractions of the run, and each clean twin serves four
         # faulted runs (arith's twins keep the campaign's clean steps above its faulty ones).
         deals = 2, 4
-        n_train = [-(-k * per_type * 3 // d) for k, d in zip(kinds, deals)]  # 3 replicates
-        n_eval = [-(-k * len(SEVERITIES) * 4 // d) for k, d in zip(kinds, deals)]  # 2 × 2
+        pairs = list(zip(kinds, deals, strict=True))
+        n_train = [-(-k * per_type * 3 // d) for k, d in pairs]  # 3 replicates
+        n_eval = [-(-k * len(SEVERITIES) * 4 // d) for k, d in pairs]  # 2 onsets × 2 durations
         train = list(range(sum(n_train)))
         evaluate = list(range(1000, 1000 + sum(n_eval)))
         # Tool types run on the tool task, on seeds of their own.

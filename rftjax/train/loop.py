@@ -494,7 +494,7 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
         run_.checkpointer.close()
     rl_seconds = time.time() - t_rl
     steps_run = int(state.step) - start
-    history = _read_events(events.path)
+    history = read_jsonl(events.path)
     alarms = [e for e in history if e["event"] == "alarm"]
     summary = {
         "eval_accuracy_initial": initial["eval_accuracy"],
@@ -559,11 +559,6 @@ def _remediation_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "halted": bool(halts),
         "halt_report": halts[-1] if halts else None,
     }
-
-
-def _read_events(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta=None):
