@@ -6,6 +6,9 @@
 rollouts with the task's environment, with cached answers, and without tools; the cost of one
 round-trip and of the callback alone.
 `fault_overhead`: per fault type, the step carrying an inactive fault versus the clean step.
+`campaign_vmap`: how a campaign could step --runs runs of one configuration: one after another
+(as a worker process does) versus one program vmapped over the runs' stacked states (with fm's
+detector, as campaigns run). Alternating calls; medians.
 `scaling`: the fused step on 1, 2, 4, 8 simulated CPU devices (one subprocess each, all devices
 on `data`, then all on `fsdp`) for the same global batch, and the collectives in its compiled
 program (all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all). CPU devices
@@ -44,7 +47,7 @@ from rftjax.train.step import init_state, make_learner
 flags.DEFINE_enum(
     "what",
     "step",
-    ["step", "fm_overhead", "fault_overhead", "tools", "scaling", "chaos"],
+    ["step", "fm_overhead", "fault_overhead", "campaign_vmap", "tools", "scaling", "chaos"],
     "Which benchmark to run.",
 )
 flags.DEFINE_integer("cycles", 20, "chaos: kills to make (SIGTERM or SIGKILL, at random).")
@@ -56,6 +59,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 flags.DEFINE_string("fault_types", "all", "fault_overhead: comma-separated type ids, or 'all'.")
+flags.DEFINE_integer("runs", 2, "campaign_vmap: runs stepped together (a campaign's workers).")
 flags.DEFINE_integer("repeats", 50, "Timed calls per measurement (after compilation).")
 flags.DEFINE_integer("decode_tokens", 64, "New tokens for the KV-cache vs recompute comparison.")
 common.define_run_flags()
@@ -287,6 +291,55 @@ def bench_fm_overhead(values, repeats: int) -> dict:
     }
 
 
+def bench_campaign_vmap(values, repeats: int) -> dict:
+    """`values.runs` runs' steps one after another versus one step vmapped over their stacked
+    states and batches (each run its own seed and data), alternating; medians per round."""
+    setup = _setup(values)
+    task, rl, _, params = setup
+    if task.jnp_reward is None:
+        raise ValueError(f"--what=campaign_vmap needs a compiled reward, not {values.task!r}")
+    detector = monitor.make_detector(rl.algo, tools=task.tools is not None)
+    step = _learner(setup, detector=detector)["step"]
+    knobs = make_knobs(**common.knob_values(values))
+    n = values.runs
+    batches = [to_prompt_batch(task.train_batch(i, rl.prompts_per_step)) for i in range(8)]
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    # Run r reads batch (i + 3r) mod 8 at call i: different data for each run.
+    pick = lambda i: [batches[(i + 3 * r) % 8] for r in range(n)]
+    stacked = [stack(pick(i)) for i in range(8)]
+    vstep = jax.jit(jax.vmap(lambda state, batch: step(state, batch, knobs)))
+    held = {
+        "seq": [init_state(params, rl, values.seed + r, detector) for r in range(n)],
+        "vmap": stack([init_state(params, rl, values.seed + r, detector) for r in range(n)]),
+        "i": 0,
+    }
+
+    def one_by_one():
+        held["i"] += 1
+        out = None
+        for r, batch in enumerate(pick(held["i"])):
+            held["seq"][r], out = step(held["seq"][r], batch, knobs)
+        return out
+
+    def vmapped():
+        held["i"] += 1
+        held["vmap"], out = vstep(held["vmap"], stacked[held["i"] % 8])
+        return out
+
+    rounds = {"seq": [], "vmap": []}
+    for k in range(8):
+        order = [("seq", one_by_one), ("vmap", vmapped)]
+        for name, fn in order if k % 2 == 0 else order[::-1]:
+            rounds[name].append(_time(fn, max(repeats // 8, 1)))
+    seq, vm = float(np.median(rounds["seq"])), float(np.median(rounds["vmap"]))
+    return {
+        "runs": n,
+        "seconds_one_by_one": seq,
+        "seconds_vmapped": vm,
+        "ratio_one_by_one_vs_vmapped": seq / vm,
+    }
+
+
 def _call_script(task, rows: int, n: int, *, close: bool, seed: int = 0):
     """A logits hook that makes every row write ``<call>a*b`` with operands of the task's full
     width at positions 0.. and then ``</call>`` (when `close`; every row at the same position,
@@ -467,6 +520,15 @@ def main(argv):
                 f"{r['median_ratio']:.3f}"
             )
         _write_json({"fault_overhead": out})
+        return
+    if FLAGS.what == "campaign_vmap":
+        out = bench_campaign_vmap(FLAGS, FLAGS.repeats)
+        print(
+            f"{out['runs']} runs' steps, with fm: one after another "
+            f"{out['seconds_one_by_one'] * 1e3:.2f} ms, vmapped {out['seconds_vmapped'] * 1e3:.2f}"
+            f" ms (ratio {out['ratio_one_by_one_vs_vmapped']:.3f}; > 1: vmap is faster)"
+        )
+        _write_json({"campaign_vmap": out})
         return
     if FLAGS.what == "scaling":
         out = bench_scaling(FLAGS, FLAGS.repeats)
