@@ -165,6 +165,23 @@ def _clock(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _progress_line(
+    out: str, run: Run, seconds: float, error: str, done: int, total: int, t0: float
+) -> str:
+    """The campaign's line for a run just finished: progress, elapsed time, an estimate of the
+    time left, and the run's accuracy (or its error)."""
+    elapsed = time.time() - t0
+    left = elapsed / max(done, 1) * (total - done)
+    progress = f"[{done}/{total} {100 * done // total}% {_clock(elapsed)}, ~{_clock(left)} left]"
+    if error:
+        return f"{progress} {run.name}: FAILED: {error}"
+    s = read_summary(out, run)
+    return (
+        f"{progress} {run.name}: accuracy {s['eval_accuracy_initial']:.3f}"
+        f" -> {s['eval_accuracy_final']:.3f} ({seconds:.0f} s)"
+    )
+
+
 def run_campaign(
     runs: Sequence[Run],
     out: str,
@@ -183,8 +200,7 @@ def run_campaign(
     todo = [r for r in runs if read_summary(out, r) is None]
     report(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
     failed: list[Run] = []
-    done = 0
-    t0 = time.time()
+    done, t0 = 0, time.time()
     context = multiprocessing.get_context("spawn")  # JAX does not survive fork
     for phase in ([r for r in todo if r.clean], [r for r in todo if not r.clean]):
         # A fresh pool every `runs_per_worker` runs a worker (the executor's own
@@ -194,23 +210,11 @@ def run_campaign(
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 futures = {pool.submit(_run_in_process, config_of(base, out, r)): r for r in chunk}
                 for future in as_completed(futures):
-                    run = futures[future]
-                    _, seconds, error = future.result()
+                    run, (_, seconds, error) = futures[future], future.result()
                     done += 1
-                    elapsed = time.time() - t0
-                    progress = (
-                        f"[{done}/{len(todo)} {100 * done // len(todo)}% {_clock(elapsed)}, "
-                        f"~{_clock(elapsed / done * (len(todo) - done))} left]"
-                    )
                     if error:
                         failed.append(run)
-                        report(f"{progress} {run.name}: FAILED: {error}")
-                        continue
-                    s = read_summary(out, run)
-                    report(
-                        f"{progress} {run.name}: accuracy {s['eval_accuracy_initial']:.3f}"
-                        f" -> {s['eval_accuracy_final']:.3f} ({seconds:.0f} s)"
-                    )
+                    report(_progress_line(out, run, seconds, error, done, len(todo), t0))
     return failed
 
 
