@@ -293,7 +293,7 @@ def bench_fm_overhead(values, repeats: int) -> dict:
 
 def bench_campaign_vmap(values, repeats: int) -> dict:
     """`values.runs` runs' steps one after another versus one step vmapped over their stacked
-    states and batches (each run its own seed and data), alternating; medians per round."""
+    states and batches (each run its own seed and data), called alternately; medians."""
     setup = _setup(values)
     task, rl, _, params = setup
     if task.jnp_reward is None:
@@ -301,42 +301,28 @@ def bench_campaign_vmap(values, repeats: int) -> dict:
     detector = monitor.make_detector(rl.algo, tools=task.tools is not None)
     step = _learner(setup, detector=detector)["step"]
     knobs = make_knobs(**common.knob_values(values))
-    n = values.runs
-    batches = [to_prompt_batch(task.train_batch(i, rl.prompts_per_step)) for i in range(8)]
+    n, batches = values.runs, _batches(setup)
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-    # Run r reads batch (i + 3r) mod 8 at call i: different data for each run.
-    pick = lambda i: [batches[(i + 3 * r) % 8] for r in range(n)]
-    stacked = [stack(pick(i)) for i in range(8)]
-    vstep = jax.jit(jax.vmap(lambda state, batch: step(state, batch, knobs)))
-    held = {
-        "seq": [init_state(params, rl, values.seed + r, detector) for r in range(n)],
-        "vmap": stack([init_state(params, rl, values.seed + r, detector) for r in range(n)]),
-        "i": 0,
-    }
+    # Call i gives run r batch (i + 3r) mod 8: each run its own data, as a list and stacked.
+    calls = [[batches[(i + 3 * r) % 8] for r in range(n)] for i in range(8)]
+    calls = [(runs, stack(runs)) for runs in calls]
+    states = [init_state(params, rl, values.seed + r, detector) for r in range(n)]
 
-    def one_by_one():
-        held["i"] += 1
-        out = None
-        for r, batch in enumerate(pick(held["i"])):
-            held["seq"][r], out = step(held["seq"][r], batch, knobs)
-        return out
+    def one_by_one(states, call, knobs, fparams=None):
+        out = [step(state, batch, knobs) for state, batch in zip(states, call[0], strict=True)]
+        return [s for s, _ in out], out[-1][1]
 
-    def vmapped():
-        held["i"] += 1
-        held["vmap"], out = vstep(held["vmap"], stacked[held["i"] % 8])
-        return out
-
-    rounds = {"seq": [], "vmap": []}
-    for k in range(8):
-        order = [("seq", one_by_one), ("vmap", vmapped)]
-        for name, fn in order if k % 2 == 0 else order[::-1]:
-            rounds[name].append(_time(fn, max(repeats // 8, 1)))
-    seq, vm = float(np.median(rounds["seq"])), float(np.median(rounds["vmap"]))
+    vstep = jax.jit(jax.vmap(step, in_axes=(0, 0, None)))
+    seq = {"step": one_by_one, "state": states}
+    vmapped = {"step": lambda state, call, knobs, fparams=None: vstep(state, call[1], knobs),
+               "state": stack(states)}  # fmt: skip
+    _alternate(seq, vmapped, calls[:2], knobs, 2)  # compile
+    t_seq, t_vmap = _alternate(seq, vmapped, calls, knobs, repeats)
     return {
         "runs": n,
-        "seconds_one_by_one": seq,
-        "seconds_vmapped": vm,
-        "ratio_one_by_one_vs_vmapped": seq / vm,
+        "seconds_one_by_one": float(np.median(t_seq)),
+        "seconds_vmapped": float(np.median(t_vmap)),
+        "ratio_one_by_one_vs_vmapped": float(np.median(t_seq) / np.median(t_vmap)),
     }
 
 
