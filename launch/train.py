@@ -43,12 +43,14 @@ def main(argv):
     except preempt.Preempted as e:  # before the first RL step: nothing to save
         logging.warning("%s; nothing to save (run again, with --resume if it had begun)", e)
         return
-    except (ValueError, FileNotFoundError) as e:
-        logging.error("%s", e)
+    except (ValueError, FileNotFoundError) as e:  # said once, as a sentence: no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
+    if common.help_requested(sys.argv):  # the main flags, grouped; exit 0
+        print(common.grouped_help(__doc__.strip().splitlines()[0]))
+        sys.exit(0)
     app.run(main)
