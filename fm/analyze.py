@@ -39,7 +39,7 @@ class Analysis(NamedTuple):
 
 
 def analyze(
-    paths: Sequence[str], fmt: str = "auto", config: detect.DetectConfig = detect.DetectConfig()
+    paths: Sequence[str], fmt: str = "auto", config: detect.DetectConfig | None = None
 ) -> Analysis:
     """Detection and diagnosis over a run's logs (no files written)."""
     run = load_mod.load(list(paths), fmt)
@@ -105,7 +105,8 @@ def write(analysis: Analysis, out: str) -> dict[str, str]:
 
 def _title(analysis: Analysis) -> str:
     s = analysis.summary
-    return f"{os.path.basename(s['files'][0])} ({s['format']}, {s['table']}): fm alarms and diagnoses"
+    name = os.path.basename(s["files"][0])
+    return f"{name} ({s['format']}, {s['table']}): fm alarms and diagnoses"
 
 
 def markdown(analysis: Analysis, picture: str | None) -> str:
@@ -153,7 +154,9 @@ def markdown(analysis: Analysis, picture: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fm.analyze", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fm.analyze", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log files or run folders")
     parser.add_argument("--format", default="auto", choices=("auto", *readers.FORMATS))
     parser.add_argument("--out", default=None, help="output folder (default: fm_analysis/ beside "
@@ -181,4 +184,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -78,7 +78,9 @@ def load(paths: list[str] | tuple[str, ...], fmt: str = "auto") -> Run:
                 )
         sources.append(source)
     if len(set(sources)) > 1:
-        raise LogError(f"the logs are in different formats: {dict(zip(files, sources))}")
+        raise LogError(
+            f"the logs are in different formats: {dict(zip(files, sources, strict=True))}"
+        )
     source = sources[0]
     reader = readers.READERS.get(source, readers.read_openrlhf if source == "jsonl" else None)
     parts = [reader(f) for f in files]
@@ -132,4 +134,3 @@ def _to_signals(files, source, table, raw: readers.Records) -> Run:
         text=raw.text,
         empty_steps=len(raw.steps) - len(steps),
     )
-

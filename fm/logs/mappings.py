@@ -83,6 +83,7 @@ TRL = Table(
         "aux_loss": "a mixture-of-experts auxiliary loss: no fm signal",
         "entropy_coef": "a configured coefficient, not a measurement",
         "num_tokens": "tokens seen so far: a counter",
+        "step_time": "seconds a step took",
         "completions/mean_terminated_length": "a length statistic fm does not model",
         "completions/min_terminated_length": "a length statistic fm does not model",
         "completions/max_terminated_length": "a length statistic fm does not model",

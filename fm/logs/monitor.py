@@ -21,9 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from fm import detect
+from fm import detect, taxonomy
 from fm import diagnose as dg
-from fm import taxonomy
 from fm.logs import views
 
 
@@ -40,7 +39,7 @@ class Monitor:
         self,
         signals: Sequence[str],
         *,
-        config: detect.DetectConfig = detect.DetectConfig(),
+        config: detect.DetectConfig | None = None,
         evidence_steps: int = 2,
         quiet: int = 10,
         history: int = 64,
@@ -55,7 +54,7 @@ class Monitor:
                 f"needs at least one of: {names}"
             )
         self.signals = tuple(signals)
-        self.detector = detect.detector(watched, config)
+        self.detector = detect.detector(watched, config or detect.DetectConfig())
         self.view = views.view(signals)
         self._update = jax.jit(self.detector.update)
         self.state = self.detector.init()

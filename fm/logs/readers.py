@@ -195,9 +195,7 @@ def aggregate_rollouts(rows: Sequence[tuple[int, Mapping[str, Any]]]) -> list[tu
             groups: dict[Any, set] = defaultdict(set)
             for row in group:
                 groups[row.get(key)].add(row.get("reward"))
-            record["frac_zero_std_groups"] = sum(len(v) == 1 for v in groups.values()) / len(
-                groups
-            )
+            record["frac_zero_std_groups"] = sum(len(v) == 1 for v in groups.values()) / len(groups)
         out.append((step, record))
     return out
 

@@ -23,7 +23,6 @@ from typing import NamedTuple
 from fm import diagnose as dg
 from fm import taxonomy
 
-
 _TOOL_PREFIX = "tool_"
 
 

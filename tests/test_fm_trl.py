@@ -1,0 +1,176 @@
+"""fm on a real TRL GRPOTrainer run (CPU, a tiny random Llama built here, no download).
+
+The task: completions over 16 letters; the reward is the share of the letter "a" (≈ 6% for
+the random policy). The faulty run's reward function flips its rewards (1 - r) from step
+K = 25 on: a reward fault. A clean run must raise no alarm, offline (`fm.analyze` on its
+trainer_state.json) or online (`FMCallback`); the flipped run must alarm within 10 steps of K
+with a reward-family diagnosis, both ways; with `action="rollback"` the callback restores a
+snapshot from before K and halves the learning rate.
+"""
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+trl = pytest.importorskip("trl")
+
+from fm import analyze  # noqa: E402
+from fm.integrations.trl import FMCallback  # noqa: E402
+
+STEPS, K = 40, 25
+LETTERS = "abcdefghijklmnop"
+
+
+def _tiny_model(folder: str) -> str:
+    """A 2-layer, 32-wide Llama and a one-letter-a-token tokenizer, saved to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(LETTERS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _reward(flip_at: int | None):
+    def share_of_a(completions, trainer_state, **kwargs):
+        rewards = [sum(c == "a" for c in text) / max(len(text), 1) for text in completions]
+        if flip_at is not None and trainer_state.global_step + 1 >= flip_at:
+            rewards = [1.0 - r for r in rewards]  # the fault: flipped labels
+        return rewards
+
+    return share_of_a
+
+
+def _train(model: str, out: str, *, flip_at=None, callback=None):
+    from datasets import Dataset
+
+    args = trl.GRPOConfig(
+        output_dir=out, per_device_train_batch_size=16, num_generations=4,
+        max_completion_length=8, max_steps=STEPS, logging_steps=1, learning_rate=1e-4,
+        beta=0.04, seed=0, report_to="none", use_cpu=True, save_strategy="no",
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=_reward(flip_at), args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["abcd", "efgh", "ijkl", "mnop"] * 64}),
+        callbacks=[callback] if callback else None,
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    trainer.train()
+    trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))  # TRL's own writer
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return _tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def clean(model, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("clean"))
+    callback = FMCallback(action="stop")
+    return _train(model, out, callback=callback), callback, out
+
+
+@pytest.fixture(scope="module")
+def flipped(model, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("flipped"))
+    callback = FMCallback(action="stop")
+    return _train(model, out, flip_at=K, callback=callback), callback, out
+
+
+def test_clean_run_offline_no_alarm(clean):
+    trainer, _, out = clean
+    assert trainer.state.global_step == STEPS
+    result = analyze.analyze([out])  # the folder resolves to its trainer_state.json
+    s = result.summary
+    assert s["format"] == "trl" and s["steps"] == STEPS
+    assert {"reward_mean", "kl_ref_k1", "entropy_mean", "length_mean", "grad_norm"} <= set(
+        s["monitored"]
+    )
+    assert s["unknown_metrics"] == []  # every name TRL 1.16 logged here is in the table
+    assert s["alarms"] == 0, result.events
+
+
+def test_clean_run_online_no_alarm(clean):
+    trainer, callback, _ = clean
+    assert callback.monitor is not None and callback.monitor.alarms == 0
+    assert not callback.stopped and trainer.state.global_step == STEPS
+
+
+def test_flipped_rewards_offline_alarm_and_reward_family(flipped):
+    _, _, out = flipped
+    result = analyze.analyze([os.path.join(out, "trainer_state.json")], "trl")
+    s = result.summary
+    assert s["alarm_steps"], "no alarm"
+    assert K <= s["alarm_steps"][0] < K + 10, s["alarm_steps"]
+    assert s["diagnoses"][0]["family"] == "reward", s["diagnoses"]
+    paths = analyze.write(result, os.path.join(out, "fm_analysis"))
+    events = [json.loads(line) for line in open(paths["events.jsonl"], encoding="utf-8")]
+    assert events == json.loads(json.dumps(result.events))
+    assert os.path.getsize(paths["report.png"]) > 0
+
+
+def test_flipped_rewards_online_alarm_stops_training(flipped):
+    trainer, callback, out = flipped
+    alarms = [e["step"] for e in callback.events if e["event"] == "alarm"]
+    diagnoses = [e for e in callback.events if e["event"] == "diagnosis"]
+    assert alarms and K <= alarms[0] < K + 10, alarms
+    assert diagnoses and diagnoses[0]["family"] == "reward"
+    halt = [e for e in callback.events if e["event"] == "halt"]
+    assert callback.stopped and halt and halt[0]["step"] == diagnoses[0]["step"]
+    assert trainer.state.global_step == halt[0]["step"] < STEPS
+    written = [json.loads(line) for line in open(os.path.join(out, "fm_events.jsonl"))]
+    assert [e["event"] for e in written] == [e["event"] for e in callback.events]
+
+
+def test_rollback_restores_a_snapshot_before_the_fault_and_scales_lr(model, tmp_path):
+    restored = {}
+
+    class Spy(FMCallback):
+        """Records the weights right after the rollback, to compare with the snapshot."""
+
+        def _act(self, step, diagnosis, control, model, optimizer, lr_scheduler):
+            before = [s for s, _ in self.snapshots]
+            lr_before = [g["lr"] for g in optimizer.param_groups]
+            super()._act(step, diagnosis, control, model, optimizer, lr_scheduler)
+            if self.rolled_back_at == step:
+                target = next(e for e in reversed(self.events) if e["event"] == "action")
+                snap = dict(self._kept)[target["restored_to"]]
+                restored.update(
+                    snapshots=before, lr_before=lr_before,
+                    lr_after=[g["lr"] for g in optimizer.param_groups],
+                    same=all(torch.equal(v.cpu(), snap["model"][k])
+                             for k, v in model.state_dict().items()),
+                )  # fmt: skip
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            super().on_step_end(args, state, control, model=model, optimizer=optimizer, **kwargs)
+            self._kept = list(self.snapshots)
+
+    callback = Spy(action="rollback", lr_scale=0.5, snapshot_every=5)
+    trainer = _train(model, str(tmp_path), flip_at=K, callback=callback)
+    action = [e for e in callback.events if e["event"] == "action"]
+    assert len(action) == 1, callback.events
+    assert action[0]["restored_to"] < K and action[0]["restored_to"] in restored["snapshots"]
+    assert restored["same"], "the model's weights are not the snapshot's"
+    assert restored["lr_after"] == pytest.approx([lr * 0.5 for lr in restored["lr_before"]])
+    # The flipped reward is in the reward function, which no rollback repairs: the alarm
+    # returns and the callback stops the run.
+    halt = [e for e in callback.events if e["event"] == "halt"]
+    assert halt and halt[0]["reason"] == "the alarm returned after the rollback"
+    assert trainer.state.global_step < STEPS
