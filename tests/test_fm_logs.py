@@ -254,3 +254,25 @@ def test_cli_writes_the_report_and_exits_by_outcome(tmp_path, capsys):
     assert analyze.main([clean, "--out", str(tmp_path / "o2")]) == 0
     assert analyze.main([str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_analyze_imports_no_torch_nor_the_trainer(tmp_path):
+    """fm.analyze reads TensorBoard files without importing torch (tensorboardX's package
+    would), rftjax, faults or launch; tensorboardX's writer still works after it."""
+    import subprocess
+    import sys
+
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for s in range(1, 4):
+        writer.add_scalar("train/reward", 0.5, s)
+    writer.close()
+    code = (
+        "import sys; from fm import analyze; from fm.logs import load; "
+        f"run = load.load([{str(tmp_path)!r}]); assert len(run.records) == 3; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'rftjax', 'faults', 'launch', 'trl')]; assert not bad, bad; "
+        "from tensorboardX import SummaryWriter"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,10 +11,13 @@ loggers prefix metric names) is removed.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import math
 import os
 import struct
+import sys
+import types
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -239,9 +242,31 @@ def _tfrecords(path: str) -> Iterable[bytes]:
         offset, index = end, index + 1
 
 
+def _event_pb2():
+    """tensorboardX's `Event` protobuf module, without running `tensorboardX/__init__.py`
+    (its writer imports torch when torch is installed, and fm imports no torch): the package
+    is stood in for by a bare module for the length of the import, then taken out, so that a
+    later `import tensorboardX` runs as usual and finds these proto modules cached."""
+    if "tensorboardX" in sys.modules:
+        from tensorboardX.proto import event_pb2
+
+        return event_pb2
+    spec = importlib.util.find_spec("tensorboardX")
+    if spec is None or not spec.submodule_search_locations:
+        raise LogError("reading TensorBoard files needs tensorboardX (pip install tensorboardX)")
+    stand_in = types.ModuleType("tensorboardX")
+    stand_in.__path__ = list(spec.submodule_search_locations)
+    sys.modules["tensorboardX"] = stand_in
+    try:
+        from tensorboardX.proto import event_pb2
+    finally:
+        del sys.modules["tensorboardX"]
+    return event_pb2
+
+
 def read_tensorboard(path: str) -> Records:
     """Scalar summaries of TensorBoard event files (a file or a folder of them), by tag."""
-    from tensorboardX.proto import event_pb2  # tensorboardX's own protobuf classes
+    event_pb2 = _event_pb2()
 
     pairs = []
     for file in event_files(path):
