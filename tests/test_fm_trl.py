@@ -1,11 +1,11 @@
 """fm on a real TRL GRPOTrainer run (CPU, a tiny random Llama built here, no download).
 
-The task: completions over 16 letters; the reward is the share of the letter "a" (≈ 6% for
-the random policy). The faulty run's reward function flips its rewards (1 - r) from step
-K = 25 on: a reward fault. A clean run must raise no alarm, offline (`fm.analyze` on its
-trainer_state.json) or online (`FMCallback`); the flipped run must alarm within 10 steps of K
-with a reward-family diagnosis, both ways; with `action="rollback"` the callback restores a
-snapshot from before K and halves the learning rate.
+The run is `launch.trl_demo`'s: completions over 16 letters; the reward is the share of the
+letter "a" (≈ 6% for the random policy). The faulty run's reward function flips its rewards
+(1 - r) from step K = 25 on: a reward fault. A clean run must raise no alarm, offline
+(`fm.analyze` on its trainer_state.json) or online (`FMCallback`); the flipped run must alarm
+within 10 steps of K with a reward-family diagnosis, both ways; with `action="rollback"` the
+callback restores a snapshot from before K and halves the learning rate.
 """
 
 import json
@@ -18,65 +18,18 @@ trl = pytest.importorskip("trl")
 
 from fm import analyze  # noqa: E402
 from fm.integrations.trl import FMCallback  # noqa: E402
+from launch import trl_demo  # noqa: E402
 
 STEPS, K = 40, 25
-LETTERS = "abcdefghijklmnop"
 
 
-def _tiny_model(folder: str) -> str:
-    """A 2-layer, 32-wide Llama and a one-letter-a-token tokenizer, saved to `folder`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(LETTERS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _reward(flip_at: int | None):
-    def share_of_a(completions, trainer_state, **kwargs):
-        rewards = [sum(c == "a" for c in text) / max(len(text), 1) for text in completions]
-        if flip_at is not None and trainer_state.global_step + 1 >= flip_at:
-            rewards = [1.0 - r for r in rewards]  # the fault: flipped labels
-        return rewards
-
-    return share_of_a
-
-
-def _train(model: str, out: str, *, flip_at=None, callback=None):
-    from datasets import Dataset
-
-    args = trl.GRPOConfig(
-        output_dir=out, per_device_train_batch_size=16, num_generations=4,
-        max_completion_length=8, max_steps=STEPS, logging_steps=1, learning_rate=1e-4,
-        beta=0.04, seed=0, report_to="none", use_cpu=True, save_strategy="no",
-        disable_tqdm=True,
-    )  # fmt: skip
-    trainer = trl.GRPOTrainer(
-        model=model, reward_funcs=_reward(flip_at), args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["abcd", "efgh", "ijkl", "mnop"] * 64}),
-        callbacks=[callback] if callback else None,
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    trainer.train()
-    trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))  # TRL's own writer
-    return trainer
+def _train(model, out, *, flip_at=None, callback=None):
+    return trl_demo.train(model, out, steps=STEPS, flip_at=flip_at, callback=callback)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return _tiny_model(str(tmp_path_factory.mktemp("tiny")))
+    return trl_demo.tiny_model(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")
