@@ -11,7 +11,8 @@ The names were read from the trainers' own sources:
   TRL 1.16 `GRPOTrainer` (its `_metrics` keys, and the `Trainer`'s `loss`, `grad_norm`,
   `learning_rate`); TRL before 0.15 logged `completion_length` for the mean length;
   verl's `compute_data_metrics` (`critic/...`, `response_length/...`), its actor's update
-  metrics (`actor/...`) and `rollout_corr/...` (rollout-correction diagnostics);
+  metrics (`actor/...`) and `rollout_corr/...` (rollout-correction diagnostics; `mismatch/...`
+  in older verl);
   OpenRLHF's PPO actor status (`policy_loss`, `kl`, `ppo_kl`, `ppo_clip_ratio`, `actor_lr`,
   ...), which its wandb and TensorBoard loggers write under `train/`.
 """
@@ -112,10 +113,13 @@ VERL = Table(
         "clip_ratio": ("response_length/clip_ratio",),
         "entropy_mean": ("actor/entropy",),
         "kl_ref_k1": ("actor/kl_loss", "actor/reward_kl_penalty"),
-        "mismatch_k3": ("rollout_corr/k3_kl",),
-        "is_ratio_mean": ("rollout_corr/rollout_is_mean",),
-        "is_ratio_max": ("rollout_corr/rollout_is_max",),
-        "is_ess": ("rollout_corr/rollout_is_eff_sample_size",),
+        "mismatch_k3": ("rollout_corr/k3_kl", "mismatch/mismatch_k3_kl"),
+        "is_ratio_mean": ("rollout_corr/rollout_is_mean", "mismatch/rollout_is_mean"),
+        "is_ratio_max": ("rollout_corr/rollout_is_max", "mismatch/rollout_is_max"),
+        "is_ess": (
+            "rollout_corr/rollout_is_eff_sample_size",
+            "mismatch/rollout_is_eff_sample_size",
+        ),
         "grad_norm": ("actor/grad_norm",),
         "lr": ("actor/lr",),
         "adv_mean": ("critic/advantages/mean",),
@@ -141,6 +145,7 @@ VERL = Table(
         "actor/reward_kl_penalty_coeff": "a configured coefficient, not a measurement",
         "actor/*": "actor update statistics fm does not model",
         "rollout_corr/*": "rollout-correction statistics fm does not model",
+        "mismatch/*": "rollout-correction statistics fm does not model (older verl names)",
         "response_length/*": "length statistics fm does not model",
         "prompt_length/*": "prompt lengths: not a training signal",
         "response/aborted_ratio": "aborted generations: no fm signal",
