@@ -276,3 +276,60 @@ def test_analyze_imports_no_torch_nor_the_trainer(tmp_path):
         "from tensorboardX import SummaryWriter"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_monitor_compiles_once_for_every_step_and_every_monitor():
+    names = ("reward_mean", "entropy_mean", "lr")
+    first = monitor.Monitor(names)
+    for step in range(1, 6):
+        first.observe(step, {"reward_mean": 0.1 * step, "entropy_mean": 2.0, "lr": 1e-5})
+    second = monitor.Monitor(names)  # another run over the same signals
+    second.observe(1, {"reward_mean": None, "entropy_mean": 2.0, "lr": 1e-5})
+    assert second._update is first._update
+    assert first._update._cache_size() == 1
+
+
+def test_per_view_evaluation_sees_only_what_the_view_logs():
+    """A PG1 run whose sampler/trainer mismatch (mismatch_k3) jumps at step 40, and its clean
+    twin: the full and verl views (verl logs rollout_corr/k3_kl) detect it at once with a
+    policy-generation diagnosis; TRL's table has no k3 mismatch statistic: missed."""
+    from fm.bench import records as rec
+    from fm.logs import evaluate
+
+    rng = np.random.default_rng(0)
+    t, onset = 60, 40
+    steps: dict[str, list] = {"run_id": [], "step": []}
+    for run in ("clean", "pg1"):
+        mismatch = 1e-6 * np.abs(rng.standard_normal(t))
+        if run == "pg1":
+            mismatch[onset - 1 :] += 0.5
+        columns = {
+            "reward_mean": 0.5 + 0.01 * rng.standard_normal(t),
+            "entropy_mean": 2.0 + 0.01 * rng.standard_normal(t),
+            "mismatch_k3": mismatch,
+        }
+        steps["run_id"] += [run] * t
+        steps["step"] += list(range(1, t + 1))
+        for k, v in columns.items():
+            steps.setdefault(k, []).extend(v)
+    steps = {k: np.asarray(v) for k, v in steps.items()}
+    manifest = {
+        "run_id": np.array(["clean", "pg1"], object), "split": np.array(["eval"] * 2, object),
+        "type": np.array(["none", "PG1"], object),
+        "family": np.array(["none", "policy-generation"], object),
+        "severity": np.array(["none", "severe"], object), "onset": np.array([-1, onset]),
+    }  # fmt: skip
+    records = rec.Records(manifest, steps, rec.run_slices(steps["run_id"]))
+    labels = rec.labels(manifest, records.runs, "eval")
+    for view, seen in (("full", True), ("verl", True), ("trl", False)):
+        r = evaluate.evaluate_view(records, labels, view, window=20)
+        d = r["detection"]
+        assert d["recall"] == (1.0 if seen else 0.0), (view, d)
+        assert d["clean_false_alarms"] == 0
+        if seen:
+            assert d["delay_median"] == 0
+            assert r["diagnosis"]["family_macro"] == 1.0
+        else:
+            assert "PG1" not in r["visible_types"] and r["diagnosis"]["examples"] == 0
+    assert "| trl | 2 | " in evaluate.markdown({"views": {"trl": evaluate.evaluate_view(
+        records, labels, "trl", window=20)}})  # fmt: skip

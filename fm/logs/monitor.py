@@ -14,6 +14,7 @@ in the shape `fm.report` draws.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +31,14 @@ def detector_signals(available: Sequence[str]) -> tuple[detect.Signal, ...]:
     """The detector's default signals that `available` (fm statistic names) holds."""
     have = set(available)
     return tuple(s for s in detect.default_signals() if s.name in have)
+
+
+@functools.lru_cache(maxsize=32)
+def compiled(signals: tuple[detect.Signal, ...], config: detect.DetectConfig):
+    """(detector, its jitted `update`), shared by every monitor over the same signals and
+    configuration: one compile for all the runs of a campaign or the steps of a log."""
+    det = detect.detector(signals, config)
+    return det, jax.jit(det.update)
 
 
 class Monitor:
@@ -54,9 +63,8 @@ class Monitor:
                 f"needs at least one of: {names}"
             )
         self.signals = tuple(signals)
-        self.detector = detect.detector(watched, config or detect.DetectConfig())
+        self.detector, self._update = compiled(watched, config or detect.DetectConfig())
         self.view = views.view(signals)
-        self._update = jax.jit(self.detector.update)
         self.state = self.detector.init()
         self.evidence_steps = evidence_steps
         self.quiet = quiet
