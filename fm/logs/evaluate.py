@@ -9,8 +9,9 @@ in-step). Each run is then replayed through `fm.logs.monitor.Monitor` — the de
 view's signals and the rules diagnoser over the fault types the view can show — exactly as
 `fm.analyze` reads a log, and scored like `launch.faultbench evaluate` (`fm.bench.scoring`,
 event-level, no point adjustment): detection F1, precision, recall, delay, false alarms per
-1,000 clean steps; and the first diagnosis of each detected event: top-1 and family accuracy,
-macro over types (a type the view cannot see counts as a miss).
+1,000 clean steps; and the first diagnosis of each event detected within the window: top-1 and
+family accuracy, macro over the types with such an event (as `fm.bench.diagnosis` scores
+diagnosers: conditional on detection, so read it next to recall).
 
 The records hold fm's own statistics, so a view stands for "the trainer logged these
 statistics", not for the trainer's exact estimators (TRL's `kl` is a k3 estimate where the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,8 +86,12 @@ def evaluate_view(
             d = hit[0]
             family = taxonomy.get(lab.type).family
             per_type.setdefault(lab.type, []).append((d["top"] == lab.type, d["family"] == family))
-    detection = scoring.score(labels, alarms, window=window)["overall"]
-    diagnosis = {"examples": sum(len(v) for v in per_type.values())}
+    scored = scoring.score(labels, alarms, window=window)
+    detection = {
+        **scored["overall"],
+        "recall_by_type": {t: g["recall"] for t, g in scored["by_type"].items()},
+    }
+    diagnosis = {"examples": sum(len(v) for v in per_type.values()), "types": len(per_type)}
     if per_type:
         macro = np.mean([np.mean(v, axis=0) for v in per_type.values()], axis=0)
         diagnosis.update(top1_macro=float(macro[0]), family_macro=float(macro[1]))
@@ -99,7 +105,8 @@ def evaluate(
     """Every view's scores on the campaign in `data_dir` (runs of `split`; "all" for all)."""
     for view in views:
         view_signals(view)  # unknown names fail before any work
-    records = rec.load(data_dir, FULL)
+    present = set(rec.columns_of(os.path.join(data_dir, "steps.parquet")))
+    records = rec.load(data_dir, [c for c in FULL if c in present])
     labels = rec.labels(records.manifest, records.runs, None if split == "all" else split)
     if not labels:
         raise ValueError(f"{data_dir}: no runs in split {split!r}")
@@ -113,8 +120,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The per-view table."""
     lines = [
         "| view | signals | types visible | detection F1 | recall | precision | delay median "
-        "(p90) | false alarms / 1,000 clean steps | diagnosis top-1 | family |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(p90) | false alarms / 1,000 clean steps | diagnosed events (types) | top-1 | family |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for view, r in report["views"].items():
         d, g = r["detection"], r["diagnosis"]
@@ -123,7 +130,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {view} | {len(r['signals'])} | {len(r['visible_types'])} | {fmt(d['f1'])} | "
             f"{fmt(d['recall'])} | {fmt(d['precision'])} | {fmt(d['delay_median'])} "
             f"({fmt(d['delay_p90'])}) | {fmt(d['false_alarms_per_1000_clean_steps'])} | "
-            f"{fmt(g.get('top1_macro'))} | {fmt(g.get('family_macro'))} |"
+            f"{g['examples']} ({g.get('types', 0)}) | {fmt(g.get('top1_macro'))} | "
+            f"{fmt(g.get('family_macro'))} |"
         )
     return "\n".join(lines) + "\n"
 
