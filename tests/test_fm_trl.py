@@ -127,3 +127,25 @@ def test_rollback_restores_a_snapshot_before_the_fault_and_scales_lr(model, tmp_
     halt = [e for e in callback.events if e["event"] == "halt"]
     assert halt and halt[0]["reason"] == "the alarm returned after the rollback"
     assert trainer.state.global_step < STEPS
+
+
+def test_callback_arguments_and_where_rollback_is_refused():
+    from types import SimpleNamespace
+
+    from fm.integrations import trl as fm_trl
+
+    with pytest.raises(ValueError, match="action must be one of"):
+        FMCallback(action="halt")
+    with pytest.raises(ValueError, match="snapshot_every must be an int >= 1"):
+        FMCallback(action="rollback", snapshot_every=0)
+    plain = SimpleNamespace(deepspeed=None, fsdp="", world_size=1, output_dir="unused")
+    assert fm_trl._unshardable(plain) is None
+    assert "DeepSpeed" in fm_trl._unshardable(
+        SimpleNamespace(**{**vars(plain), "deepspeed": "z3.json"})
+    )
+    assert "FSDP" in fm_trl._unshardable(SimpleNamespace(**{**vars(plain), "fsdp": "full_shard"}))
+    assert "2 processes" in fm_trl._unshardable(SimpleNamespace(**{**vars(plain), "world_size": 2}))
+    with pytest.raises(ValueError, match="cannot roll back here: 2 processes"):
+        FMCallback(action="rollback", events_file=None).on_train_begin(
+            SimpleNamespace(**{**vars(plain), "world_size": 2}), None, None
+        )
