@@ -295,10 +295,13 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
 
 
 class _DropLibraryInfo:
-    """absl-handler filter: hide INFO chatter of Orbax (it logs every save) but keep warnings."""
+    """absl-handler filter: hide the INFO chatter of Orbax (it logs every save) and of jax's
+    backend probe (a missing TPU runtime on every CPU start), but keep their warnings."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= 30 or "orbax" not in record.pathname
+        return record.levelno >= 30 or not any(
+            name in record.pathname for name in ("orbax", "xla_bridge")
+        )
 
 
 def quiet_libraries() -> None:

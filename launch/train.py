@@ -10,7 +10,11 @@ from rftjax.train import preempt
 preempt.catch_early()  # a preemption during the imports below is not lost
 
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
+
+# transformers' advice that PyTorch is absent reads like an error; rftjax needs no torch.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
