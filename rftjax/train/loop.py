@@ -533,9 +533,7 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
         t_rl = time.time()
         logs = _Logs(metrics_log, events, traj_log)
         try:
-            state, final, final_step = _train(
-                run_, state, knobs, evals, logs, t_rl, stop, begun.meta
-            )
+            state, final, final_step = _train(run_, state, knobs, evals, logs, stop, begun.meta)
         finally:
             metrics_log.close()
             events.close()
@@ -617,7 +615,7 @@ def _remediation_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta=None):
+def _train(run: _Run, state, knobs, evals, logs: _Logs, stop, resumed_meta=None):
     """The RL loop. Returns (state, last evaluation). Stops early, after a checkpoint of the
     last step, when `stop` (a `preempt.Preemption`) is reached."""
     cfg, rl, task = run.cfg, run.cfg.rl, run.task
@@ -691,16 +689,15 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
                     events.write(event)
                     logging.warning("%s", fm_report.describe(event))
             if step_no % cfg.log_every == 0 or step_no == cfg.steps:
-                rate = (step_no - start) / max(time.time() - t_rl, 1e-9)
                 logging.info(
-                    "step %d/%d reward %.3f kl %.4f entropy %.3f len %.2f (%.1f steps/s)",
+                    "step %d/%d reward %.3f kl %.4f entropy %.3f len %.2f (%s)",
                     step_no,
                     cfg.steps,
                     values["reward_mean"],
                     values["kl_ref"],
                     values["entropy"],
                     values["length_mean"],
-                    rate,
+                    pace.describe(step_no, cfg.steps),
                 )
 
     def save() -> None:
@@ -752,6 +749,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
         return True
 
     step_no = start
+    pace = _Pace()
     while step_no < cfg.steps:
         step_no += 1
         offset = 0 if controller is None else controller.data_offset
@@ -765,6 +763,8 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
                 # A remedy's new knobs are made on one device: onto the mesh with the rest.
                 knobs = parallel.replicate(controller.knob_values, run.mesh)
                 fparams = controller.shifted(fparams)
+            if pace.first:
+                logging.info("compiling the train step (the first step waits for it) ...")
             if "step" in run.learner:
                 state, metrics = run.learner["step"](state, batch, knobs, fparams)
             else:
@@ -774,6 +774,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
                 )
             flush()  # the previous step's metrics: read one step late
             pending.append((step_no, metrics))
+            pace.stepped(step_no)
         if managed():
             continue
         last = step_no == cfg.steps
@@ -799,6 +800,27 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
         final = run.evaluator(state.params["policy"])  # where the halted run stands
         final_step = int(state.step)
     return state, final, final_step
+
+
+class _Pace:
+    """Steady-state speed and ETA: timed from the end of the first step of this process, so
+    compilation does not count (evaluations and checkpoints between do)."""
+
+    def __init__(self) -> None:
+        self.first = True
+        self.since: tuple[int, float] | None = None
+
+    def stepped(self, step: int) -> None:
+        if self.first:
+            self.first = False
+            self.since = (step, time.time())
+
+    def describe(self, step: int, total: int) -> str:
+        if self.since is None or step <= self.since[0]:
+            return "measuring speed"
+        rate = (step - self.since[0]) / max(time.time() - self.since[1], 1e-9)
+        left = (total - step) / rate
+        return f"{rate:.1f} steps/s, ETA {int(left // 60)}m{int(left % 60):02d}s"
 
 
 def _check_replicas(run: _Run, state, step_no: int, events) -> None:
