@@ -79,9 +79,9 @@ def test_ray_options_and_a_missing_ray_name_what_to_do(monkeypatch):
         on_ray.import_ray()
 
 
-def _faultbench(*args, env=None):
+def _faultbench(*args):
     cmd = [sys.executable, "-m", "launch.faultbench", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _start(*args):

@@ -178,14 +178,19 @@ def run_all(
         for run in sorted(todo, key=lambda r: not r.clean):  # twins first
             after = [refs[waits[run.name]]] if run.name in waits else []
             refs[run.name] = task.remote(base, out, run, token, *after)
-        pending = {ref: run for run, ref in zip(todo, (refs[r.name] for r in todo), strict=True)}
+        by_name = {r.name: r for r in todo}
+        pending = {ref: by_name[name] for name, ref in refs.items()}  # twins first
+        unfinished: set[str] = set()
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(ready)
             try:
                 seconds, error = ray.get(ready)
-            except ray.exceptions.RayError as e:  # its worker died more than max_retries times
+            except ray.exceptions.RayError as e:  # a worker died more than max_retries times
                 seconds, error = 0.0, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                unfinished.add(run.name)
+                if waits.get(run.name) in unfinished:  # Ray did not start it
+                    error = f"not run: its clean twin {waits[run.name]} did not finish ({error})"
             yield run, seconds, error
     finally:
         if os.path.exists(token_path):
