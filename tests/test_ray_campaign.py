@@ -79,6 +79,14 @@ def test_ray_options_and_a_missing_ray_name_what_to_do(monkeypatch):
         on_ray.import_ray()
 
 
+def test_a_run_where_the_campaign_folder_is_not_visible_fails_with_what_to_do(tmp_path):
+    run = Run("s0/clean", 0, {})
+    (tmp_path / on_ray._TOKEN).write_text("another campaign's token")
+    seconds, error = on_ray.campaign_run(None, str(tmp_path), run, "ours")
+    assert seconds == 0.0 and "not visible from Ray node(s)" in error
+    assert "storage every node sees" in error and not (tmp_path / "s0").exists()
+
+
 def _faultbench(*args):
     cmd = [sys.executable, "-m", "launch.faultbench", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -152,6 +160,15 @@ def test_ray_executor_writes_the_local_executors_tables(setup, local_tables, clu
     assert "s0/clean" in lines[0]  # its faulted runs wait for it
     _assert_same_tables(local_tables, out)
     assert not (out / on_ray._TOKEN).exists()
+
+
+def test_the_storage_check_names_the_nodes_that_cannot_see_the_folder(tmp_path, cluster):
+    import ray
+
+    (tmp_path / on_ray._TOKEN).write_text("written by the driver")
+    on_ray.check_shared_storage(ray, str(tmp_path), "written by the driver")
+    with pytest.raises(ValueError, match=rf"not visible from Ray node\(s\) {os.uname().nodename}"):
+        on_ray.check_shared_storage(ray, str(tmp_path), "another token")
 
 
 def _workers_of(cache_dir: str, title: str) -> list[int]:
