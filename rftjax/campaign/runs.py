@@ -1,4 +1,5 @@
-"""Campaign runs: many training runs (clean and faulted) in worker processes, resumable.
+"""Campaign runs: many training runs (clean and faulted) in worker processes (or as Ray tasks:
+`on_ray`), resumable.
 
 A run is a name, a seed, its fault and its settings; its workdir is `out/name`. A run whose
 `summary.json` exists is finished and skipped, so an interrupted campaign picks up where it
