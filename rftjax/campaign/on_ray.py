@@ -31,7 +31,7 @@ class RayOptions:
     """Where a campaign's Ray tasks run and what each one holds.
 
     address: "" starts a local Ray instance; "auto" joins the cluster running on this machine
-      (`ray start`); else a cluster's address (host:port, or ray://host:port for Ray Client).
+      (`ray start`); else a cluster's address (host:port).
     run_cpus, run_gpus: resources one run declares (fractions share a device).
     max_retries: times Ray runs a task again after its worker died (node lost, OOM-killed).
     """
