@@ -16,6 +16,10 @@ share the same cores: the figures show overheads, not speed-ups.
 `chaos`: --cycles kills (SIGTERM or SIGKILL at a random moment) of `launch.train --chaos_args`
 runs, each resumed; prints the steps each kill lost and whether every finished run's metrics,
 events and final evaluation equal those of a run never interrupted (`rftjax.train.chaos`).
+`ray_overhead`: what Ray adds to a campaign run (`--executor=ray`): starting and stopping a
+local Ray instance, and per trivial task the round trip (submit, wait, fetch), the cost in a
+batch submitted at once, and the wait of a task that depends on another's result (as a
+faulted run on its clean twin). Needs the ray extra.
 `step`: GRPO throughput of the configured step (completions/s, generated tokens/s, learner
 tokens/s, and the rollout / learn split), its ratio to the established trainers' figure on this
 machine class, and the speed-up of KV-cache decoding over full recompute at 64 new tokens.
@@ -47,7 +51,16 @@ from rftjax.train.step import init_state, make_learner
 flags.DEFINE_enum(
     "what",
     "step",
-    ["step", "fm_overhead", "fault_overhead", "campaign_vmap", "tools", "scaling", "chaos"],
+    [
+        "step",
+        "fm_overhead",
+        "fault_overhead",
+        "campaign_vmap",
+        "tools",
+        "scaling",
+        "chaos",
+        "ray_overhead",
+    ],
     "Which benchmark to run.",
 )
 flags.DEFINE_integer("cycles", 20, "chaos: kills to make (SIGTERM or SIGKILL, at random).")
@@ -476,6 +489,42 @@ def bench_scaling(values, repeats: int) -> list[dict] | dict:
     }
 
 
+def _echo(x, *after):
+    """A trivial Ray task (`ray_overhead`)."""
+    del after
+    return x
+
+
+def bench_ray_overhead(repeats: int) -> dict:
+    """Seconds: Ray's start and stop, and per trivial task its round trip, its share of a
+    batch, and one link of a chain of dependent tasks (all after the workers started)."""
+    from rftjax.campaign import on_ray
+
+    ray = on_ray.import_ray()
+    t0 = time.perf_counter()
+    ray.init(address="local", include_dashboard=False)
+    out = {"start_seconds": time.perf_counter() - t0, "cpus": ray.cluster_resources()["CPU"]}
+    task = ray.remote(num_cpus=1)(_echo)
+    ray.get([task.remote(i) for i in range(int(out["cpus"]) * 2)])  # workers started
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        ray.get(task.remote(i))
+    out["round_trip_seconds"] = (time.perf_counter() - t0) / repeats
+    t0 = time.perf_counter()
+    ray.get([task.remote(i) for i in range(repeats)])
+    out["batched_seconds_per_task"] = (time.perf_counter() - t0) / repeats
+    t0 = time.perf_counter()
+    ref = task.remote(0)
+    for i in range(repeats):
+        ref = task.remote(i, ref)
+    ray.get(ref)
+    out["dependency_seconds_per_link"] = (time.perf_counter() - t0) / (repeats + 1)
+    t0 = time.perf_counter()
+    ray.shutdown()
+    out["stop_seconds"] = time.perf_counter() - t0
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -495,6 +544,17 @@ def main(argv):
             f"{out['sigkill_steps_lost_max']}"
         )
         _write_json({"chaos": out})
+        return
+    if FLAGS.what == "ray_overhead":
+        out = bench_ray_overhead(FLAGS.repeats)
+        print(
+            f"Ray ({out['cpus']:g} CPUs): start {out['start_seconds']:.2f} s, stop "
+            f"{out['stop_seconds']:.2f} s; per trivial task ({FLAGS.repeats} each): round trip "
+            f"{out['round_trip_seconds'] * 1e3:.2f} ms, in a batch "
+            f"{out['batched_seconds_per_task'] * 1e3:.2f} ms, a dependency link "
+            f"{out['dependency_seconds_per_link'] * 1e3:.2f} ms"
+        )
+        _write_json({"ray_overhead": out})
         return
     if FLAGS.what == "fault_overhead":
         out = bench_fault_overhead(FLAGS, FLAGS.repeats)

@@ -1,11 +1,13 @@
 """FaultBench campaigns: `python -m launch.faultbench COMMAND [flags]`.
 
   generate --spec FILE|standard|heldout|smoke --out DIR [--workers 2]
+           [--executor ray [--ray_address auto|HOST:PORT] [--run_cpus 1] [--run_gpus 0]]
       Runs a campaign spec (JSON; see the README) with the in-step detector and trajectory
       records on, then writes DIR/manifest.parquet, steps.parquet, trajectories.parquet and a
       dataset card DIR/README.md. Resumable: finished runs are skipped and the tables are
       assembled again from the run folders. The model / task / knob flags below do not apply
-      (the spec holds every setting).
+      (the spec holds every setting). generate, severity and remediate run on Ray with
+      --executor=ray: a Ray task per run, the campaign folder on storage every node sees.
 
   evaluate --data DIR --out REPORT [--detector fm,zscore,...] [--window 50] [--split eval]
       Scores detectors on the records of DIR (event-level, no point adjustment) and writes
@@ -68,7 +70,25 @@ flags.DEFINE_integer("window", 50, "evaluate: W, steps after onset in which an a
 flags.DEFINE_enum("split", "eval", ("train", "eval", "all"), "evaluate: runs to score.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 flags.DEFINE_string("types", "all", "Comma-separated fault type ids, or 'all' injectable ones.")
-flags.DEFINE_integer("workers", 2, "Runs in parallel (worker processes).")
+flags.DEFINE_integer("workers", 2, "Runs in parallel (worker processes; --executor=local).")
+flags.DEFINE_enum(
+    "executor",
+    "local",
+    ("local", "ray"),
+    "generate, severity, remediate: where runs execute: local (worker processes on this "
+    "machine) or ray (a Ray task per run; needs pip install 'rftjax[ray]').",
+)
+flags.DEFINE_string(
+    "ray_address",
+    "",
+    "--executor=ray: empty starts a local Ray instance; 'auto' joins the cluster started on "
+    "this machine with `ray start`; else a cluster address (host:port).",
+)
+flags.DEFINE_float("run_cpus", 1.0, "--executor=ray: CPUs each run declares.")
+flags.DEFINE_float("run_gpus", 0.0, "--executor=ray: GPUs each run declares (0.5: two a GPU).")
+flags.DEFINE_integer(
+    "run_retries", 3, "--executor=ray: times a run is retried after its worker died."
+)
 flags.DEFINE_integer("steps", 1500, "RL steps of every run.")
 flags.DEFINE_string("policies", "all", "remediate: comma-separated policies, or 'all'.")
 common.define_run_flags()
@@ -84,6 +104,27 @@ def _types(value: str) -> list[str]:
     return types
 
 
+def _ray_options():
+    """The Ray executor's options from the flags, or None for the local executor."""
+    if FLAGS.executor == "local":
+        return None
+    from rftjax.campaign import on_ray
+
+    on_ray.import_ray()  # names the extra to install
+    return on_ray.RayOptions(
+        address=FLAGS.ray_address,
+        run_cpus=FLAGS.run_cpus,
+        run_gpus=FLAGS.run_gpus,
+        max_retries=FLAGS.run_retries,
+    )
+
+
+def _executor() -> str:
+    if FLAGS.executor == "ray":
+        return f"Ray tasks of {FLAGS.run_cpus:g} CPUs, {FLAGS.run_gpus:g} GPUs"
+    return f"{FLAGS.workers} workers"
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -94,11 +135,17 @@ def severity() -> None:
         seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
         types = _types(FLAGS.types)
         base = common.train_config(FLAGS, workdir=FLAGS.out, steps=FLAGS.steps, resume=False)
+        ray_options = _ray_options()
     except ValueError as e:
         _fail(str(e))
     common.quiet_libraries()
     runs = campaign.severity_runs(seeds, types)
-    failed = campaign.run_campaign(runs, FLAGS.out, base, workers=FLAGS.workers)
+    try:
+        failed = campaign.run_campaign(
+            runs, FLAGS.out, base, workers=FLAGS.workers, ray_options=ray_options
+        )
+    except ValueError as e:
+        _fail(str(e))
     table = campaign.severity_table(FLAGS.out, runs)
     _report(os.path.join(FLAGS.out, "severity"), table, campaign.markdown(table), failed)
 
@@ -120,17 +167,20 @@ def generate() -> None:
         raise app.UsageError("--spec is required: a JSON file, standard or smoke")
     try:
         spec = campaign.resolve(campaign.load_spec(FLAGS.spec))
+        ray_options = _ray_options()
     except ValueError as e:
         _fail(str(e))
     common.quiet_libraries()
     try:
-        failed, sizes = campaign.generate(spec, FLAGS.out, workers=FLAGS.workers)
+        failed, sizes = campaign.generate(
+            spec, FLAGS.out, workers=FLAGS.workers, ray_options=ray_options
+        )
     except ValueError as e:
         _fail(str(e))
     print(
         f"wrote {FLAGS.out}: {sizes['runs']} runs, {sizes['steps']} steps, "
         f"{sizes['trajectories']} trajectories ({sizes['run_seconds']:.0f} s of runs, "
-        f"{FLAGS.workers} workers)"
+        f"{_executor()})"
     )
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
@@ -147,6 +197,7 @@ def remediate() -> None:
     try:
         spec = campaign.resolve(campaign.load_spec(FLAGS.spec))
         runs = rem.runs_for(spec, policies)
+        ray_options = _ray_options()
     except ValueError as e:
         _fail(str(e))
     common.quiet_libraries()
@@ -155,7 +206,12 @@ def remediate() -> None:
         with exclusive(FLAGS.out):
             base = campaign.base_config(FLAGS.out, spec.base)
             failed = campaign.run_campaign(
-                runs, FLAGS.out, base, workers=FLAGS.workers, runs_per_worker=10
+                runs,
+                FLAGS.out,
+                base,
+                workers=FLAGS.workers,
+                runs_per_worker=10,
+                ray_options=ray_options,
             )
     except ValueError as e:
         _fail(str(e))

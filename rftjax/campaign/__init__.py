@@ -3,6 +3,7 @@
 `runs`: running many runs in worker processes, resumable, faulted runs forked from their
 clean twin; the severity table. `spec`: JSON campaign specs, validated and resolved to runs;
 the built-in `smoke` and `standard` campaigns. `records`: `generate` and the Parquet tables.
+`on_ray`: the Ray executor (each run a Ray task; needs the `ray` extra).
 """
 
 from rftjax.campaign.records import assemble, dataset_card, generate

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from rftjax.campaign.runs import (
     twin_name,
 )
 from rftjax.campaign.spec import Campaign, base_config, plan
+
+if TYPE_CHECKING:
+    from rftjax.campaign.on_ray import RayOptions
 
 
 def _labels(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
@@ -249,14 +252,16 @@ def generate(
     out: str,
     *,
     workers: int = 1,
+    ray_options: RayOptions | None = None,
     report: Callable[[str], None] = print,
 ) -> tuple[list[Run], dict[str, Any]]:
-    """Runs the campaign (resumable, with the in-step detector and trajectory records), then
-    assembles the Parquet tables and the dataset card. Returns (failed runs, sizes).
-    One process at a time per folder (a second one is refused)."""
+    """Runs the campaign (resumable, with the in-step detector and trajectory records) in
+    `workers` processes or, with `ray_options`, as Ray tasks; then assembles the Parquet
+    tables and the dataset card. Returns (failed runs, sizes). One process at a time per
+    folder (a second one is refused)."""
     os.makedirs(out, exist_ok=True)
     with exclusive(out):
-        return _generate(campaign, out, workers=workers, report=report)
+        return _generate(campaign, out, workers=workers, ray_options=ray_options, report=report)
 
 
 @contextlib.contextmanager
@@ -284,7 +289,12 @@ def exclusive(out: str):
 
 
 def _generate(
-    campaign: Campaign, out: str, *, workers: int, report: Callable[[str], None]
+    campaign: Campaign,
+    out: str,
+    *,
+    workers: int,
+    ray_options: RayOptions | None,
+    report: Callable[[str], None],
 ) -> tuple[list[Run], dict[str, Any]]:
     _save_campaign(out, campaign)
     sizes = plan(campaign)
@@ -295,11 +305,15 @@ def _generate(
     )
     t0 = time.time()
     failed = run_campaign(campaign.runs, out, base_config(out, campaign.base), workers=workers,
-                          report=report)  # fmt: skip
+                          ray_options=ray_options, report=report)  # fmt: skip
     run_seconds = time.time() - t0
     sizes = assemble(out, campaign, report)
     sizes["run_seconds"] = run_seconds
     sizes["workers"] = workers
+    if ray_options is not None:
+        sizes["executor"] = (
+            f"as Ray tasks of {ray_options.run_cpus:g} CPUs and {ray_options.run_gpus:g} GPUs"
+        )
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(dataset_card(campaign, sizes))
     return failed, sizes
@@ -334,8 +348,9 @@ evaluation splits never share a seed. A fault is injected from its onset for `du
 {sizes["faulty_steps"]} fault-active) |
 | trajectories.parquet (completions) | {sizes["trajectories"]} |
 
-Runs took {sizes["run_seconds"]:.0f} s with {sizes["workers"]} worker processes (runs
-finished in an earlier invocation are not counted).
+Runs took {sizes["run_seconds"]:.0f} s \
+{sizes.get("executor") or f"with {sizes['workers']} worker processes"} (runs finished in an
+earlier invocation are not counted).
 
 ## manifest.parquet
 

@@ -1,4 +1,5 @@
-"""Campaign runs: many training runs (clean and faulted) in worker processes, resumable.
+"""Campaign runs: many training runs (clean and faulted) in worker processes (or as Ray tasks:
+`on_ray`), resumable.
 
 A run is a name, a seed, its fault and its settings; its workdir is `out/name`. A run whose
 `summary.json` exists is finished and skipped, so an interrupted campaign picks up where it
@@ -17,14 +18,17 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from faults import SEVERITIES, SPECS
 from rftjax.config import RLConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from rftjax.campaign.on_ray import RayOptions
 
 
 class Run(NamedTuple):
@@ -146,17 +150,21 @@ def config_of(base: TrainConfig, out: str, run: Run) -> TrainConfig:
     return dataclasses.replace(cfg, workdir=workdir, seed=run.seed, resume=resume, **extra)
 
 
-def _run_in_process(cfg: TrainConfig) -> tuple[str, float, str]:
-    """One run inside a worker process (compiled functions are reused across its runs)."""
+def run_one(base: TrainConfig, out: str, run: Run) -> tuple[float, str]:
+    """One run where it executes (a worker process, or a Ray task): its configuration is made
+    there, so a run started again after its worker died resumes from its last checkpoint.
+    Returns (seconds, error: "" if it finished). Compiled functions are reused across the
+    runs of a worker."""
     from rftjax.train import loop
 
+    cfg = config_of(base, out, run)
     os.makedirs(cfg.workdir, exist_ok=True)
     t0 = time.time()
     try:
         loop.run(cfg)
     except Exception as e:  # a failed run is reported; the campaign goes on
-        return cfg.workdir, time.time() - t0, f"{type(e).__name__}: {e}"
-    return cfg.workdir, time.time() - t0, ""
+        return time.time() - t0, f"{type(e).__name__}: {e}"
+    return time.time() - t0, ""
 
 
 def _clock(seconds: float) -> str:
@@ -182,25 +190,11 @@ def _progress_line(
     )
 
 
-def run_campaign(
-    runs: Sequence[Run],
-    out: str,
-    base: TrainConfig,
-    *,
-    workers: int = 1,
-    runs_per_worker: int | None = None,
-    report: Callable[[str], None] = print,
-) -> list[Run]:
-    """Runs what is not finished yet (clean runs first) in `workers` processes; returns the
-    runs that failed. Each worker keeps its compiled steps, so a fault type compiles once per
-    worker, whatever its seeds, severities and onsets; `runs_per_worker` starts fresh workers
-    after that many runs each (closed-loop runs each compile their own managed step, and a
-    worker that keeps them all ran out of memory after ~35 of them). Reports a progress line per run
-    with the elapsed time and an estimate of the time left."""
-    todo = [r for r in runs if read_summary(out, r) is None]
-    report(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
-    failed: list[Run] = []
-    done, t0 = 0, time.time()
+def _in_process_pool(
+    todo: Sequence[Run], out: str, base: TrainConfig, *, workers: int, runs_per_worker: int | None
+) -> Iterator[tuple[Run, float, str]]:
+    """The local executor: `run_one` in `workers` processes, clean runs first; yields (run,
+    seconds, error) as runs finish."""
     context = multiprocessing.get_context("spawn")  # JAX does not survive fork
     for phase in ([r for r in todo if r.clean], [r for r in todo if not r.clean]):
         # A fresh pool every `runs_per_worker` runs a worker (the executor's own
@@ -208,13 +202,50 @@ def run_campaign(
         size = len(phase) if runs_per_worker is None else runs_per_worker * workers
         for chunk in (phase[i : i + size] for i in range(0, len(phase), max(size, 1))):
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                futures = {pool.submit(_run_in_process, config_of(base, out, r)): r for r in chunk}
+                futures = {pool.submit(run_one, base, out, r): r for r in chunk}
                 for future in as_completed(futures):
-                    run, (_, seconds, error) = futures[future], future.result()
-                    done += 1
-                    if error:
-                        failed.append(run)
-                    report(_progress_line(out, run, seconds, error, done, len(todo), t0))
+                    yield futures[future], *future.result()
+
+
+def run_campaign(
+    runs: Sequence[Run],
+    out: str,
+    base: TrainConfig,
+    *,
+    workers: int = 1,
+    runs_per_worker: int | None = None,
+    ray_options: RayOptions | None = None,
+    report: Callable[[str], None] = print,
+) -> list[Run]:
+    """Runs what is not finished yet (clean runs first) in `workers` processes, or as Ray
+    tasks with `ray_options` (`workers` then does not apply: the cluster's resources decide);
+    returns the runs that failed. Each worker keeps its compiled steps, so a fault type compiles
+    once per worker, whatever its seeds, severities and onsets; `runs_per_worker` starts fresh
+    workers after that many runs each (closed-loop runs each compile their own managed step,
+    and a worker that keeps them all ran out of memory after ~35 of them). Reports a progress
+    line per run with the elapsed time and an estimate of the time left."""
+    todo = [r for r in runs if read_summary(out, r) is None]
+    report(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go")
+    if not todo:
+        return []
+    if ray_options is None:
+        finished = _in_process_pool(
+            todo, out, base, workers=workers, runs_per_worker=runs_per_worker
+        )
+    else:
+        from rftjax.campaign import on_ray
+
+        # Tasks run on other machines, in other folders: the path must not depend on ours.
+        out = os.path.abspath(out)
+        finished = on_ray.run_all(
+            todo, out, base, ray_options, runs_per_worker=runs_per_worker, report=report
+        )
+    failed: list[Run] = []
+    t0 = time.time()
+    for done, (run, seconds, error) in enumerate(finished, 1):
+        if error:
+            failed.append(run)
+        report(_progress_line(out, run, seconds, error, done, len(todo), t0))
     return failed
 
 
