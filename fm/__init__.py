@@ -1,11 +1,29 @@
-"""fm: failure management for JAX trainers — in-step statistics and online detectors.
+"""fm: failure management for reinforcement fine-tuning — a library for any trainer.
 
-A library in the spirit of optax: pure functions of generic inputs (`fm.stats`) and an
-`init` / `update` detector with fixed-shape state (`fm.detect`) that live inside a compiled
-train step; cross-replica parameter checksums for device meshes (`fm.integrity`). fm depends
-only on jax, numpy and optax; it never imports the trainer around it.
+In the spirit of optax: pure functions of generic inputs and `init` / `update` pairs with
+fixed-shape state that live inside a compiled train step, plus host-side diagnosis and
+remediation that act through a small controller the trainer implements. fm depends only on
+jax, numpy and optax; it never imports the trainer around it.
+
+- `fm.monitor`: the in-step API (`monitor(...)` -> `Monitor.init / read / update`).
+- `fm.stats`: the statistics, as pure jnp functions.
+- `fm.detect`: the online detector (robust z-scores, CUSUM, invariants).
+- `fm.integrity`: bit-exact fingerprints of weights (and cross-replica checks).
+- `fm.diagnose`: from an alarm's window of statistics to ranked fault types with evidence.
+- `fm.remediate`: the closed loop over a `Controller` with declared `Capabilities`.
+- `fm.report`: a run's signals with alarms, diagnoses and rollbacks, as a picture.
+- `fm.taxonomy`: the 16 fault types in 5 families, and their remedies.
 """
 
-from fm import detect, integrity, stats, taxonomy
+from fm import detect, diagnose, integrity, monitor, remediate, report, stats, taxonomy
 
-__all__ = ["detect", "integrity", "stats", "taxonomy"]
+__all__ = [
+    "detect",
+    "diagnose",
+    "integrity",
+    "monitor",
+    "remediate",
+    "report",
+    "stats",
+    "taxonomy",
+]

@@ -369,6 +369,13 @@ def _gather(stats: Mapping[str, jax.Array], signals: tuple[Signal, ...]) -> jax.
     return jnp.stack(values)
 
 
+# How a `DetectOutput` is logged in a flat record (metrics.jsonl, FaultBench step records):
+# "alarm", "nonfinite" and one key per signal and field with these prefixes. `flags_to_dict`
+# writes it, `Reading.from_record` reads it; nothing else spells the prefixes.
+FLAG, SCORE, CUSUM = "flag/", "score/", "cusum/"
+PREFIXES = (FLAG, SCORE, CUSUM)
+
+
 def flags_to_dict(detector: Detector, output: DetectOutput) -> dict[str, jax.Array]:
     """Flattens an output for logging.
 
@@ -378,11 +385,50 @@ def flags_to_dict(detector: Detector, output: DetectOutput) -> dict[str, jax.Arr
     """
     out = {"alarm": output.alarm, "nonfinite": output.nonfinite}
     for i, s in enumerate(detector.signals):
-        out[f"flag/{s.name}"] = output.flags[i]
+        out[FLAG + s.name] = output.flags[i]
         if s.kind == "score":
-            out[f"score/{s.name}"] = output.scores[i]
-            out[f"cusum/{s.name}"] = output.cusum[i]
+            out[SCORE + s.name] = output.scores[i]
+            out[CUSUM + s.name] = output.cusum[i]
     return out
+
+
+def is_detector_key(key: str) -> bool:
+    """Whether a record's key is a detector output, not a statistic."""
+    return key in ("alarm", "nonfinite") or key.startswith(PREFIXES)
+
+
+class Reading(NamedTuple):
+    """One step's detector output on the host, as Python values (typed, by signal name).
+
+    Attributes:
+      alarm: any signal flagged.
+      nonfinite: any monitored value was non-finite.
+      flags: {signal: flagged} for every signal.
+      scores: {signal: robust z} and cusum {signal: CUSUM side} for "score" signals.
+    """
+
+    alarm: bool
+    nonfinite: bool
+    flags: dict[str, bool]
+    scores: dict[str, float]
+    cusum: dict[str, float]
+
+    @property
+    def flagged(self) -> list[str]:
+        """The flagged signals, in the detector's order."""
+        return [name for name, on in self.flags.items() if on]
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, float]) -> Reading:
+        """Reads a flat record as `flags_to_dict` wrote it (after a host transfer)."""
+        by = {p: {k[len(p) :]: v for k, v in values.items() if k.startswith(p)} for p in PREFIXES}
+        return cls(
+            alarm=float(values.get("alarm", 0.0)) > 0,
+            nonfinite=float(values.get("nonfinite", 0.0)) > 0,
+            flags={k: float(v) > 0 for k, v in by[FLAG].items()},
+            scores={k: float(v) for k, v in by[SCORE].items()},
+            cusum={k: float(v) for k, v in by[CUSUM].items()},
+        )
 
 
 # Signals that assume group-normalized advantages (GRPO, RLOO, Dr. GRPO): with GAE and a

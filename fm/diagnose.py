@@ -244,6 +244,8 @@ class Model(NamedTuple):
 
 
 def save_model(model: Model, path: str) -> None:
+    """Writes `model` as JSON: feature names, classes, standardization (mean, scale [F]),
+    coefficients [C, F], intercepts [C], temperature and training info."""
     record = {
         "version": model.version,
         "features": list(model.features),

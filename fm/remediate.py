@@ -7,10 +7,13 @@ The closed loop, one alarm episode at a time:
   `verify_window` steps → recovered, or the alarm returns: the next attempt (further back,
   the next remedy) → after the plan is used up: halt with a report.
 
-Remedies act only through knobs a user would also turn (`REMEDY_KNOBS`), checkpoint restores,
-data skipping and optimizer-moment resets; a remedy the trainer cannot perform (no such knob)
-is skipped. A checkpoint is healthy once `healthy_window` steps after it passed without an
-alarm; the latest healthy ones are pinned (never deleted while they are rollback targets).
+Remedies act only through knobs a user would also turn (`REMEDY_KNOBS`), remedy switches,
+checkpoint restores, data skipping and optimizer-moment resets. What a trainer can do is its
+controller's declared `Capabilities`; every controller can roll back, skip data and halt with a
+report. A remedy the trainer cannot perform is never dropped silently: the diagnosis event lists
+it under "unavailable" with the reason (`availability`). A checkpoint is healthy once
+`healthy_window` steps after it passed without an alarm; the latest healthy ones are pinned
+(never deleted while they are rollback targets).
 
 `Controller` is what a trainer implements; rftjax has one, and another trainer can write its
 own in a few lines.
@@ -32,8 +35,28 @@ class RestoreError(Exception):
     corrupt); the remediator drops it from its targets and tries an earlier one."""
 
 
+class Capabilities(NamedTuple):
+    """What a trainer's controller declares it can do beyond what every controller does (roll
+    back to a checkpoint, skip data, halt with a report).
+
+    Attributes:
+      knobs: numeric settings `set_knobs` accepts and `knobs()` reports (e.g. "lr",
+        "lr_scale", "lr_cap", "grad_clip", "kl_coef", "is_cap", "temperature").
+      switches: remedy switches, 0/1 settings named after the remedy they perform (e.g.
+        "resync_sampler", "skip_nonfinite"); also set with `set_knobs`.
+      reset_moments: whether `reset_moments()` resets the optimizer's moment estimates.
+    """
+
+    knobs: frozenset[str] = frozenset()
+    switches: frozenset[str] = frozenset()
+    reset_moments: bool = False
+
+
 class Controller(Protocol):
     """The trainer's side of remediation. Steps are the trainer's step numbers."""
+
+    def capabilities(self) -> Capabilities:
+        """The knobs, switches and optional actions this trainer supports."""
 
     def restore(self, step: int) -> None:
         """Continue from the checkpoint of `step` (train state only; knobs stay as set).
@@ -48,7 +71,7 @@ class Controller(Protocol):
         """Skip the next `n` batches of data."""
 
     def reset_moments(self) -> None:
-        """Reset the optimizer's moment estimates."""
+        """Reset the optimizer's moment estimates (only if `Capabilities.reset_moments`)."""
 
     def pin(self, step: int) -> None: ...
 
@@ -79,6 +102,8 @@ def _restore(*names: str, switch: str) -> Callable[[Mapping, Mapping], dict[str,
     return change
 
 
+_SAMPLER = ("temperature", "top_p", "top_k")
+_COEFFICIENTS = ("kl_coef", "ent_coef", "eps_low", "eps_high")
 # Remedy → knob changes from (current knobs, knobs at the start of the run).
 REMEDY_KNOBS: dict[str, Callable[[Mapping, Mapping], dict[str, float]]] = {
     "lr_scale": lambda now, initial: {"lr_scale": float(now["lr_scale"]) * 0.5},
@@ -89,10 +114,8 @@ REMEDY_KNOBS: dict[str, Callable[[Mapping, Mapping], dict[str, float]]] = {
     "grad_clip": _halve("grad_clip", default=1.0),
     "raise_kl": lambda now, initial: {"kl_coef": max(2.0 * float(now["kl_coef"]), 0.02)},
     "truncated_is": lambda now, initial: {"is_cap": 2.0},
-    "restore_sampler": _restore("temperature", "top_p", "top_k", switch="restore_sampler"),
-    "restore_coefficients": _restore(
-        "kl_coef", "ent_coef", "eps_low", "eps_high", switch="restore_coefficients"
-    ),
+    "restore_sampler": _restore(*_SAMPLER, switch="restore_sampler"),
+    "restore_coefficients": _restore(*_COEFFICIENTS, switch="restore_coefficients"),
 }
 # Remedies that mitigate a root cause they cannot remove: truncated importance sampling bounds
 # what a sampler/trainer mismatch does to the update, but the mismatch stays; skipping
@@ -116,8 +139,41 @@ MITIGATES: dict[str, tuple[str, ...]] = {
         "frac_zero_std_groups",
     ),
 }
-# Remedies performed by the controller itself, not by knobs.
+# Remedies performed by the controller itself, not by knobs; every controller can do all but
+# `reset_moments` (a declared capability).
 CONTROLLER_REMEDIES = ("rollback", "skip_data", "reset_moments", "halt")
+ALWAYS_AVAILABLE = ("rollback", "skip_data", "halt")
+# Knob remedies: the knobs each reads or sets; alternatives where any one of them suffices.
+_NEEDS_ALL = {
+    "lr_scale": ("lr_scale",),
+    "lr_cap": ("lr_cap", "lr", "lr_scale"),
+    "grad_clip": ("grad_clip",),
+    "raise_kl": ("kl_coef",),
+    "truncated_is": ("is_cap",),
+}
+_NEEDS_ANY = {
+    "restore_sampler": ("restore_sampler", *_SAMPLER),
+    "restore_coefficients": ("restore_coefficients", *_COEFFICIENTS),
+}
+
+
+def availability(remedy: str, caps: Capabilities) -> str | None:
+    """None if a trainer with `caps` can perform `remedy`, else why not (one sentence)."""
+    settings = caps.knobs | caps.switches
+    if remedy in ALWAYS_AVAILABLE:
+        return None
+    if remedy == "reset_moments":
+        return None if caps.reset_moments else "the trainer cannot reset optimizer moments"
+    if remedy in _NEEDS_ALL:
+        missing = [k for k in _NEEDS_ALL[remedy] if k not in settings]
+        return f"the trainer has no knob {', '.join(missing)}" if missing else None
+    if remedy in _NEEDS_ANY:
+        if settings & set(_NEEDS_ANY[remedy]):
+            return None
+        return f"the trainer has none of the knobs {', '.join(_NEEDS_ANY[remedy])}"
+    if remedy in taxonomy.REMEDIES:  # a remedy switch
+        return None if remedy in caps.switches else f"the trainer has no switch {remedy}"
+    raise ValueError(f"unknown remedy {remedy!r}; remedies: {', '.join(taxonomy.REMEDIES)}")
 
 
 class Action(NamedTuple):
@@ -173,12 +229,33 @@ class Health:
         return candidates[-1 - skip] if len(candidates) > skip else None
 
 
-def plan(diagnosis: dg.Diagnosis, *, supported: Callable[[str], bool]) -> list[str]:
-    """Remedies to try in order for a diagnosis (each attempt also rolls back): the best
-    guess's remedies, then the runner-up's when the guess is not confident; "halt" ends it."""
+def _considered(diagnosis: dg.Diagnosis) -> list[str]:
+    """The types whose remedies a plan draws on: the best guess, and the runner-up when the
+    guess is not confident."""
     ranked = [diagnosis.top]
     if diagnosis.ranking[0][1] < 0.5 and len(diagnosis.ranking) > 1:
         ranked.append(diagnosis.ranking[1][0])
+    return ranked
+
+
+def unavailable(diagnosis: dg.Diagnosis, caps: Capabilities) -> list[dict[str, str]]:
+    """The remedies fm's plan would draw on for `diagnosis` that a trainer with `caps` cannot
+    perform, each {"remedy", "type", "reason"} (empty when it can do them all)."""
+    out, seen = [], set()
+    for type_id in _considered(diagnosis):
+        for remedy in taxonomy.get(type_id).remedies:
+            reason = availability(remedy, caps)
+            if reason is not None and remedy not in seen:
+                seen.add(remedy)
+                out.append({"remedy": remedy, "type": type_id, "reason": reason})
+    return out
+
+
+def plan(diagnosis: dg.Diagnosis, *, supported: Callable[[str], bool]) -> list[str]:
+    """Remedies to try in order for a diagnosis (each attempt also rolls back): the best
+    guess's remedies, then the runner-up's when the guess is not confident; "halt" ends it.
+    Remedies the trainer does not support are left out (`unavailable` says which and why)."""
+    ranked = _considered(diagnosis)
     steps: list[str] = []
     for type_id in ranked:
         for remedy in taxonomy.get(type_id).remedies:
@@ -240,6 +317,21 @@ def planner_for(name: str, *, seed: int = 0) -> Planner:
     raise ValueError(f"unknown remediation policy {name!r}; accepted: {', '.join(PLANNERS)}")
 
 
+def _capabilities(controller: Controller) -> Capabilities:
+    if not callable(getattr(controller, "capabilities", None)):
+        raise TypeError(
+            f"{type(controller).__name__} does not declare its capabilities: a Controller "
+            "needs capabilities() -> fm.remediate.Capabilities (knobs, switches, reset_moments)"
+        )
+    caps = controller.capabilities()
+    if not isinstance(caps, Capabilities):
+        raise TypeError(f"capabilities() must return fm.remediate.Capabilities, got {caps!r}")
+    missing = sorted((caps.knobs | caps.switches) - set(controller.knobs()))
+    if missing:
+        raise ValueError(f"declared knobs {missing} are missing from the controller's knobs()")
+    return caps
+
+
 class _Episode(NamedTuple):
     alarm_step: int
     diagnosis: dg.Diagnosis | None = None
@@ -293,6 +385,7 @@ class Remediator:
         self.history_len = history
         self.skip_batches = skip_batches
         self.health = Health(controller, window=healthy_window)
+        self.capabilities = _capabilities(controller)
         self.initial_knobs = dict(controller.knobs())
         self.records: list[dict[str, float]] = []
         self.episode: _Episode | None = None
@@ -339,10 +432,8 @@ class Remediator:
             )
 
     def supported(self, remedy: str) -> bool:
-        knobs = self.controller.knobs()
-        if remedy in REMEDY_KNOBS:
-            return all(k in knobs for k in REMEDY_KNOBS[remedy](knobs, self.initial_knobs))
-        return remedy in CONTROLLER_REMEDIES or remedy in knobs  # a switch knob of that name
+        """Whether the controller's declared capabilities allow `remedy`."""
+        return availability(remedy, self.capabilities) is None
 
     def observe(
         self, step: int, stats: Mapping[str, float], alarm: bool, flagged: Sequence[str] = ()
@@ -389,6 +480,7 @@ class Remediator:
         d = self.diagnoser(self.records, index, flagged=self._flagged)
         steps = tuple(self.planner(d, self.supported, ep.alarm_step))
         self.episode = ep._replace(diagnosis=d, plan=steps)
+        missing = unavailable(d, self.capabilities)
         event = self._event(
             step,
             "diagnosis",
@@ -398,6 +490,7 @@ class Remediator:
             ranking=[[t, round(p, 4)] for t, p in d.ranking[:3]],
             evidence=[e.text for e in d.evidence[:3]],
             plan=list(steps),
+            **({"unavailable": missing} if missing else {}),
         )
         return [event, *self._next(step)]
 
@@ -451,11 +544,12 @@ class Remediator:
         if remedy in MITIGATES:  # the fault's signature so far stays: accepted
             self.accepted |= {*MITIGATES[remedy], *self._seen}
         knobs = self.controller.knobs()
-        changes = (
-            REMEDY_KNOBS[remedy](knobs, self.initial_knobs)
-            if remedy in REMEDY_KNOBS
-            else {remedy: 1.0}
-        )
+        settings = self.capabilities.knobs | self.capabilities.switches
+        if remedy in REMEDY_KNOBS:
+            changes = REMEDY_KNOBS[remedy](knobs, self.initial_knobs)
+            changes = {k: v for k, v in changes.items() if k in settings}
+        else:
+            changes = {remedy: 1.0}
         self.controller.set_knobs(**changes)
         return Action(remedy, changes)
 

@@ -152,6 +152,7 @@ def report(workdir: str, out: str | None = None, signals: Sequence[str] | None =
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m fm.report`: draws a run folder's report picture."""
     parser = argparse.ArgumentParser(prog="python -m fm.report", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="a run folder with metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG path (default: WORKDIR/report.png)")

@@ -272,4 +272,5 @@ def get(fault_id: str) -> FaultType:
 
 
 def family_of(fault_id: str) -> str:
+    """The family of a fault type id, e.g. "OD1" -> "optimization-dynamics"."""
     return get(fault_id).family

@@ -215,7 +215,7 @@ def _alternate(a: dict, b: dict, batches, knobs, repeats: int) -> tuple[np.ndarr
 
 def _runner(setup: _Setup, values, batches, knobs, *, detector=None, fault=None, fparams=None):
     """A compiled step with its own copy of the state, compiled and run three times."""
-    learner = _learner(setup, detector=detector, fault=fault)
+    learner = _learner(setup, monitor=detector, fault=fault)
     rl, params = setup.rl, setup.params
     state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, detector, fault)
     memory = _memory_bytes(learner["step"], state, batches[0], knobs, fparams)
@@ -269,17 +269,17 @@ def bench_fm_overhead(values, repeats: int) -> dict:
     """Step time with fm statistics + detection versus without: same process, alternating
     calls after compilation, median of per-pair ratios."""
     setup = _setup(values)
-    detector = monitor.make_detector(setup.rl.algo)
+    detector = monitor.make_monitor(setup.rl)
     knobs = make_knobs(**common.knob_values(values))
     batches = _batches(setup)
     variants = {
         "off": _runner(setup, values, batches, knobs),
-        "fm": _runner(setup, values, batches, knobs, detector=detector),
+        "fm": _runner(setup, values, batches, knobs, monitor=detector),
     }
     off, on = _alternate(variants["off"], variants["fm"], batches, knobs, repeats)
     fm_state_bytes = sum(x.nbytes for x in jax.tree.leaves(variants["fm"]["state"].fm))
     return {
-        "signals": len(detector.signals),
+        "signals": len(detector.detector.signals),
         "step_seconds_off": float(np.median(off)),
         "step_seconds_fm": float(np.median(on)),
         "median_ratio": float(np.median(on / off)),
@@ -298,8 +298,8 @@ def bench_campaign_vmap(values, repeats: int) -> dict:
     task, rl, _, params = setup
     if task.jnp_reward is None:
         raise ValueError(f"--what=campaign_vmap needs a compiled reward, not {values.task!r}")
-    detector = monitor.make_detector(rl.algo, tools=task.tools is not None)
-    step = _learner(setup, detector=detector)["step"]
+    detector = monitor.make_monitor(rl, tools=task.tools is not None)
+    step = _learner(setup, monitor=detector)["step"]
     knobs = make_knobs(**common.knob_values(values))
     n, batches = values.runs, _batches(setup)
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)

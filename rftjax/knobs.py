@@ -41,6 +41,17 @@ class Knobs(NamedTuple):
 
 
 KNOB_NAMES = Knobs._fields
+# The remedy switches among them (0: off; fm's remediator turns them on).
+SWITCHES = (
+    "verifier_failover",
+    "advantage_audit",
+    "restore_mask",
+    "restore_sampler",
+    "restore_coefficients",
+    "skip_nonfinite",
+    "resync_sampler",
+    "mask_unscorable",
+)
 MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows float32
 
 
@@ -108,4 +119,12 @@ def replace(knobs: Knobs, **changes: float) -> Knobs:
     return knobs_from_dict({**knobs_to_dict(knobs), **changes})
 
 
-__all__ = ["KNOB_NAMES", "Knobs", "knobs_from_dict", "knobs_to_dict", "make_knobs", "replace"]
+__all__ = [
+    "KNOB_NAMES",
+    "SWITCHES",
+    "Knobs",
+    "knobs_from_dict",
+    "knobs_to_dict",
+    "make_knobs",
+    "replace",
+]

@@ -78,7 +78,7 @@ def _learner(task, graphdef, fault):
         eos_id=tok.eos_token_id,
         pad_id=tok.pad_token_id,
         reward_fn=task.jnp_reward,
-        detector=monitor.make_detector("grpo", tools=tools is not None),
+        monitor=monitor.make_monitor(_cfg(task), tools=tools is not None),
         fault=fault,
         tools=tools,
     )
@@ -102,7 +102,7 @@ def _run(task, warm, fault=None, fparams=None, learner=None, knobs=KNOBS):
     graphdef, params = warm
     cfg = _cfg(task)
     learner = learner or _learner(task, graphdef, fault)
-    detector = monitor.make_detector("grpo", tools=task.tools is not None)
+    detector = monitor.make_monitor(cfg, tools=task.tools is not None)
     state = init_state(params, cfg, 0, detector, fault)
     metrics, policies = [], []
     for i in range(STEPS):
@@ -199,8 +199,8 @@ def test_split_rollout_and_learn_inject_like_the_fused_step(task, warm, type_id)
     graphdef, params = warm
     fault = faults.make(type_id, faults.Setup(CFG.group_size, CFG.max_new_tokens))
     learner = _learner(task, graphdef, fault)
-    fused = init_state(params, CFG, 0, monitor.make_detector("grpo"), fault)
-    split = init_state(params, CFG, 0, monitor.make_detector("grpo"), fault)
+    fused = init_state(params, CFG, 0, monitor.make_monitor(CFG), fault)
+    split = init_state(params, CFG, 0, monitor.make_monitor(CFG), fault)
     for i, onset in enumerate([1, 2, 1]):
         fparams = faults.params_for(type_id, onset=onset, severity="severe")
         raw = task.train_batch(i, CFG.prompts_per_step)
@@ -303,10 +303,10 @@ def test_mask_unscorable_takes_infra_failed_completions_out_of_the_loss(tool_war
     # ((1 + 1 + 0) / 3), and the mask audit still sees the pipeline's own mask.
     # Without the switch row 1 carries an advantage (the check can fail).
     _, tools = _setup(TOOL_TASK)
-    tok, detector = TOOL_TASK.tokenizer, monitor.make_detector("grpo", tools=True)
+    tok, detector = TOOL_TASK.tokenizer, monitor.make_monitor(TOOL_CFG, tools=True)
     learner = make_learner(
         tool_warm[0], TOOL_CFG, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-        reward_fn=TOOL_TASK.jnp_reward, detector=detector, tools=tools, trajectories=True,
+        reward_fn=TOOL_TASK.jnp_reward, monitor=detector, tools=tools, trajectories=True,
     )  # fmt: skip
     batch = to_prompt_batch(TOOL_TASK.train_batch(0, TOOL_CFG.prompts_per_step))
     state = init_state(tool_warm[1], TOOL_CFG, 0, detector)

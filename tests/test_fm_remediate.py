@@ -2,7 +2,7 @@
 
 import pytest
 
-from fm import diagnose, remediate
+from fm import diagnose, remediate, taxonomy
 
 
 class FakeTrainer:
@@ -23,6 +23,13 @@ class FakeTrainer:
 
     def restore(self, step):
         self.calls.append(("restore", step))
+
+    def capabilities(self):
+        # A setting named after a remedy is that remedy's switch.
+        switches = frozenset(self.values) & set(taxonomy.REMEDIES)
+        return remediate.Capabilities(
+            knobs=frozenset(self.values) - switches, switches=switches, reset_moments=True
+        )
 
     def knobs(self):
         return dict(self.values)
@@ -266,3 +273,65 @@ def test_a_baseline_planner_drives_the_closed_loop():
     actions = [e for e in events if e["event"] == "action"]
     assert [a["actions"][-1]["remedy"] for a in actions] == ["lr_scale"] * len(actions)
     assert trainer.values["lr_scale"] == 0.5 ** len(actions) and events[-1]["event"] == "halt"
+
+
+class KnoblessTrainer(FakeTrainer):
+    """A trainer that can roll back, skip data and halt, and nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = {}
+
+    def capabilities(self):
+        return remediate.Capabilities()
+
+
+def test_a_trainer_lacking_a_knob_is_told_which_remedies_are_unavailable_and_still_rolls_back():
+    trainer = FakeTrainer()
+    del trainer.values["lr_cap"]  # OD1's first remedy needs it
+    rem = remediate.Remediator(trainer, verify_window=10, healthy_window=10, evidence_steps=2)
+    events = _drive(rem, trainer, 400, fault_from=45, persistent=True)
+    diagnosis = events[0]
+    assert diagnosis["top"] == "OD1" and diagnosis["plan"] == ["rollback", "lr_scale", "halt"]
+    assert diagnosis["unavailable"] == [
+        {"remedy": "lr_cap", "type": "OD1", "reason": "the trainer has no knob lr_cap"}
+    ]
+    actions = [e for e in events if e["event"] == "action"]
+    assert [a["actions"][-1]["remedy"] for a in actions] == ["rollback", "lr_scale"]
+    assert events[-1]["event"] == "halt" and trainer.calls[-1] == ("halt", "OD1")
+
+
+def test_a_trainer_with_no_knobs_still_gets_rollback_then_a_halt_with_a_report():
+    trainer = KnoblessTrainer()
+    rem = remediate.Remediator(trainer, verify_window=10, healthy_window=10, evidence_steps=2)
+    events = _drive(rem, trainer, 400, fault_from=45, persistent=True)
+    assert events[0]["plan"] == ["rollback", "halt"]
+    assert {u["remedy"] for u in events[0]["unavailable"]} == {"lr_cap", "lr_scale"}
+    assert [e["event"] for e in events] == ["diagnosis", "action", "verification", "halt"]
+    assert ("restore", 30) in trainer.calls and trainer.calls[-1] == ("halt", "OD1")
+    assert not any(c[0] == "set_knobs" for c in trainer.calls)
+
+
+def test_availability_names_what_is_missing_and_a_controller_must_declare_capabilities():
+    caps = remediate.Capabilities(knobs=frozenset({"lr", "lr_scale"}), switches=frozenset())
+    assert remediate.availability("lr_scale", caps) is None
+    assert remediate.availability("lr_cap", caps) == "the trainer has no knob lr_cap"
+    assert (
+        remediate.availability("resync_sampler", caps) == "the trainer has no switch resync_sampler"
+    )
+    assert "temperature" in remediate.availability("restore_sampler", caps)
+    assert remediate.availability("reset_moments", caps) is not None
+    for always in ("rollback", "skip_data", "halt"):
+        assert remediate.availability(always, remediate.Capabilities()) is None
+    with pytest.raises(ValueError, match="unknown remedy"):
+        remediate.availability("pray", caps)
+
+    class Undeclared(FakeTrainer):
+        capabilities = None
+
+    with pytest.raises(TypeError, match="capabilities"):
+        remediate.Remediator(Undeclared())
+    liar = FakeTrainer()
+    liar.capabilities = lambda: remediate.Capabilities(knobs=frozenset({"nope"}))
+    with pytest.raises(ValueError, match="nope"):
+        remediate.Remediator(liar)

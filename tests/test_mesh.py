@@ -203,10 +203,13 @@ def test_checksum_sees_one_flipped_bit_and_a_swap():
 
 def test_checksum_matches_a_numpy_reference_and_tree_checksum_sees_leaves():
     # Reference: Σ_i bits_i · (2i + 1) · 0x9E3779B1 mod 2³² over the row-major words.
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 2)), jnp.float32)
-    words = np.asarray(x).view(np.uint32).reshape(-1).astype(np.uint64)
-    weights = ((2 * np.arange(words.size, dtype=np.uint64) + 1) * 0x9E3779B1) % (1 << 32)
-    assert int(integrity.checksum(x)) == int(np.sum(words * weights % (1 << 32)) % (1 << 32))
+    # Leading axes of every kind (the sum folds them by halves, padded to a power of two).
+    for shape in [(3, 5, 2), (7,), (1, 9), (6, 130), (5, 3, 3, 2), (64, 128)]:
+        x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+        words = np.asarray(x).view(np.uint32).reshape(-1).astype(np.uint64)
+        weights = ((2 * np.arange(words.size, dtype=np.uint64) + 1) * 0x9E3779B1) % (1 << 32)
+        expected = int(np.sum(words * weights % (1 << 32)) % (1 << 32))
+        assert int(integrity.checksum(x)) == expected, shape
     a, b = jnp.ones((2, 2)), jnp.zeros((2, 2))
     t = integrity.tree_checksum
     assert t({"a": a, "b": b}) == t({"a": jnp.array(a), "b": jnp.array(b)})

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import faults
+from fm import detect as fm_detect
 from rftjax import models, parallel
 from rftjax.checkpoint import Checkpointer, CorruptCheckpoint
 from rftjax.config import TrainConfig
@@ -261,7 +262,7 @@ def _setup(cfg: TrainConfig):
         tools = task.tool_spec()
         detector = None
         if cfg.fm != "off":
-            detector = monitor.make_detector(cfg.rl.algo, tools=tools is not None)
+            detector = monitor.make_monitor(cfg.rl, tools=tools is not None)
         fault = None
         if cfg.fault != "none":
             rl = cfg.rl
@@ -275,7 +276,7 @@ def _setup(cfg: TrainConfig):
             eos_id=tok.eos_token_id,
             pad_id=tok.pad_token_id,
             reward_fn=task.jnp_reward,
-            detector=detector,
+            monitor=detector,
             fault=fault,
             trajectories=cfg.record_trajectories,
             tools=tools,
@@ -433,10 +434,9 @@ class _Logs(NamedTuple):
 
 
 def _alarm_event(step: int, values: dict[str, float]) -> dict[str, Any]:
-    flagged = sorted(
-        k.split("/", 1)[1] for k, v in values.items() if k.startswith("flag/") and v > 0
-    )
-    scores = {name: values[f"score/{name}"] for name in flagged if f"score/{name}" in values}
+    reading = fm_detect.Reading.from_record(values)
+    flagged = sorted(reading.flagged)
+    scores = {name: values[fm_detect.SCORE + name] for name in flagged if name in reading.scores}
     return {"step": step, "event": "alarm", "signals": flagged, "scores": scores}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fm import detect as fm_detect
 from fm import diagnose as fm_diagnose
 from fm import remediate, taxonomy
 from rftjax import knobs as kn
@@ -56,6 +57,13 @@ class RunController:
             raise remediate.RestoreError(str(e)) from e
         self.checkpointer.delete_after(step)
         self.restored_to = step
+
+    def capabilities(self) -> remediate.Capabilities:
+        """Every knob and remedy switch of `rftjax.knobs`, and optimizer-moment resets."""
+        switches = frozenset(kn.SWITCHES)
+        return remediate.Capabilities(
+            knobs=frozenset(kn.KNOB_NAMES) - switches, switches=switches, reset_moments=True
+        )
 
     def knobs(self) -> dict[str, float]:
         return kn.knobs_to_dict(self.knob_values)
@@ -152,9 +160,9 @@ class Manager:
 
     def observe(self, step: int, values: dict[str, float]) -> list[dict[str, Any]]:
         """Events of this step (diagnosis, action, verification, halt)."""
-        flagged = [k.split("/", 1)[1] for k, v in values.items() if k.startswith("flag/") and v]
+        reading = fm_detect.Reading.from_record(values)
         stats = {k: v for k, v in values.items() if "/" not in k}
-        return self.remediator.observe(step, stats, values.get("alarm", 0.0) > 0, flagged)
+        return self.remediator.observe(step, stats, reading.alarm, reading.flagged)
 
     def saved(self, step: int) -> None:
         self.remediator.saved(step)

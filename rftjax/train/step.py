@@ -17,16 +17,13 @@ from flax import nnx
 
 import faults
 from faults import Fault, FaultParams
-from fm import stats as fs
-from fm.detect import Detector
-from fm.integrity import tree_checksum
+from fm import detect
+from fm import monitor as fmm
 from rftjax import algorithms as alg
 from rftjax import parallel
 from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
 from rftjax.sampling import Rollout, SamplingParams, generate, repeat_rows, response_logprobs
-from rftjax.train import monitor
-from rftjax.train.monitor import FMState
 
 RewardFn = Callable[[jax.Array, jax.Array], dict[str, jax.Array]]
 _SAMPLE, _SHUFFLE = 0, 1  # salts for per-step keys
@@ -38,7 +35,7 @@ class TrainState(NamedTuple):
     ref_params: nnx.State  # frozen reference policy π_ref
     opt_state: optax.OptState
     key: jax.Array  # uint32[2] base key
-    fm: FMState | None = None  # detector history and thresholds when failure management is on
+    fm: fmm.MonitorState | None = None  # fm's detector history, thresholds and seals (fm on)
     fault: Any = None  # state an injected fault carries (PG2: the sampler's stale weights)
 
 
@@ -59,7 +56,7 @@ def init_state(
     policy: nnx.State,
     cfg: RLConfig,
     seed: int,
-    detector: Detector | None = None,
+    monitor: fmm.Monitor | None = None,
     fault: Fault | None = None,
 ) -> TrainState:
     # Own copies: the train state is donated to the compiled step, the caller's arrays are not.
@@ -75,25 +72,19 @@ def init_state(
         ref_params=ref_params,
         opt_state=opt_state,
         key=jax.random.PRNGKey(seed),
-        fm=None
-        if detector is None
-        else monitor.init_fm_state(detector, params, opt_state, ref_params),
+        fm=None if monitor is None else monitor.init(params, opt_state, ref_params),
         fault=fault.state_init(policy) if fault is not None and fault.state_init else None,
     )
 
 
-def _seal(state: TrainState) -> TrainState:
-    """The state with the fingerprint of its weights (and optimizer state) renewed: what the
-    next step must find unchanged. The identity without failure management."""
+@jax.jit
+def seal_weights(state: TrainState) -> TrainState:
+    """The state with fm's seal of its weights (and optimizer state) renewed, after a deliberate
+    change between steps (resetting the optimizer moments), so that the next step does not read
+    it as corruption. The identity without failure management."""
     if state.fm is None:
         return state
-    sealed = monitor.weights_of(state.params, state.opt_state)
-    return state._replace(fm=state.fm._replace(sealed_weights=sealed))
-
-
-# After a deliberate change between steps (resetting the optimizer moments), so that the next
-# step does not read it as corruption.
-seal_weights = jax.jit(_seal)
+    return state._replace(fm=fmm.seal(state.fm, state.params, state.opt_state))
 
 
 def learning_rate(
@@ -170,7 +161,7 @@ def make_learner(
     eos_id: int,
     pad_id: int,
     reward_fn: RewardFn | None = None,
-    detector: Detector | None = None,
+    monitor: fmm.Monitor | None = None,
     fault: Fault | None = None,
     trajectories: bool = False,
     tools=None,
@@ -190,10 +181,11 @@ def make_learner(
     runtime `fparams` (`faults.FaultParams`; None without a fault), and the metrics gain
     "fault_active". The state must then come from `init_state(..., fault=fault)`.
 
-    With a `detector`, the step also computes fm's statistics (trajectory aggregates, sampler /
-    trainer mismatch, optimization and cross-check statistics), runs the detector on them with
-    the history and thresholds in `state.fm`, and adds "alarm" and per-signal flags and scores
-    to the metrics. The state must then come from `init_state(..., detector=detector)`.
+    With a `monitor` (`fm.monitor.Monitor`), the step also computes fm's statistics (token
+    statistics per update, optimization statistics per update, trajectory aggregates and audits
+    per step), runs fm's detector on them with the state in `state.fm`, and adds "alarm" and
+    per-signal flags and scores to the metrics. The state must then come from
+    `init_state(..., monitor=monitor)`.
 
     With `tools` (a `rftjax.tools.ToolSpec`), rollouts call tools (observation tokens are
     context, outside the loss mask) and the metrics gain tool statistics.
@@ -206,6 +198,14 @@ def make_learner(
     SPMD on that mesh, the KV cache is sharded like the batch, and every returned state is
     constrained to the shardings it came in with (so the next call does not recompile).
     """
+    if monitor is not None and (monitor.group_size, monitor.max_len) != (
+        cfg.group_size,
+        cfg.max_new_tokens,
+    ):
+        raise ValueError(
+            f"the monitor was built for group_size {monitor.group_size}, max_len "
+            f"{monitor.max_len}; this learner has {cfg.group_size}, {cfg.max_new_tokens}"
+        )
     optimizer = make_optimizer(cfg)
     hooks = fault.hooks if fault is not None else faults.NO_HOOKS
     ppo = cfg.algo == "ppo"
@@ -354,38 +354,37 @@ def make_learner(
             metrics["trajectories"] = _row_stats(
                 jax.lax.stop_gradient(logp), data["sampler_logp"], data["adv"], mask, sampled
             )
-        if detector is not None:
-            metrics.update(
-                monitor.loss_stats(
-                    logp=logp,
-                    old_logp=data["old_logp"],
-                    sampler_logp=data["sampler_logp"],
-                    ref_logp=data["ref_logp"],
-                    entropy=entropy,
-                    adv=data["adv"],
-                    mask=mask,
-                    sampled_mask=sampled,
-                    scores=data["scores"],
-                    group_size=cfg.group_size,
-                )
+        if monitor is not None:
+            inputs = fmm.StepInputs(
+                rewards=data["scores"],
+                response_mask=sampled,
+                loss_mask=mask,
+                advantages=data["adv"],
+                sampler_logp=data["sampler_logp"],
+                old_logp=data["old_logp"],
+                logp=logp,
+                ref_logp=data["ref_logp"],
+                entropy=entropy,
             )
+            metrics.update(fmm.token_statistics(inputs, group_size=cfg.group_size))
         return loss, metrics
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
-    no_probe = {"kl_coef": jnp.zeros(()), "ent_coef": jnp.zeros(())}
+    no_probe = fmm.coefficient_probe()
 
     def update(carry, mb, knobs, lr, ctx):
         params, opt_state = carry
         (grads, probed), metrics = grad_fn(params, no_probe, mb, knobs, ctx)
-        if detector is not None:  # the coefficients the loss applied, as measured
+        if monitor is not None:  # the coefficients the loss applied, as measured
             metrics.update(loss_kl_coef=probed["kl_coef"], loss_ent_coef=-probed["ent_coef"])
         grads = hooks.gradients(grads, ctx)
         new_params, opt_state, updates, stats = apply_update(
             params, opt_state, grads, knobs, lr, optimizer
         )
         metrics.update(stats)
-        if detector is not None:
-            metrics.update(monitor.update_stats(grads, updates, params, lr))
+        if monitor is not None:
+            inputs = fmm.StepInputs(grads=grads, updates=updates, params=params, lr=lr)
+            metrics.update(fmm.optimization_statistics(inputs))
         return (new_params, opt_state), metrics
 
     def learn(state: TrainState, ro: Rollout, rewards: dict, knobs: Knobs, fparams=None):
@@ -421,8 +420,8 @@ def make_learner(
         }
         ref_params = hooks.ref_params(state.ref_params, ctx)
         data["ref_logp"] = policy_forward(ref_params, data, knobs)[0]
-        if detector is not None:  # the weights as this step reads them, fingerprinted
-            read = (monitor.weights_of(state.params, state.opt_state), tree_checksum(ref_params))
+        if monitor is not None:  # the weights as this step reads them, fingerprinted
+            read = monitor.read(state.params, state.opt_state, ref_params)
         if precompute:
             old_logp, _, old_values = forward(state.params, data, knobs)
             data.update(targets(old_logp, old_values, data, knobs, ctx))
@@ -462,28 +461,34 @@ def make_learner(
                     fault=fault.state_update(state.fault, params["policy"], ctx)
                 )
         if ro.tool_calls is not None:
-            metrics.update(fs.tool_stats(ro.tool_calls, ro.tool_errors, ro.turns, ro.aborted))
-        if detector is not None:
-            metrics.update(
-                monitor.integrity_stats(read, state.fm),
-                **monitor.coefficient_stats(metrics, configured, kl_in_reward=cfg.kl_in_reward),
+            tool_use = fmm.StepInputs(
+                tool_calls=ro.tool_calls,
+                tool_errors=ro.tool_errors,
+                tool_turns=ro.turns,
+                tool_aborted=ro.aborted,
             )
-            metrics.update(
-                monitor.rollout_stats(
-                    response=ro.response,
-                    mask=ro.response_mask,
-                    loss_mask=loss_mask,
-                    lengths=ro.lengths,
-                    truncated=ro.truncated,
-                    scores=scores,
-                    verifier=raw,
-                    group_size=cfg.group_size,
-                    max_len=n,
-                )
+            metrics.update(fmm.tool_statistics(tool_use))
+        if monitor is not None:
+            # The rollout as the pipeline made it: `scores` and `loss_mask` before the learner's
+            # own masking (the reward statistics and the mask audit watch the pipeline), the
+            # task verifier's rewards as the shadow.
+            inputs = fmm.StepInputs(
+                rewards=scores,
+                verifier_rewards=raw,
+                lengths=ro.lengths,
+                truncated=ro.truncated,
+                response=ro.response,
+                response_mask=ro.response_mask,
+                loss_mask=loss_mask,
+                coefficients=_coefficients(metrics, configured, kl_in_reward=cfg.kl_in_reward),
             )
-            flags, fm_state = monitor.observe(detector, metrics, state.fm)
-            metrics.update(flags)
-            new_state = _seal(new_state._replace(fm=fm_state))
+            own, out, fm_state = monitor.update(
+                inputs, state.fm, stats=metrics, read=read, sealed=(params, opt_state)
+            )
+            metrics.update(own)
+            flags = detect.flags_to_dict(monitor.detector, out)
+            metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in flags.items()})
+            new_state = new_state._replace(fm=fm_state)
         if trajectories:
             metrics["trajectories"] = rows
         return parallel.constrain_state(new_state, mesh), metrics
@@ -505,6 +510,18 @@ def make_learner(
 
         fns["step"] = jax.jit(step, donate_argnums=0)
     return fns
+
+
+def _coefficients(metrics, configured: Knobs, *, kl_in_reward: bool):
+    """(effective, configured) coefficients for fm's regularizer audit: the loss's, measured by
+    the probe, against the knobs as configured (before any stage between knob and loss). With
+    the KL in the reward, the loss applies no β."""
+    effective = {"kl_coef": metrics["loss_kl_coef"], "ent_coef": metrics["loss_ent_coef"]}
+    expected = {
+        "kl_coef": jnp.zeros(()) if kl_in_reward else configured.kl_coef,
+        "ent_coef": configured.ent_coef,
+    }
+    return effective, expected
 
 
 def _minibatches(data, key, epochs: int, num_mb: int, num_groups: int, group_size: int):
