@@ -59,7 +59,7 @@ def share_of_a(prompts, completions, **kwargs):
     return [c.count("a") / NEW_TOKENS for c in completions]
 
 
-def _learner(workdir, manager, *, learning_rate=LR, reward_fns=share_of_a, steps):
+def _learner(workdir, manager, *, learning_rate=LR, reward_fns=share_of_a, steps, monitored=True):
     config = llama.ModelConfig(
         num_layers=2, vocab_size=16, embed_dim=32, hidden_dim=64, num_heads=2, head_dim=16,
         num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5,
@@ -67,7 +67,9 @@ def _learner(workdir, manager, *, learning_rate=LR, reward_fns=share_of_a, steps
     actor = llama.Llama3(config, rngs=nnx.Rngs(0))
     reference = llama.Llama3(config, rngs=nnx.Rngs(1))  # KL to it starts far from 0
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    optimizer = fm_tunix.monitor(optax.adam(learning_rate), learning_rate=learning_rate)
+    optimizer = optax.adam(learning_rate)
+    if monitored:
+        optimizer = fm_tunix.monitor_optimizer(optimizer, learning_rate=learning_rate)
     training = rlc.RLTrainingConfig(
         actor_optimizer=optimizer,
         eval_every_n_steps=10_000,
@@ -147,9 +149,27 @@ def test_clean_run_raises_no_alarm_and_reads_what_tunix_computes(tmp_path):
     # call's optimizer state is placed unlike its outputs); fm's statistics inside add none
     # over 40 steps, and fm's detector compiles once.
     assert learner.rl_cluster.actor_trainer._jitted_train_step_fn.jitted_fn._cache_size() == 2
-    assert manager._update._cache_size() == 1
+    assert isinstance(manager._update, jax.stages.Compiled)  # compiled ahead of time, once
     with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
         assert sum(1 for _ in f) == steps
+    # What fm may turn here, declared (fm.remediate.Capabilities), and turning it.
+    controller = manager.controller
+    caps = controller.capabilities()
+    assert {"lr", "lr_scale", "lr_cap", "kl_coef", "eps_low", "temperature"} <= caps.knobs
+    assert caps.reset_moments and caps.switches == frozenset()  # no redundant verifier given
+    controller.set_knobs(lr_scale=0.5, kl_coef=0.1, temperature=0.7)
+    assert controller.knobs()["lr_scale"] == 0.5 and learner.algo_config.beta == 0.1
+    assert learner.rl_cluster.cluster_config.rollout_config.temperature == 0.7
+    assert learner.rl_cluster.actor_trainer._jitted_train_step_fn is None  # β: retraced
+    with pytest.raises(ValueError, match="no knob"):
+        controller.set_knobs(grad_clip=1.0)
+    controller.reset_moments()
+    adam = [s for s in jax.tree.leaves(
+        learner.rl_cluster.actor_trainer.optimizer.opt_state, is_leaf=fm_tunix._has_moments
+    ) if fm_tunix._has_moments(s)][0]  # fmt: skip
+    assert all(not np.any(np.asarray(v.get_value())) for v in jax.tree.leaves(
+        (adam.mu, adam.nu), is_leaf=lambda x: isinstance(x, nnx.Variable)))  # fmt: skip
+    assert int(adam.count.get_value()) == steps  # the step count is kept
 
 
 def _checkpoint_params(workdir, step):

@@ -1,47 +1,49 @@
 """fm inside a Tunix GRPO learner: statistics, online detection, diagnosis and remediation.
 
-Install with ``pip install -e ".[tunix]"`` (the ``google-tunix`` package). Wiring, around an
-ordinary Tunix set-up::
+Install with ``pip install -e ".[tunix]"`` (the ``google-tunix`` package, 0.1.5). Wiring,
+around an ordinary Tunix set-up::
 
     manager = fm_tunix.Manager(workdir="run")
-    optimizer = fm_tunix.monitor(optax.adam(schedule), learning_rate=schedule)
+    optimizer = fm_tunix.monitor_optimizer(optax.adam(schedule), learning_rate=schedule)
     config = RLTrainingConfig(actor_optimizer=optimizer, checkpoint_root_directory="run/ckpt",
                               checkpointing_options=manager.checkpointing_options(every=5), ...)
     learner = GRPOLearner(RLCluster(...), GRPOConfig(...), reward_fns=...)
     manager.attach(learner)
     learner.train(manager.dataset(train_ds))
 
-Where each statistic is computed (`fm.stats` functions throughout):
+Where each statistic is computed (`fm.monitor`'s stage functions throughout):
 
 - inside Tunix's compiled train step, through the two things Tunix lets a user put there:
-  the policy loss (`attach` wraps the learner's loss: KL to the reference, entropy, response
-  lengths and truncation, repetition, and the sampler/trainer mismatch when Tunix computed old
-  log-probs; returned in the loss's aux, read one step late through Tunix's metrics logger)
-  and the optimizer (`monitor`: gradient / update / parameter norms, non-finite counts, the
+  the policy loss (`attach` wraps the learner's loss: KL to the reference, entropy, lengths
+  and truncation, repetition, the loss-mask audit; they travel in the loss's aux and come back
+  one step late through Tunix's metrics logger) and the optimizer (`monitor_optimizer`:
+  gradient, update and parameter norms, per-layer gradient norms, non-finite counts, the
   learning rate, kept in the optimizer state);
 - on the host, from Tunix's ``metric_fns`` hook, which receives each step's rewards and
   advantages: reward and group statistics, the advantage cross-checks against fm's shadow
   estimator, and the gap to a redundant verifier when one is given (``shadow_reward_fn``).
 
-The detector (`fm.detect`, jitted once) runs on the host each step, one step late, from a
-Tunix training hook; alarms go to `fm.diagnose` and `fm.remediate`. What fm can do here:
+`fm.monitor.Monitor` (built from the inputs this set-up provides; `Manager.unavailable` lists
+the signals it cannot watch and why) runs its detector on the host each step, one step late,
+from a Tunix training hook; alarms go to `fm.diagnose` and `fm.remediate`. What fm can do
+through Tunix (`Controller.capabilities`):
 
 - roll back through Tunix's own Orbax checkpoints (`CheckpointManager.maybe_restore`; they
   hold the weights only, so Adam's moments go on unless the plan resets them; Tunix's step
-  counter does not rewind, so a rollback's steps keep counting up);
+  counter does not rewind, so the steps after a rollback keep counting up);
 - Tunix's own settings: β (``kl_coef``, `GRPOConfig.beta`) and ε (``eps_low``,
   `GRPOConfig.epsilon`; a change retraces the train step once), the sampler's temperature,
-  top-p and top-k (`RolloutConfig`), the reward functions (``verifier_failover`` swaps them for
-  the redundant verifier);
-- with `monitor`: ``lr_scale`` and ``lr_cap`` (runtime arrays in the optimizer state, never a
-  recompile) and resetting Adam's moments; with `Manager.dataset`: skipping data;
+  top-p and top-k (`RolloutConfig`), the reward functions (``verifier_failover`` swaps them
+  for the redundant verifier);
+- with `monitor_optimizer`: ``lr_scale`` and ``lr_cap`` (arrays in the optimizer state:
+  changing them never recompiles) and resetting Adam's moments; with `Manager.dataset`:
+  skipping data (without it, a skip is recorded as ``unavailable``);
 - halt with a report (Tunix's ``max_steps`` set to the current step: training ends cleanly).
 
-What it cannot see: the sampler's own log-probs (Tunix's vanilla rollout returns none; with
-one policy iteration the learner's old log-probs are its current ones), tool use, weight or
-reference fingerprints. An exception inside fm (host statistics, detector, diagnoser,
-remediator, or tracing fm's in-step statistics) is logged as an ``fm_error`` event and
-training goes on unmanaged.
+What it cannot see: the sampler's own log-probs (Tunix's vanilla rollout returns none), tool
+use, fingerprints of the weights and the reference, the loss's effective coefficients. An
+exception inside fm (host statistics, detector, diagnoser, remediator, or tracing fm's in-step
+statistics) is logged as an ``fm_error`` event and training goes on unmanaged.
 """
 
 from __future__ import annotations
@@ -74,30 +76,38 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
     ) from e
 
 from fm import detect, diagnose, remediate
-from fm import stats as fs
+from fm import monitor as fm_monitor
 
 log = logging.getLogger(__name__)
 PREFIX = "fm/"  # fm's keys in Tunix's loss aux and metrics
+# Why Tunix cannot provide what some signals need (added to `fm.monitor`'s reasons).
+_WHY = {
+    "sampler_logp": "Tunix's vanilla rollout returns no log-probs",
+    "coefficients": "Tunix's loss takes no coefficient probe",
+    "tool_calls": "Tunix's GRPO learner has no tool use",
+    "audits": "Tunix owns the weights between steps; fm does not fingerprint them",
+}
 
 
 # -- in the compiled step: the optimizer --------------------------------------------------------
 
 
-class MonitorState(NamedTuple):
-    """State of `monitor`: the wrapped optimizer's, the last step's statistics, the knobs."""
+class OptimizerState(NamedTuple):
+    """State of `monitor_optimizer`: the wrapped optimizer's, the last update's statistics,
+    the knobs."""
 
     inner: Any
     count: jax.Array  # i32[] updates so far
-    stats: dict[str, jax.Array]  # fm.stats.optimization_stats of the last update
+    stats: dict[str, jax.Array]  # fm.monitor.optimization_statistics of the last update
     lr: jax.Array  # f32[] the scheduled learning rate of the next update
     lr_scale: jax.Array  # f32[] multiplies every update
     lr_cap: jax.Array  # f32[] the effective learning rate never exceeds it (inf: no cap)
 
 
-def monitor(
+def monitor_optimizer(
     optimizer: optax.GradientTransformation, *, learning_rate: float | Callable[[Any], Any]
 ) -> optax.GradientTransformation:
-    """Wraps Tunix's actor optimizer: `fm.stats.optimization_stats` of every update inside the
+    """Wraps Tunix's actor optimizer: `fm.monitor.optimization_statistics` of every update in the
     compiled step, and the knobs ``lr_scale`` and ``lr_cap`` (arrays: changing them never
     recompiles).
 
@@ -113,7 +123,8 @@ def monitor(
     schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
 
     def stats_of(grads, updates, params, lr):
-        return fs.optimization_stats(grads, updates, params, lr=lr)
+        inputs = fm_monitor.StepInputs(grads=grads, updates=updates, params=params, lr=lr)
+        return fm_monitor.optimization_statistics(inputs)
 
     def init(params):
         inner = optimizer.init(params)
@@ -125,7 +136,7 @@ def monitor(
             stats = {}
         one = jnp.ones((), jnp.float32)
         lr = jnp.asarray(schedule(0), jnp.float32)
-        return MonitorState(inner, jnp.zeros((), jnp.int32), stats, lr, one, jnp.inf * one)
+        return OptimizerState(inner, jnp.zeros((), jnp.int32), stats, lr, one, jnp.inf * one)
 
     def update(grads, state, params=None):
         updates, inner = optimizer.update(grads, state.inner, params)
@@ -138,23 +149,27 @@ def monitor(
             stats = stats_of(grads, updates, params, lr * scale)
         count = state.count + 1
         next_lr = jnp.asarray(schedule(count), jnp.float32)
-        return updates, MonitorState(inner, count, stats, next_lr, state.lr_scale, state.lr_cap)
+        return updates, OptimizerState(inner, count, stats, next_lr, state.lr_scale, state.lr_cap)
 
     return optax.GradientTransformation(init, update)
 
 
-def _monitor_state(optimizer: Any) -> MonitorState | None:
-    """The `MonitorState` inside an `nnx.Optimizer`'s state, or None."""
-    found = [
-        s
-        for s in jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, MonitorState))
-        if isinstance(s, MonitorState)
-    ]
+def _monitor_state(optimizer: Any) -> OptimizerState | None:
+    """The `OptimizerState` inside an `nnx.Optimizer`'s state, or None."""
+    mine = lambda x: isinstance(x, OptimizerState)  # noqa: E731
+    found = [s for s in jax.tree.leaves(optimizer.opt_state, is_leaf=mine) if mine(s)]
     return found[0] if found else None
 
 
+def _has_moments(x: Any) -> bool:
+    return hasattr(x, "mu") and hasattr(x, "nu")
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
 def _value(x: Any) -> Any:
-    return x.value if isinstance(x, nnx.Variable) else x
+    return x.get_value() if isinstance(x, nnx.Variable) else x
 
 
 # -- in the compiled step: the policy loss ------------------------------------------------------
@@ -167,46 +182,67 @@ def _entropy(logits: jax.Array) -> jax.Array:
 
 
 def step_stats(
-    model: Any, example: Any, *, pad_id: int, eos_id: int, max_len: int
+    example: Any, logits: jax.Array, *, group_size: int, pad_id: int, eos_id: int, max_len: int
 ) -> dict[str, jax.Array]:
-    """fm statistics of one Tunix `TrainExample` (prompt_ids [B, P], completion_ids [B, T],
-    completion_mask [B, T], ref_per_token_logps [B, T] or None, old_per_token_logps [B, T] or
-    None) under the policy `model`: KL to the reference, entropy, lengths (truncated = no EOS
-    among the T tokens), repetition, and the old/current mismatch when old log-probs exist."""
-    logp, logits = _tunix_common.compute_per_token_logps(
-        model,
-        prompt_tokens=example.prompt_ids,
-        completion_tokens=example.completion_ids,
-        pad_id=pad_id,
-        eos_id=eos_id,
-        stop_gradient=True,
-        return_logits=True,
+    """fm statistics of one Tunix `TrainExample` (completion_ids [B, T], completion_mask
+    [B, T], ref_per_token_logps [B, T] or None) and the policy's logits f32[B, T, V] at the
+    completion's positions, through `fm.monitor`'s stage functions: KL to the reference,
+    entropy, lengths (a response's non-pad tokens; truncated = no EOS among the T tokens),
+    repetition, and the loss-mask audit (Tunix's mask against those lengths)."""
+    logits = jax.lax.stop_gradient(logits)
+    ids, mask = example.completion_ids, example.completion_mask
+    logp = _tunix_common.selective_log_softmax(logits, ids)
+    inputs = fm_monitor.StepInputs(
+        lengths=jnp.sum(ids != pad_id, axis=1),
+        truncated=~jnp.any(ids == eos_id, axis=1),
+        response=ids,
+        response_mask=mask,
+        loss_mask=mask,
+        logp=logp,
+        ref_logp=example.ref_per_token_logps,
+        entropy=_entropy(logits),
     )
-    mask = example.completion_mask
-    ids = example.completion_ids
-    out = {
-        **fs.entropy_stats(_entropy(logits), mask),
-        **fs.length_stats(jnp.sum(mask, axis=1), ~jnp.any(ids == eos_id, axis=1), max_len=max_len),
-        **fs.token_stats(ids, mask),
+    return {
+        **fm_monitor.token_statistics(inputs, group_size=group_size),
+        **fm_monitor.rollout_statistics(inputs, group_size=group_size, max_len=max_len),
     }
-    if example.ref_per_token_logps is not None:
-        out.update(fs.kl_stats(logp, example.ref_per_token_logps, mask))
-    if example.old_per_token_logps is not None:
-        out.update(fs.mismatch_stats(example.old_per_token_logps, logp, mask))
-    return out
 
 
-def _wrap_loss(inner: Callable, errors: Callable[[str], None], **kwargs: Any) -> Callable:
-    """Tunix's loss with `step_stats` added to its aux under `PREFIX` (traced once)."""
+class _Example(NamedTuple):  # the fields of a Tunix TrainExample that `step_stats` reads
+    completion_ids: Any
+    completion_mask: Any
+    ref_per_token_logps: Any
+
+
+def _wrap_loss(
+    inner: Callable,
+    errors: Callable[[str], None],
+    keys: Sequence[str],
+    **kwargs: Any,
+) -> Callable:
+    """Tunix's loss with `step_stats` added to its aux under `PREFIX` (traced once). The
+    logits come from a second, stop-gradient forward pass on the loss's inputs: Tunix's loss
+    returns none, and its model call is a jitted function that cannot hand them out. Every
+    one of `keys` is in the aux (NaN if fm failed to compute it): Tunix reads each key it was
+    told to log and would stop on a missing one."""
 
     def loss_fn(model, train_example, algo_config):
         loss, aux = inner(model, train_example, algo_config)
         try:
-            extra = step_stats(model, train_example, **kwargs)
+            _, logits = _tunix_common.compute_per_token_logps(
+                model,
+                prompt_tokens=train_example.prompt_ids,
+                completion_tokens=train_example.completion_ids,
+                pad_id=kwargs["pad_id"],
+                eos_id=kwargs["eos_id"],
+                return_logits=True,
+            )
+            extra = step_stats(train_example, logits, **kwargs)
         except Exception:  # noqa: BLE001 - at trace time: Tunix's loss goes on alone
             errors("in-step statistics")
             extra = {}
-        return loss, {**aux, **{PREFIX + k: v for k, v in extra.items()}}
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        return loss, {**aux, **{PREFIX + k: extra.get(k, nan) for k in keys}}
 
     return loss_fn
 
@@ -307,6 +343,19 @@ class Controller:
             params = nnx.state(self.trainer.model, nnx.Param)
             self.cluster.rollout.update_params(params, (nnx.Param,))
 
+    def capabilities(self) -> remediate.Capabilities:
+        """Tunix's settings fm can turn, the `monitor_optimizer` knobs when present, the
+        verifier failover with a redundant verifier, moment resets with an Adam-like state."""
+        knobs = set(self.knobs())
+        switches = knobs & {"verifier_failover"}
+        moments = any(
+            hasattr(s, "mu") and hasattr(s, "nu")
+            for s in jax.tree.leaves(self.trainer.optimizer.opt_state, is_leaf=_has_moments)
+        )
+        return remediate.Capabilities(
+            knobs=frozenset(knobs - switches), switches=frozenset(switches), reset_moments=moments
+        )
+
     def knobs(self) -> dict[str, float]:
         algo = self.learner.algo_config
         out = {"kl_coef": float(algo.beta), "eps_low": float(algo.epsilon)}
@@ -337,7 +386,9 @@ class Controller:
                     setattr(cfg, name, int(value) if name == "top_k" else float(value))
             elif name in ("lr_scale", "lr_cap"):
                 state = _monitor_state(self.trainer.optimizer)
-                getattr(state, name).value = jnp.asarray(value, jnp.float32)
+                getattr(state, name).set_value(jnp.asarray(value, jnp.float32))
+            elif name == "lr":
+                raise ValueError("lr follows the schedule; fm changes lr_scale and lr_cap")
             elif name == "verifier_failover" and self.shadow is not None:
                 self.learner.reward_fns = [self.shadow] if value else list(self.reward_fns)
             else:
@@ -363,14 +414,10 @@ class Controller:
             if hasattr(state, "mu") and hasattr(state, "nu"):
                 for tree in (state.mu, state.nu):
                     for var in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-                        var.value = jnp.zeros_like(var.value)
+                        var.set_value(jnp.zeros_like(var.get_value()))
             return state
 
-        jax.tree.map(
-            zero,
-            self.trainer.optimizer.opt_state,
-            is_leaf=lambda x: hasattr(x, "mu") and hasattr(x, "nu"),
-        )
+        jax.tree.map(zero, self.trainer.optimizer.opt_state, is_leaf=_has_moments)
 
     def pin(self, step: int) -> None:
         self.manager.pins.steps.add(int(step))
@@ -384,17 +431,6 @@ class Controller:
         self.trainer.config.max_steps = step
         self.cluster.cluster_config.training_config.max_steps = step
         self.manager.halt_report = dict(report)
-
-
-class _Remediator(remediate.Remediator):
-    """`fm.remediate.Remediator` that counts a remedy whose knob this trainer lacks as
-    unsupported (instead of failing on the missing knob)."""
-
-    def supported(self, remedy: str) -> bool:
-        try:
-            return super().supported(remedy)
-        except KeyError:
-            return False
 
 
 class _Hooks(_tunix_hooks.TrainingHooks):
@@ -491,17 +527,19 @@ class Manager:
         rollout = rollout[next(iter(rollout))] if isinstance(rollout, dict) else rollout
         self.group_size = int(learner.algo_config.num_generations)
         self.max_len = int(rollout.max_tokens_to_generate)
+        self._pad_eos = dict(pad_id=cluster.rollout.pad_id(), eos_id=cluster.rollout.eos_id())
+        self._step_keys = self._in_step_keys(learner)
         trainer.with_loss_fn(
             _wrap_loss(
                 trainer.loss_fn,
                 self._trace_error,
-                pad_id=cluster.rollout.pad_id(),
-                eos_id=cluster.rollout.eos_id(),
+                self._step_keys,
+                group_size=self.group_size,
                 max_len=self.max_len,
+                **self._pad_eos,
             ),
             has_aux=True,
         )
-        self._step_keys = self._in_step_keys(learner)
         trainer.with_rl_metrics_to_log(
             {**trainer.rl_metrics_to_log, **{PREFIX + k: np.mean for k in self._step_keys}}
         )
@@ -509,21 +547,44 @@ class Manager:
         trainer.with_training_hooks(_Hooks(self, trainer.training_hooks))
         monitored = _monitor_state(trainer.optimizer)
         self._optimizer_keys = sorted(monitored.stats) if monitored is not None else []
-        available = set(self._step_keys) | set(self._optimizer_keys) | set(self._host_keys())
-        signals = self.config.signals or detect.default_signals(tools=False)
-        self.signals = tuple(s for s in signals if s.name in available)
-        self.missing = sorted({s.name for s in signals} - available)
-        self.detector = detect.detector(self.signals, self.config.detect)
-        self.det_state = self.detector.init()
-        self._thresholds = self.detector.thresholds()
-        self._update = jax.jit(self.detector.update)
+        inputs = {"rewards", "advantages", "lengths", "truncated", "response", "response_mask"}
+        inputs |= {"loss_mask", "logp", "entropy"}
+        inputs |= {"ref_logp"} if learner.algo_config.beta != 0.0 else set()
+        inputs |= {"verifier_rewards"} if self.shadow_reward_fn is not None else set()
+        inputs |= {"grads", "updates", "params", "lr"} if self._optimizer_keys else set()
+        # The public in-step API decides what can be watched from what Tunix provides; its
+        # detector runs on the host over the statistics gathered from the three stages.
+        self.monitor = fm_monitor.monitor(
+            group_size=self.group_size,
+            max_len=self.max_len,
+            inputs=inputs,
+            signals=self.config.signals,
+            audits=False,
+            config=self.config.detect,
+        )
+        self.signals = self.monitor.detector.signals
+        self.unavailable = [
+            (name, "; ".join([why, *[w for k, w in _WHY.items() if k in why]]))
+            for name, why in self.monitor.unavailable
+        ]
+        # Placed like the jitted update's outputs, so that it compiles once.
+        self.fm_state = jax.device_put(self.monitor.init(), jax.devices()[0])
+
+        def update(stats, state):
+            _, out, state = self.monitor.update(fm_monitor.StepInputs(), state, stats=stats)
+            return detect.flags_to_dict(self.monitor.detector, out), state
+
+        # Compiled once, ahead of time: Tunix calls the last step's hook outside the mesh
+        # context of the others, which would make a jitted function compile again.
+        zeros = {sig.name: np.zeros((), np.float32) for sig in self.signals}
+        self._update = jax.jit(update).lower(zeros, self.fm_state).compile()
         self.controller = Controller(self, learner)
         self.remediator = None
         if self.config.remediate:
             chosen = self._diagnoser or (
                 diagnose.Learned() if self.config.diagnoser == "learned" else diagnose.diagnose
             )
-            self.remediator = _Remediator(
+            self.remediator = remediate.Remediator(
                 self.controller,
                 diagnoser=chosen,
                 verify_window=self.config.verify_window,
@@ -534,27 +595,33 @@ class Manager:
 
     def _in_step_keys(self, learner: Any) -> list[str]:
         """The keys `step_stats` returns for this learner's examples."""
-        keys = ["entropy_mean", "entropy_min_seq", "repetition_ratio", "ngram_repeat_ratio"]
-        keys += ["unique_token_ratio", "length_mean", "length_std", "length_max", "length_min"]
-        keys += ["clip_ratio", "length_at_cap"]
-        if learner.algo_config.beta != 0.0:
-            keys += ["kl_ref_k1", "kl_ref_k3", "kl_ref_max"]
-        if learner.algo_config.num_iterations > 1:
-            keys += ["mismatch_k3", "mismatch_max_abs", "is_ratio_mean", "is_ratio_max", "is_ess"]
-        return keys
-
-    def _host_keys(self) -> list[str]:
-        zeros = jnp.zeros((self.group_size,), jnp.float32)
-        keys = list(jax.eval_shape(self._host_stats, zeros, zeros, zeros))
-        return keys if self.shadow_reward_fn else [k for k in keys if k != "reward_shadow_gap"]
+        b, t = self.group_size, 2
+        ref = jax.ShapeDtypeStruct((b, t), jnp.float32) if learner.algo_config.beta else None
+        example = _Example(
+            jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.int32), ref
+        )
+        logits = jax.ShapeDtypeStruct((b, t, 3), jnp.float32)
+        shapes = jax.eval_shape(
+            lambda e, x: step_stats(
+                e, x, group_size=self.group_size, max_len=self.max_len, **self._pad_eos
+            ),
+            example,
+            logits,
+        )
+        return sorted(shapes)
 
     def _host_stats(self, rewards, advantages, shadow):
-        mask = jnp.ones((rewards.shape[0], 1), jnp.float32)
-        g = self.group_size
+        """Reward, group and advantage statistics (rewards, advantages f32[B]; shadow: the
+        redundant verifier's f32[B] or None), through `fm.monitor`'s stage functions."""
+        inputs = fm_monitor.StepInputs(
+            rewards=rewards,
+            verifier_rewards=shadow,
+            advantages=advantages[:, None],
+            loss_mask=jnp.ones((rewards.shape[0], 1), jnp.float32),
+        )
         return {
-            **fs.reward_stats(rewards, group_size=g),
-            **fs.advantage_stats(advantages[:, None], mask, rewards, group_size=g),
-            **fs.reward_shadow_stats(rewards, shadow),
+            **fm_monitor.rollout_statistics(inputs, group_size=self.group_size, max_len=1),
+            **fm_monitor.token_statistics(inputs, group_size=self.group_size),
         }
 
     # - what Tunix calls -
@@ -567,7 +634,7 @@ class Manager:
         try:
             step = self._learner.rl_cluster.actor_trainer.train_steps + 1
             r = jnp.asarray(rewards, jnp.float32)
-            shadow = r
+            shadow = None
             if self.shadow_reward_fn is not None:
                 scores = self.shadow_reward_fn(prompts=prompts, completions=completions, **kwargs)
                 shadow = jnp.asarray(scores, jnp.float32)
@@ -575,8 +642,6 @@ class Manager:
                 self._host_jit = jax.jit(self._host_stats)
             values = self._host_jit(r, jnp.asarray(advances, jnp.float32), shadow)
             stats = {k: float(v) for k, v in values.items()}
-            if self.shadow_reward_fn is None:
-                del stats["reward_shadow_gap"]
             with self._lock:  # an evaluation pass later in the step must not replace it
                 self._host.setdefault(step, stats)
             return {PREFIX + k: (v, np.mean) for k, v in stats.items()}
@@ -593,8 +658,8 @@ class Manager:
             trainer = self._learner.rl_cluster.actor_trainer
             state = _monitor_state(trainer.optimizer)
             if trainer.train_steps > 0:
-                stats = {k: jnp.copy(_value(v)) for k, v in state.stats.items()}
-                self._optimizer[trainer.train_steps] = stats
+                stats = {k: _value(v) for k, v in state.stats.items()}
+                self._optimizer[trainer.train_steps] = _copy(stats)  # one dispatch
         except Exception:  # noqa: BLE001
             self._error("optimizer statistics")
 
@@ -607,11 +672,11 @@ class Manager:
                 self.event(step, "discarded", reason="computed before the rollback")
                 return
             record = self._record(step, loss)
-            x = {s.name: jnp.asarray(record[s.name], jnp.float32) for s in self.signals}
-            out, self.det_state = self._update(x, self.det_state, self._thresholds)
-            flags = np.asarray(out.flags)
-            flagged = [s.name for s, f in zip(self.signals, flags, strict=True) if f]
-            record["alarm"] = bool(out.alarm)
+            x = {s.name: np.asarray(record[s.name], np.float32) for s in self.signals}
+            out, self.fm_state = self._update(x, self.fm_state)
+            reading = detect.Reading.from_record(jax.device_get(out))
+            flagged = reading.flagged
+            record["alarm"] = reading.alarm
             self.records.append(record)
             self._write("metrics.jsonl", record)
             if record["alarm"]:
@@ -696,7 +761,7 @@ class Manager:
 
         return {
             "signals": [s.name for s in self.signals],
-            "unavailable_signals": self.missing,
+            "unavailable": [{"signal": n, "reason": r} for n, r in self.unavailable],
             "alarms": [e["step"] for e in of("alarm")],
             "diagnoses": of("diagnosis"),
             "actions": of("action"),
