@@ -239,3 +239,29 @@ def test_an_exception_inside_fm_never_stops_tunix(tmp_path):
     assert "diagnoser bug" in summary["fm_errors"][0]["traceback"]
     assert summary["alarms"] and summary["actions"] == []
     assert manager.records[-1]["step"] < 12  # nothing observed once unmanaged
+
+
+def test_flipped_rewards_fail_over_to_the_redundant_verifier(tmp_path):
+    onset = 24  # from this training step on, the reward function flips every other reward
+    calls = []
+
+    def flipping(prompts, completions, mode, **kwargs):
+        calls.append(mode)
+        rewards = share_of_a(prompts, completions)
+        if calls.count("train") >= onset:
+            return [1.0 - r if i % 2 == 0 else r for i, r in enumerate(rewards)]
+        return rewards
+
+    manager = fm_tunix.Manager(workdir=str(tmp_path), shadow_reward_fn=share_of_a)
+    manager, learner = run(str(tmp_path), steps=40, manager=manager, reward_fns=flipping)
+    summary = manager.summary()
+    assert summary["fm_errors"] == []
+    assert "reward_shadow_gap" in summary["signals"]
+    assert onset <= summary["alarms"][0] < onset + 10
+    assert summary["diagnoses"][0]["family"] == "reward", summary["diagnoses"][0]
+    assert summary["actions"][0]["restored_to"] < onset
+    remedies = [a["remedy"] for action in summary["actions"] for a in action["actions"]]
+    assert "verifier_failover" in remedies, remedies
+    assert learner.reward_fns == [share_of_a]  # Tunix now scores with the verifier
+    assert summary["verifications"][-1]["outcome"] == "recovered", summary["verifications"]
+    assert manager.records[-1]["reward_shadow_gap"] == 0.0
