@@ -241,8 +241,8 @@ def test_an_exception_inside_fm_never_stops_tunix(tmp_path):
     assert manager.records[-1]["step"] < 12  # nothing observed once unmanaged
 
 
-def test_flipped_rewards_fail_over_to_the_redundant_verifier(tmp_path):
-    onset = 24  # from this training step on, the reward function flips every other reward
+def _flipping(onset):
+    """A reward function that flips every other reward from training step `onset` on."""
     calls = []
 
     def flipping(prompts, completions, mode, **kwargs):
@@ -252,6 +252,12 @@ def test_flipped_rewards_fail_over_to_the_redundant_verifier(tmp_path):
             return [1.0 - r if i % 2 == 0 else r for i, r in enumerate(rewards)]
         return rewards
 
+    return flipping
+
+
+def test_flipped_rewards_fail_over_to_the_redundant_verifier(tmp_path):
+    onset = 24
+    flipping = _flipping(onset)
     manager = fm_tunix.Manager(workdir=str(tmp_path), shadow_reward_fn=share_of_a)
     manager, learner = run(str(tmp_path), steps=40, manager=manager, reward_fns=flipping)
     summary = manager.summary()
@@ -265,3 +271,24 @@ def test_flipped_rewards_fail_over_to_the_redundant_verifier(tmp_path):
     assert learner.reward_fns == [share_of_a]  # Tunix now scores with the verifier
     assert summary["verifications"][-1]["outcome"] == "recovered", summary["verifications"]
     assert manager.records[-1]["reward_shadow_gap"] == 0.0
+
+
+def test_without_a_verifier_the_failover_is_unavailable_and_tunix_halts(tmp_path):
+    """No redundant verifier: the diagnosis lists verifier_failover as unavailable, the plan
+    rolls back, raises Tunix's β, and halts Tunix with a report when the alarm persists."""
+    onset = 24
+    manager, learner = run(str(tmp_path), steps=40, reward_fns=_flipping(onset))
+    summary = manager.summary()
+    assert summary["fm_errors"] == []
+    assert onset <= summary["alarms"][0] < onset + 10
+    diagnosis = summary["diagnoses"][0]
+    assert diagnosis["family"] == "reward", diagnosis
+    missing = {u["remedy"]: u["reason"] for u in diagnosis["unavailable"]}
+    assert "no switch verifier_failover" in missing["verifier_failover"]
+    assert summary["actions"] and summary["halted"]
+    assert summary["halt_report"]["reason"] == "the plan is used up"
+    remedies = [a["remedy"] for action in summary["actions"] for a in action["actions"]]
+    assert "raise_kl" in remedies and learner.algo_config.beta == 0.08  # Tunix's own β, ×2
+    # The halt is observed one step late, so Tunix stops after the step in flight.
+    halt = next(e for e in manager.events if e["event"] == "halt")
+    assert learner.rl_cluster.actor_trainer.train_steps == halt["step"] + 1 < 40
