@@ -24,6 +24,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from fm import taxonomy
+
 DEFAULT_SIGNALS = ("reward_mean", "kl_ref_k1", "entropy_mean", "grad_norm")
 
 
@@ -46,6 +48,51 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def _knob_change(remedy: str, knobs: Mapping[str, float]) -> str:
+    if not knobs:
+        return remedy.replace("_", " ")
+    return ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in knobs.items())
+
+
+def describe(event: Mapping[str, Any]) -> str:
+    """One plain sentence for a closed-loop event (the console's story of a run), e.g.
+    "step 103  ALARM update_param_ratio +117σ, grad_norm +21σ" or
+    "step 105  diagnosis OD1 learning-rate spike or stall (97%), plan: rollback, lr cap, halt".
+    Unknown event kinds fall back to their fields."""
+    kind, step = event.get("event"), event.get("step")
+    head = f"step {step}  "
+    if kind == "alarm":
+        scores = event.get("scores", {})
+        named = [f"{n} {scores[n]:+.0f}σ" if n in scores else n for n in event["signals"]]
+        return head + "ALARM " + ", ".join(named)
+    if kind == "diagnosis":
+        name = taxonomy.get(event["top"]).name
+        confidence = dict(map(tuple, event.get("ranking", [])))
+        p = confidence.get(event["top"])
+        plan = ", ".join(r.replace("_", " ") for r in event.get("plan", []))
+        text = f"diagnosis {event['top']} {name}" + (f" ({p:.0%})" if p is not None else "")
+        missing = [u["remedy"] for u in event.get("unavailable", [])]
+        if missing:
+            plan += f" (not available here: {', '.join(missing)})"
+        return head + text + f", plan: {plan}"
+    if kind == "action":
+        extra = [_knob_change(a["remedy"], a["knobs"]) for a in event["actions"][1:]]
+        return head + f"rollback to {event['restored_to']}" + "".join(f" + {e}" for e in extra)
+    if kind == "verification":
+        if event.get("outcome") == "recovered":
+            return head + "recovered (no alarm since the remedy)"
+        return head + "the alarm came back: next attempt"
+    if kind == "halt":
+        named = f" (diagnosis {event['diagnosis']})" if event.get("diagnosis") else ""
+        return head + f"HALT: {event.get('reason')}{named}"
+    if kind == "restore_failed":
+        return head + f"checkpoint {event['checkpoint']} unusable ({event['reason']})"
+    if kind == "fm_error":
+        return head + f"fm failed in {event['where']}; training goes on unmanaged"
+    fields = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("step", "event"))
+    return head + f"{kind}: {fields}"
 
 
 def timeline(events: Sequence[Mapping[str, Any]]) -> Timeline:

@@ -40,7 +40,7 @@ from launch import common
 from rftjax import models, sampling
 from rftjax.knobs import make_knobs
 from rftjax.tasks import Task, make_task
-from rftjax.train import monitor
+from rftjax.train import monitor as run_monitor
 from rftjax.train.loop import build_model_config, to_prompt_batch
 from rftjax.train.step import init_state, make_learner
 
@@ -213,11 +213,11 @@ def _alternate(a: dict, b: dict, batches, knobs, repeats: int) -> tuple[np.ndarr
     return np.asarray(times[id(a)]), np.asarray(times[id(b)])
 
 
-def _runner(setup: _Setup, values, batches, knobs, *, detector=None, fault=None, fparams=None):
+def _runner(setup: _Setup, values, batches, knobs, *, monitor=None, fault=None, fparams=None):
     """A compiled step with its own copy of the state, compiled and run three times."""
-    learner = _learner(setup, monitor=detector, fault=fault)
+    learner = _learner(setup, monitor=monitor, fault=fault)
     rl, params = setup.rl, setup.params
-    state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, detector, fault)
+    state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, monitor, fault)
     memory = _memory_bytes(learner["step"], state, batches[0], knobs, fparams)
     v = {"step": learner["step"], "state": state, "fparams": fparams, "memory": memory}
     for i in range(3):  # compile and settle
@@ -269,17 +269,17 @@ def bench_fm_overhead(values, repeats: int) -> dict:
     """Step time with fm statistics + detection versus without: same process, alternating
     calls after compilation, median of per-pair ratios."""
     setup = _setup(values)
-    detector = monitor.make_monitor(setup.rl)
+    fm_monitor = run_monitor.make_monitor(setup.rl)
     knobs = make_knobs(**common.knob_values(values))
     batches = _batches(setup)
     variants = {
         "off": _runner(setup, values, batches, knobs),
-        "fm": _runner(setup, values, batches, knobs, monitor=detector),
+        "fm": _runner(setup, values, batches, knobs, monitor=fm_monitor),
     }
     off, on = _alternate(variants["off"], variants["fm"], batches, knobs, repeats)
     fm_state_bytes = sum(x.nbytes for x in jax.tree.leaves(variants["fm"]["state"].fm))
     return {
-        "signals": len(detector.detector.signals),
+        "signals": len(fm_monitor.detector.signals),
         "step_seconds_off": float(np.median(off)),
         "step_seconds_fm": float(np.median(on)),
         "median_ratio": float(np.median(on / off)),
@@ -298,15 +298,15 @@ def bench_campaign_vmap(values, repeats: int) -> dict:
     task, rl, _, params = setup
     if task.jnp_reward is None:
         raise ValueError(f"--what=campaign_vmap needs a compiled reward, not {values.task!r}")
-    detector = monitor.make_monitor(rl, tools=task.tools is not None)
-    step = _learner(setup, monitor=detector)["step"]
+    fm_monitor = run_monitor.make_monitor(rl, tools=task.tools is not None)
+    step = _learner(setup, monitor=fm_monitor)["step"]
     knobs = make_knobs(**common.knob_values(values))
     n, batches = values.runs, _batches(setup)
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
     # Call i gives run r batch (i + 3r) mod 8: each run its own data, as a list and stacked.
     calls = [[batches[(i + 3 * r) % 8] for r in range(n)] for i in range(8)]
     calls = [(runs, stack(runs)) for runs in calls]
-    states = [init_state(params, rl, values.seed + r, detector) for r in range(n)]
+    states = [init_state(params, rl, values.seed + r, fm_monitor) for r in range(n)]
 
     def one_by_one(states, call, knobs, fparams=None):
         out = [step(state, batch, knobs) for state, batch in zip(states, call[0], strict=True)]

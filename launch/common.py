@@ -24,7 +24,8 @@ def define_run_flags() -> None:
     flags.DEFINE_string(
         "task",
         "arith",
-        "arith | sort | jsonl:/path/to/file.jsonl | parquet:/path/to/file_or_folder.parquet",
+        "arith | sort | calc (tool use) | jsonl:/path/to/file.jsonl | "
+        "parquet:/path/to/file_or_folder.parquet",
     )
     flags.DEFINE_string("prompt_field", "prompt", "File tasks: the field holding the prompt.")
     flags.DEFINE_string("answer_field", "answer", "File tasks: the field holding the answer.")
@@ -145,6 +146,52 @@ def define_run_flags() -> None:
     flags.DEFINE_integer("log_every", 100, "Progress line period (steps).")
 
 
+# The main flags of `launch.train --help`, grouped; absl's own and the rest stay in --helpfull.
+HELP_GROUPS = {
+    "run": (
+        "workdir", "steps", "resume", "seed", "eval_every", "eval_size", "checkpoint_every",
+        "keep_checkpoints", "log_every",
+    ),
+    "model & task": (
+        "model", "model_overrides", "task", "prompt_field", "answer_field", "answer_format",
+        "chat_template", "max_new_tokens", "warmup_steps", "warmup_batch_size", "warmup_lr",
+    ),
+    "algorithm": (
+        "algo", "prompts_per_step", "group_size", "num_epochs", "num_minibatches", "loss_agg",
+        "kl_kind", "normalize_adv_std", "kl_in_reward", "gamma", "lam", "lr", "grad_clip",
+        "kl_coef", "ent_coef", "eps_low", "eps_high", "temperature", "top_p", "top_k", "vf_coef",
+    ),
+    "faults": (
+        "fault", "fault_severity", "fault_variant", "fault_magnitude", "fault_onset",
+        "fault_duration",
+    ),
+    "fm (failure management)": ("fm", "fm_window", "fm_policy", "fm_diagnoser", "fm_strict"),
+    "mesh": ("mesh", "multihost", "coordinator_address", "num_processes", "process_id"),
+}  # fmt: skip
+
+
+def grouped_help(usage: str, groups=HELP_GROUPS) -> str:
+    """Help text of the flags in `groups` (name: default, then the help), group by group."""
+    lines = [usage, ""]
+    for group, names in groups.items():
+        lines.append(f"{group}:")
+        for name in names:
+            flag = flags.FLAGS[name]
+            value = flag.default
+            shown = repr(value) if isinstance(value, str) else value
+            default = "" if value is None else f" (default: {shown})"
+            lines.append(f"  --{name}{default}")
+            lines.append(f"      {flag.help}")
+        lines.append("")
+    lines.append("--flagfile=FILE reads flags from a file; --helpfull lists every flag.")
+    return "\n".join(lines)
+
+
+def help_requested(argv) -> bool:
+    """Whether the command line asks for --help (absl's own -h / --help / -?)."""
+    return any(a in ("-h", "--help", "-?", "--help=true") for a in argv[1:])
+
+
 def task_options(values) -> dict:
     """File-task options of the flags (`rftjax.tasks.make_task` keyword arguments)."""
     names = ("chat_template", "prompt_field", "answer_field", "answer_format")
@@ -248,10 +295,13 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
 
 
 class _DropLibraryInfo:
-    """absl-handler filter: hide INFO chatter of Orbax (it logs every save) but keep warnings."""
+    """absl-handler filter: hide the INFO chatter of Orbax (it logs every save) and of jax's
+    backend probe (a missing TPU runtime on every CPU start), but keep their warnings."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= 30 or "orbax" not in record.pathname
+        return record.levelno >= 30 or not any(
+            name in record.pathname for name in ("orbax", "xla_bridge")
+        )
 
 
 def quiet_libraries() -> None:

@@ -10,7 +10,11 @@ from rftjax.train import preempt
 preempt.catch_early()  # a preemption during the imports below is not lost
 
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
+
+# transformers' advice that PyTorch is absent reads like an error; rftjax needs no torch.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -43,12 +47,14 @@ def main(argv):
     except preempt.Preempted as e:  # before the first RL step: nothing to save
         logging.warning("%s; nothing to save (run again, with --resume if it had begun)", e)
         return
-    except (ValueError, FileNotFoundError) as e:
-        logging.error("%s", e)
+    except (ValueError, FileNotFoundError) as e:  # said once, as a sentence: no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
+    if common.help_requested(sys.argv):  # the main flags, grouped; exit 0
+        print(common.grouped_help(__doc__.strip().splitlines()[0]))
+        sys.exit(0)
     app.run(main)

@@ -216,6 +216,13 @@ class TrainConfig:
             from rftjax.parallel import parse_mesh
 
             parse_mesh(self.mesh, None)  # names a bad axis or syntax; devices are counted later
+        if self.rl.algo == "grpo" and float(self.knobs.get("temperature", 1.0)) <= 0:
+            raise ValueError(
+                f"--temperature={self.knobs['temperature']} with GRPO: greedy sampling gives "
+                "every completion of a group the same answer, so every group's rewards are "
+                "equal and its advantages zero (no learning signal); use a temperature > 0 "
+                "(default 1.0), or --algo=ppo, whose critic gives a baseline"
+            )
         if self.fork_from and self.fault == "none":
             raise ValueError("fork_from needs a fault: a clean run has nothing to fork for")
         if self.fault != "none":

@@ -59,6 +59,10 @@ def test_a_signal_saves_the_step_in_flight_and_resume_is_identical(tmp_path, sig
     summary = _summary(stopped)
     at = summary["steps_completed"]
     assert summary["preempted"] is True and 5 <= at < 150, summary
+    # "final" only from an evaluation of the state it stopped at (evaluations every 50 steps).
+    evaluated = at // 50 * 50
+    assert summary["eval_last_step"] == evaluated
+    assert (summary["eval_accuracy_final"] is None) == (at != evaluated)
     assert chaos.logged_step(stopped) == at == chaos.checkpoint_step(stopped)  # nothing lost
     assert _train(stopped, "--steps=150", "--resume").wait() == 0
     assert _train(reference, "--steps=150").wait() == 0
@@ -180,7 +184,7 @@ def test_bad_dataset_files_fail_before_any_work(tmp_path, data, message):
     proc = _train(tmp_path / "run", "--steps=2", f"--task=jsonl:{path}")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and message in err, err[-2000:]
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    assert not os.path.exists(tmp_path / "run")  # a failed start leaves no folder behind
 
 
 def test_bad_model_folders_fail_before_any_work(tmp_path):
@@ -193,6 +197,7 @@ def test_bad_model_folders_fail_before_any_work(tmp_path):
     proc = _train(tmp_path / "run", "--steps=2", f"--model={tmp_path / 'absent'}")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "absent" in err, err[-2000:]
+    assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.parametrize(

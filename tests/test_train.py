@@ -124,7 +124,7 @@ def test_tool_task_runs_end_to_end_and_reports_tool_use(tmp_path):
     assert "eval_tool_rate_initial" in summary and "eval_tool_rate" in records[1]
 
 
-def test_fm_full_rolls_back_a_transient_fault_and_verifies_recovery(tmp_path):
+def test_fm_full_rolls_back_a_transient_fault_and_verifies_recovery(tmp_path, caplog):
     # CA3 (loss mask one slot late) breaks the mask/length invariant at once; it lasts 3 steps
     # of run time, so the rollback replays clean steps and verification passes.
     cfg = _config(
@@ -147,6 +147,14 @@ def test_fm_full_rolls_back_a_transient_fault_and_verifies_recovery(tmp_path):
     records = _records(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 21))  # replayed steps replaced
     assert all(r["check_mask_length"] == 0 for r in records[9:])
+    # The console tells the story in sentences; JSON stays in events.jsonl.
+    said = [r.getMessage() for r in caplog.records]
+    story = [m for m in said if m.startswith("step ") and "  " in m]
+    assert any("ALARM check_mask_length" in m for m in story), said
+    assert any("diagnosis CA3 mask, padding or EOS bug" in m for m in story), said
+    assert any(f"rollback to {action['restored_to']}" in m for m in story), said
+    assert any("recovered" in m for m in story), said
+    assert not any('"event"' in m or "{" in m for m in said), said
 
 
 def test_persistent_nan_gradients_fm_skips_them_and_a_plan_without_that_halts(tmp_path):

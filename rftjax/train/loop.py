@@ -7,6 +7,7 @@ in the hot loop except at evaluation and checkpoint steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,7 @@ from absl import logging
 
 import faults
 from fm import detect as fm_detect
+from fm import report as fm_report
 from rftjax import models, parallel
 from rftjax.checkpoint import Checkpointer, CorruptCheckpoint
 from rftjax.config import TrainConfig
@@ -31,6 +33,7 @@ from rftjax.models import hf
 from rftjax.tasks import Task, make_task
 from rftjax.train import manage, monitor, preempt
 from rftjax.train import warmup as wu
+from rftjax.train.lock import LOCK_NAME, WorkdirLock
 from rftjax.train.logs import JsonlLog, MetricsWriter, read_jsonl, write_jsonl
 from rftjax.train.step import PromptBatch, TrainState, init_state, make_learner
 
@@ -217,6 +220,20 @@ def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     return sorted(k for k in ours if recorded(k) != ours[k])
 
 
+def describe_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """Each differing field of two config records as "name: saved X, now Y" (nested groups,
+    e.g. the algorithm's settings or the knobs, by their own fields: "rl.group_size: ...")."""
+    out = []
+    for key in _differences(saved, ours):
+        old, new = saved.get(key), ours[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            out += [f"{key}.{k}: saved {old.get(k)!r}, now {new.get(k)!r}" for k in inner]
+        else:
+            out.append(f"{key}: saved {old!r}, now {new!r}")
+    return out
+
+
 def _config_record(cfg: TrainConfig) -> dict[str, Any]:
     record = dataclasses.asdict(cfg)
     # The mesh is how, not what: a run may resume on another mesh (Orbax reshards on restore).
@@ -317,6 +334,8 @@ def _start_or_resume(run: _Run, graphdef, params, detector, stop=None):
             f"{run.workdir} already holds checkpoints (latest step {latest}); pass "
             "--resume to continue that run, or choose a new --workdir"
         )
+    if cfg.resume and latest is None and not cfg.fork_from:
+        logging.warning("--resume: %s holds no checkpoint; starting a new run", run.workdir)
     if cfg.fork_from and latest is None:
         forked = _fork(run, params, detector)
         if forked is not None:
@@ -330,12 +349,11 @@ def _start_or_resume(run: _Run, graphdef, params, detector, stop=None):
                 hint = ""
                 if "fault_onset" in changed:
                     hint = (
-                        f"; the saved run's fault onset is step {saved.get('fault_onset')} (the "
-                        "default onset follows --steps: pass --fault_onset explicitly)"
+                        "; the default fault onset follows --steps: pass --fault_onset explicitly"
                     )
                 raise ValueError(
                     f"--resume: {run.workdir} belongs to a run with a different "
-                    f"configuration (differs in: {', '.join(changed)}){hint}"
+                    f"configuration: {'; '.join(describe_differences(saved, run.record))}{hint}"
                 )
 
         target = init_state(params, cfg.rl, cfg.seed, detector, run.fault)
@@ -348,7 +366,7 @@ def _start_or_resume(run: _Run, graphdef, params, detector, stop=None):
         except CorruptCheckpoint as e:
             raise ValueError(f"--resume: {e}") from e
         logging.info("resumed from step %d in %s", step, checkpointer.directory)
-        evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
+        evals = _saved_evals(meta)
         notes = [
             {"step": step, "event": "corrupt_checkpoint", "checkpoint": s, "reason": why}
             for s, why in skipped
@@ -362,7 +380,7 @@ def _start_or_resume(run: _Run, graphdef, params, detector, stop=None):
     logging.info(
         "initial held-out accuracy (after warm-up, before RL): %.3f", initial["eval_accuracy"]
     )
-    evals = {"initial": initial, "last": initial}
+    evals = {"initial": initial, "last": initial, "last_step": 0}
     return _Start(state, make_knobs(**cfg.knobs), evals, warmup_seconds)
 
 
@@ -412,8 +430,18 @@ def _fork(run: _Run, params, detector):
         records = read_jsonl(os.path.join(source, name))
         write_jsonl(os.path.join(run.workdir, name), [{**r, **extra} for r in records])
     logging.info("forked from step %d of %s", steps[-1], source)
-    evals = {"initial": meta["eval_initial"], "last": meta["eval_last"]}
+    evals = _saved_evals(meta)
     return _Start(state, knobs_from_dict(meta["knobs"]), evals)
+
+
+def _saved_evals(meta: dict[str, Any]) -> dict[str, Any]:
+    """The evaluations a checkpoint holds: initial, the last one and its step (None in
+    checkpoints written before the step was recorded)."""
+    return {
+        "initial": meta["eval_initial"],
+        "last": meta["eval_last"],
+        "last_step": meta.get("eval_last_step"),
+    }
 
 
 class _Start(NamedTuple):
@@ -445,8 +473,29 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     SIGTERM / SIGINT (from the start on) stop the run after the RL step in flight, with a
     checkpoint of it and the summary ("preempted": true); `resume=True` continues it."""
-    with preempt.Preemption() as stop:
-        return _run(cfg, stop)
+    workdir = os.path.abspath(cfg.workdir)
+    created = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        with preempt.Preemption() as stop, _lock(workdir):
+            return _run(cfg, stop)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no folder behind
+            _remove_if_empty(workdir)
+        raise
+
+
+def _lock(workdir: str):
+    """One trainer per workdir (process 0 of a multi-host job holds it for the job)."""
+    return WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
+def _remove_if_empty(workdir: str) -> None:
+    """Removes `workdir` if it holds no file but the lock (empty folders aside)."""
+    for _, _, files in os.walk(workdir):
+        if any(f != LOCK_NAME for f in files):
+            return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
@@ -484,7 +533,7 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
         t_rl = time.time()
         logs = _Logs(metrics_log, events, traj_log)
         try:
-            state, final = _train(run_, state, knobs, evals, logs, t_rl, stop, begun.meta)
+            state, final, final_step = _train(run_, state, knobs, evals, logs, stop, begun.meta)
         finally:
             metrics_log.close()
             events.close()
@@ -496,11 +545,16 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption) -> dict[str, Any]:
     steps_run = int(state.step) - start
     history = read_jsonl(events.path)
     alarms = [e for e in history if e["event"] == "alarm"]
+    # "final" only from an evaluation of the state the run ended with (a preempted run's last
+    # evaluation may be older: it is reported as "last", with its step).
+    ended_evaluated = final_step == int(state.step)
     summary = {
         "eval_accuracy_initial": initial["eval_accuracy"],
-        "eval_accuracy_final": final["eval_accuracy"],
+        "eval_accuracy_final": final["eval_accuracy"] if ended_evaluated else None,
         "eval_reward_initial": initial["eval_reward"],
-        "eval_reward_final": final["eval_reward"],
+        "eval_reward_final": final["eval_reward"] if ended_evaluated else None,
+        "eval_accuracy_last": final["eval_accuracy"],
+        "eval_last_step": final_step,
         "steps_completed": int(state.step),
         "wall_seconds": time.time() - t_start,
         "warmup_seconds": warmup_seconds,
@@ -561,13 +615,14 @@ def _remediation_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta=None):
+def _train(run: _Run, state, knobs, evals, logs: _Logs, stop, resumed_meta=None):
     """The RL loop. Returns (state, last evaluation). Stops early, after a checkpoint of the
     last step, when `stop` (a `preempt.Preemption`) is reached."""
     cfg, rl, task = run.cfg, run.cfg.rl, run.task
     metrics_log, events, traj_log = logs
     # A resumed run that has nothing left to do reports the evaluation its checkpoint holds.
     start, initial, final = int(state.step), evals["initial"], evals["last"]
+    final_step = evals["last_step"]  # the step `final` evaluated
     pending: list = []  # (step, metrics on device) of the step not yet read
     manager = controller = None
     fm_failure = (resumed_meta or {}).get("fm_failure")
@@ -622,7 +677,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
             if values.get("alarm", 0.0) > 0:
                 event = _alarm_event(step_no, values)
                 events.write(event)
-                logging.warning("step %d: alarm on %s", step_no, ", ".join(event["signals"]))
+                logging.warning("%s", fm_report.describe(event))
             if manager is not None:
                 with jax.transfer_guard("allow"):  # a restore reads a checkpoint
                     try:
@@ -630,20 +685,19 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
                     except Exception as e:  # noqa: BLE001 - fm must not lose the run
                         fm_failed(step_no, "remediator", e)
                         observed = []
-                for event in observed:
+                for event in observed:  # JSON in events.jsonl, a sentence on the console
                     events.write(event)
-                    logging.warning("step %d: %s", step_no, json.dumps(event))
+                    logging.warning("%s", fm_report.describe(event))
             if step_no % cfg.log_every == 0 or step_no == cfg.steps:
-                rate = (step_no - start) / max(time.time() - t_rl, 1e-9)
                 logging.info(
-                    "step %d/%d reward %.3f kl %.4f entropy %.3f len %.2f (%.1f steps/s)",
+                    "step %d/%d reward %.3f kl %.4f entropy %.3f len %.2f (%s)",
                     step_no,
                     cfg.steps,
                     values["reward_mean"],
                     values["kl_ref"],
                     values["entropy"],
                     values["length_mean"],
-                    rate,
+                    pace.describe(step_no, cfg.steps),
                 )
 
     def save() -> None:
@@ -656,6 +710,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
             "knobs": knobs_to_dict(knobs),
             "eval_initial": initial,
             "eval_last": final,
+            "eval_last_step": final_step,
             "data_cursor": step_no,
         }
         if controller is not None:
@@ -694,6 +749,7 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
         return True
 
     step_no = start
+    pace = _Pace()
     while step_no < cfg.steps:
         step_no += 1
         offset = 0 if controller is None else controller.data_offset
@@ -707,6 +763,8 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
                 # A remedy's new knobs are made on one device: onto the mesh with the rest.
                 knobs = parallel.replicate(controller.knob_values, run.mesh)
                 fparams = controller.shifted(fparams)
+            if pace.first:
+                logging.info("compiling the train step (the first step waits for it) ...")
             if "step" in run.learner:
                 state, metrics = run.learner["step"](state, batch, knobs, fparams)
             else:
@@ -716,11 +774,12 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
                 )
             flush()  # the previous step's metrics: read one step late
             pending.append((step_no, metrics))
+            pace.stepped(step_no)
         if managed():
             continue
         last = step_no == cfg.steps
         if step_no % cfg.eval_every == 0 or last:
-            final = run.evaluator(state.params["policy"])
+            final, final_step = run.evaluator(state.params["policy"]), step_no
             flush(final)
             logging.info("step %d: held-out accuracy %.3f", step_no, final["eval_accuracy"])
         if step_no % cfg.checkpoint_every == 0 or last:
@@ -739,7 +798,29 @@ def _train(run: _Run, state, knobs, evals, logs: _Logs, t_rl, stop, resumed_meta
     flush()
     if controller is not None and controller.halt_report is not None:
         final = run.evaluator(state.params["policy"])  # where the halted run stands
-    return state, final
+        final_step = int(state.step)
+    return state, final, final_step
+
+
+class _Pace:
+    """Steady-state speed and ETA: timed from the end of the first step of this process, so
+    compilation does not count (evaluations and checkpoints between do)."""
+
+    def __init__(self) -> None:
+        self.first = True
+        self.since: tuple[int, float] | None = None
+
+    def stepped(self, step: int) -> None:
+        if self.first:
+            self.first = False
+            self.since = (step, time.time())
+
+    def describe(self, step: int, total: int) -> str:
+        if self.since is None or step <= self.since[0]:
+            return "measuring speed"
+        rate = (step - self.since[0]) / max(time.time() - self.since[1], 1e-9)
+        left = (total - step) / rate
+        return f"{rate:.1f} steps/s, ETA {int(left // 60)}m{int(left % 60):02d}s"
 
 
 def _check_replicas(run: _Run, state, step_no: int, events) -> None:

@@ -1,0 +1,155 @@
+"""How much fm loses with log-level metrics only: FaultBench records reduced to each trainer's view.
+
+  python -m fm.logs.evaluate --data DIR [--views full,trl,verl,openrlhf] [--window 50]
+                             [--split eval] [--out REPORT.json]
+
+A view keeps, of a campaign's step records, only the fm statistics a trainer's log carries
+(the fm signals of its table in `fm.logs.mappings`; `full` keeps every statistic fm computes
+in-step). Each run is then replayed through `fm.logs.monitor.Monitor` — the detector over the
+view's signals and the rules diagnoser over the fault types the view can show — exactly as
+`fm.analyze` reads a log, and scored like `launch.faultbench evaluate` (`fm.bench.scoring`,
+event-level, no point adjustment): detection F1, precision, recall, delay, false alarms per
+1,000 clean steps; and the first diagnosis of each event detected within the window: top-1 and
+family accuracy, macro over the types with such an event (as `fm.bench.diagnosis` scores
+diagnosers: conditional on detection, so read it next to recall).
+
+The records hold fm's own statistics, so a view stands for "the trainer logged these
+statistics", not for the trainer's exact estimators (TRL's `kl` is a k3 estimate where the
+records hold k1; verl's score is before its in-reward KL penalty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fm import detect, taxonomy
+from fm import diagnose as dg
+from fm.bench import records as rec
+from fm.bench import scoring
+from fm.logs import load, mappings, monitor
+
+VIEWS = ("full", "trl", "verl", "openrlhf")
+FULL = tuple(dict.fromkeys([*dg.FEATURES, *(s.name for s in detect.default_signals())]))
+
+
+def view_signals(view: str) -> tuple[str, ...]:
+    """The fm statistics a view keeps."""
+    if view == "full":
+        return FULL
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; accepted: {', '.join(VIEWS)}")
+    return tuple(mappings.get(view).signals)
+
+
+def replay_run(columns: dict[str, np.ndarray], signals: Sequence[str]):
+    """(alarm bool[T], diagnosis events) of one run's step columns through a Monitor over
+    `signals` (those the run recorded)."""
+    steps = columns["step"]
+    mon = monitor.Monitor(signals)
+    alarm = np.zeros(len(steps), bool)
+    diagnoses = []
+    for i, step in enumerate(steps):
+        events = mon.observe(int(step), {s: float(columns[s][i]) for s in signals})
+        alarm[i] = any(e["event"] == "alarm" for e in events)
+        diagnoses += [e for e in events if e["event"] == "diagnosis"]
+    diagnoses += mon.finish()
+    return alarm, diagnoses, mon.view
+
+
+def evaluate_view(
+    records: rec.Records, labels: Sequence[scoring.RunLabel], view: str, *, window: int
+) -> dict[str, Any]:
+    """Detection and diagnosis scores of one view over the runs of `labels`."""
+    # Statistics the campaign recorded (finite at most steps: not, e.g., all NaN for an
+    # algorithm that does not compute them).
+    signals = tuple(
+        s for s in view_signals(view)
+        if s in records.steps and np.isfinite(records.steps[s]).mean() >= load.MIN_COVERAGE
+    )  # fmt: skip
+    alarms, per_type, visible = {}, {}, ()
+    for lab in labels:
+        rows = records.runs[lab.run_id]
+        columns = {k: records.steps[k][rows] for k in ("step", *signals)}
+        alarm, diagnoses, seen = replay_run(columns, signals)
+        alarms[lab.run_id], visible = alarm, seen.visible
+        if lab.clean:
+            continue
+        steps = columns["step"]
+        hit = [d for d in diagnoses if lab.onset <= d["alarm_step"] < lab.onset + window]
+        if hit and int(steps[0]) <= hit[0]["alarm_step"]:
+            d = hit[0]
+            family = taxonomy.get(lab.type).family
+            per_type.setdefault(lab.type, []).append((d["top"] == lab.type, d["family"] == family))
+    scored = scoring.score(labels, alarms, window=window)
+    detection = {
+        **scored["overall"],
+        "recall_by_type": {t: g["recall"] for t, g in scored["by_type"].items()},
+    }
+    diagnosis = {"examples": sum(len(v) for v in per_type.values()), "types": len(per_type)}
+    if per_type:
+        macro = np.mean([np.mean(v, axis=0) for v in per_type.values()], axis=0)
+        diagnosis.update(top1_macro=float(macro[0]), family_macro=float(macro[1]))
+    return {"signals": list(signals), "visible_types": list(visible),
+            "detection": detection, "diagnosis": diagnosis}  # fmt: skip
+
+
+def evaluate(
+    data_dir: str, views: Sequence[str] = VIEWS, *, window: int = 50, split: str = "eval"
+) -> dict[str, Any]:
+    """Every view's scores on the campaign in `data_dir` (runs of `split`; "all" for all)."""
+    for view in views:
+        view_signals(view)  # unknown names fail before any work
+    present = set(rec.columns_of(os.path.join(data_dir, "steps.parquet")))
+    records = rec.load(data_dir, [c for c in FULL if c in present])
+    labels = rec.labels(records.manifest, records.runs, None if split == "all" else split)
+    if not labels:
+        raise ValueError(f"{data_dir}: no runs in split {split!r}")
+    return {
+        "data": data_dir, "window": window, "split": split, "runs": len(labels),
+        "views": {v: evaluate_view(records, labels, v, window=window) for v in views},
+    }  # fmt: skip
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The per-view table."""
+    lines = [
+        "| view | signals | types visible | detection F1 | recall | precision | delay median "
+        "(p90) | false alarms / 1,000 clean steps | diagnosed events (types) | top-1 | family |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for view, r in report["views"].items():
+        d, g = r["detection"], r["diagnosis"]
+        fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(
+            f"| {view} | {len(r['signals'])} | {len(r['visible_types'])} | {fmt(d['f1'])} | "
+            f"{fmt(d['recall'])} | {fmt(d['precision'])} | {fmt(d['delay_median'])} "
+            f"({fmt(d['delay_p90'])}) | {fmt(d['false_alarms_per_1000_clean_steps'])} | "
+            f"{g['examples']} ({g.get('types', 0)}) | {fmt(g.get('top1_macro'))} | "
+            f"{fmt(g.get('family_macro'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fm.logs.evaluate", description=__doc__)
+    parser.add_argument("--data", required=True, help="a FaultBench campaign folder")
+    parser.add_argument("--views", default=",".join(VIEWS))
+    parser.add_argument("--window", type=int, default=50)
+    parser.add_argument("--split", default="eval")
+    parser.add_argument("--out", default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    report = evaluate(args.data, args.views.split(","), window=args.window, split=args.split)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    print(markdown(report), end="")
+
+
+if __name__ == "__main__":
+    main()
