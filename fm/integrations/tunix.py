@@ -86,6 +86,9 @@ _WHY = {
     "coefficients": "Tunix's loss takes no coefficient probe",
     "tool_calls": "Tunix's GRPO learner has no tool use",
     "audits": "Tunix owns the weights between steps; fm does not fingerprint them",
+    "'grads'": "the actor optimizer is not wrapped with monitor_optimizer",
+    "verifier_rewards": "no shadow_reward_fn was given to the Manager",
+    "ref_logp": "GRPOConfig.beta is 0: Tunix computes no reference log-probs",
 }
 
 
