@@ -223,22 +223,51 @@ def test_lr_spike_is_detected_diagnosed_and_rolled_back_through_tunix(tmp_path, 
     assert all(r["lr"] <= LR * 1.0001 for r in after)  # the cap holds the spike at the old rate
 
 
-def test_an_exception_inside_fm_never_stops_tunix(tmp_path):
-    """A diagnoser that raises: logged as fm_error, training runs to its last step unmanaged."""
+def _raise(message):
+    def broken(*args, **kwargs):
+        raise RuntimeError(message)
 
-    def broken(records, alarm_index, flagged=()):
-        raise RuntimeError("diagnoser bug")
+    return broken
 
+
+@pytest.mark.parametrize("where", ["diagnoser", "host statistics", "in-step statistics"])
+def test_an_exception_inside_fm_never_stops_tunix(tmp_path, monkeypatch, where):
+    """fm raising in its diagnoser, in its host statistics (a verifier that fails at step 5)
+    or while Tunix traces fm's in-step statistics: an fm_error, and Tunix trains every step."""
+    steps, diagnoser, shadow = 10, None, None
     # Thresholds that alarm on the first steps past a 2-step warm-up, so the diagnoser runs.
     config = fm_tunix.Config(detect=fm_tunix.detect.DetectConfig(warmup=2, z_threshold=1e-3))
-    manager = fm_tunix.Manager(config, workdir=str(tmp_path), diagnoser=broken)
-    manager, learner = run(str(tmp_path), steps=12, manager=manager)
+    if where == "diagnoser":
+        diagnoser = _raise("diagnoser bug")
+    elif where == "host statistics":
+        calls = []
+
+        def shadow(prompts, completions, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("verifier bug")
+            return share_of_a(prompts, completions)
+
+    else:  # fails while Tunix traces its train step (not when fm sizes its keys at attach)
+        sizing = fm_tunix.step_stats
+
+        def step_stats(example, logits, **kwargs):
+            if logits.shape[0] == GROUP:
+                return sizing(example, logits, **kwargs)
+            raise RuntimeError("statistics bug")
+
+        monkeypatch.setattr(fm_tunix, "step_stats", step_stats)
+    manager = fm_tunix.Manager(
+        config, workdir=str(tmp_path), diagnoser=diagnoser, shadow_reward_fn=shadow
+    )
+    manager, learner = run(str(tmp_path), steps=steps, manager=manager)
     summary = manager.summary()
-    assert learner.rl_cluster.actor_trainer.train_steps == 12
+    assert learner.rl_cluster.actor_trainer.train_steps == steps
     assert summary["unmanaged"] and len(summary["fm_errors"]) == 1
-    assert "diagnoser bug" in summary["fm_errors"][0]["traceback"]
-    assert summary["alarms"] and summary["actions"] == []
-    assert manager.records[-1]["step"] < 12  # nothing observed once unmanaged
+    error = summary["fm_errors"][0]
+    assert error["where"] == where if where != "diagnoser" else error["where"] == "host side"
+    assert "bug" in error["traceback"]
+    assert summary["actions"] == [] and len(manager.records) < steps  # unmanaged since
 
 
 def _flipping(onset):

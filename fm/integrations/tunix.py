@@ -501,6 +501,8 @@ class Manager:
         self._optimizer: dict[int, dict[str, jax.Array]] = {}
         self._lock = threading.Lock()
         self._learner = None
+        self.signals: tuple[detect.Signal, ...] = ()  # set by attach
+        self.unavailable: list[tuple[str, str]] = []
         if workdir:
             os.makedirs(workdir, exist_ok=True)
 
@@ -523,15 +525,15 @@ class Manager:
     def attach(self, learner: Any) -> Manager:
         """Wires fm into a constructed `GRPOLearner` (before `train`): the loss's in-step
         statistics, the ``metric_fns`` hook, the training hooks, the detector, the
-        remediator."""
+        remediator. If fm fails to set itself up, that is an ``fm_error`` and Tunix is left
+        as it was (it trains unmanaged)."""
         self._learner = learner
+        try:
+            self._build(learner)
+        except Exception:  # noqa: BLE001 - before touching Tunix: it trains unmanaged
+            self._error("attach")
+            return self
         cluster, trainer = learner.rl_cluster, learner.rl_cluster.actor_trainer
-        rollout = cluster.cluster_config.rollout_config
-        rollout = rollout[next(iter(rollout))] if isinstance(rollout, dict) else rollout
-        self.group_size = int(learner.algo_config.num_generations)
-        self.max_len = int(rollout.max_tokens_to_generate)
-        self._pad_eos = dict(pad_id=cluster.rollout.pad_id(), eos_id=cluster.rollout.eos_id())
-        self._step_keys = self._in_step_keys(learner)
         trainer.with_loss_fn(
             _wrap_loss(
                 trainer.loss_fn,
@@ -548,6 +550,19 @@ class Manager:
         )
         learner.metric_fns = [*learner.metric_fns, self._metric_fn]
         trainer.with_training_hooks(_Hooks(self, trainer.training_hooks))
+        del cluster
+        return self
+
+    def _build(self, learner: Any) -> None:
+        """fm's side of `attach`: what Tunix provides, the monitor, its compiled detector
+        update, the controller and the remediator."""
+        cluster, trainer = learner.rl_cluster, learner.rl_cluster.actor_trainer
+        rollout = cluster.cluster_config.rollout_config
+        rollout = rollout[next(iter(rollout))] if isinstance(rollout, dict) else rollout
+        self.group_size = int(learner.algo_config.num_generations)
+        self.max_len = int(rollout.max_tokens_to_generate)
+        self._pad_eos = dict(pad_id=cluster.rollout.pad_id(), eos_id=cluster.rollout.eos_id())
+        self._step_keys = self._in_step_keys(learner)
         monitored = _monitor_state(trainer.optimizer)
         self._optimizer_keys = sorted(monitored.stats) if monitored is not None else []
         inputs = {"rewards", "advantages", "lengths", "truncated", "response", "response_mask"}
@@ -594,7 +609,6 @@ class Manager:
                 healthy_window=self.config.healthy_window,
                 evidence_steps=self.config.evidence_steps,
             )
-        return self
 
     def _in_step_keys(self, learner: Any) -> list[str]:
         """The keys `step_stats` returns for this learner's examples."""
@@ -753,7 +767,9 @@ class Manager:
             log.exception("fm: could not record an fm_error")
 
     def _trace_error(self, where: str) -> None:
-        self._error(where)
+        """A failure while Tunix traces fm's in-step statistics (Tunix may trace twice)."""
+        if not self.unmanaged:
+            self._error(where)
 
     def summary(self) -> dict[str, Any]:
         """What fm saw and did: monitored and unavailable signals, alarm steps, diagnoses,
