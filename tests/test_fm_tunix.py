@@ -24,7 +24,9 @@ from tunix.rl import rl_cluster as rlc  # noqa: E402
 from tunix.rl.grpo import grpo_learner  # noqa: E402
 from tunix.rl.rollout import base_rollout  # noqa: E402
 
+from fm import detect  # noqa: E402
 from fm.integrations import tunix as fm_tunix  # noqa: E402
+from fm.integrations.tunix import step as tunix_step  # noqa: E402
 
 LETTERS = "abcdefghijklm"
 PROMPTS, GROUP, NEW_TOKENS, LR = 4, 4, 8, 3e-4
@@ -165,8 +167,8 @@ def test_clean_run_raises_no_alarm_and_reads_what_tunix_computes(tmp_path):
         controller.set_knobs(grad_clip=1.0)
     controller.reset_moments()
     adam = [s for s in jax.tree.leaves(
-        learner.rl_cluster.actor_trainer.optimizer.opt_state, is_leaf=fm_tunix._has_moments
-    ) if fm_tunix._has_moments(s)][0]  # fmt: skip
+        learner.rl_cluster.actor_trainer.optimizer.opt_state, is_leaf=tunix_step._has_moments
+    ) if tunix_step._has_moments(s)][0]  # fmt: skip
     assert all(not np.any(np.asarray(v.get_value())) for v in jax.tree.leaves(
         (adam.mu, adam.nu), is_leaf=lambda x: isinstance(x, nnx.Variable)))  # fmt: skip
     assert int(adam.count.get_value()) == steps  # the step count is kept
@@ -236,7 +238,7 @@ def test_an_exception_inside_fm_never_stops_tunix(tmp_path, monkeypatch, where):
     or while Tunix traces fm's in-step statistics: an fm_error, and Tunix trains every step."""
     steps, diagnoser, shadow = 10, None, None
     # Thresholds that alarm on the first steps past a 2-step warm-up, so the diagnoser runs.
-    config = fm_tunix.Config(detect=fm_tunix.detect.DetectConfig(warmup=2, z_threshold=1e-3))
+    config = fm_tunix.Config(detect=detect.DetectConfig(warmup=2, z_threshold=1e-3))
     if where == "diagnoser":
         diagnoser = _raise("diagnoser bug")
     elif where == "host statistics":
@@ -256,7 +258,7 @@ def test_an_exception_inside_fm_never_stops_tunix(tmp_path, monkeypatch, where):
                 return sizing(example, logits, **kwargs)
             raise RuntimeError("statistics bug")
 
-        monkeypatch.setattr(fm_tunix, "step_stats", step_stats)
+        monkeypatch.setattr(tunix_step, "step_stats", step_stats)
     manager = fm_tunix.Manager(
         config, workdir=str(tmp_path), diagnoser=diagnoser, shadow_reward_fn=shadow
     )
