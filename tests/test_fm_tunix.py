@@ -119,6 +119,13 @@ def run(workdir, *, steps, manager=None, **kwargs):
     return manager, learner
 
 
+def test_config_names_the_bad_value():
+    with pytest.raises(ValueError, match="diagnoser must be 'rules' or 'learned', got 'llm'"):
+        fm_tunix.Config(diagnoser="llm")
+    with pytest.raises(ValueError, match="verify_window must be an int >= 1, got 0"):
+        fm_tunix.Config(verify_window=0)
+
+
 def _tunix_history(learner, name):
     """A metric as Tunix itself logged it ("global" prefix: the learner's own metrics)."""
     logger = learner.rl_cluster.actor_trainer.metrics_logger

@@ -37,7 +37,7 @@ _WHY = {
 }
 
 
-# -- on the host: rewards and advantages --------------------------------------------------------
+# -- settings ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
