@@ -95,8 +95,10 @@ def learning_rate(
     return jnp.minimum(schedule_hook(knobs.lr * knobs.lr_scale * warm), knobs.lr_cap)
 
 
-def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
-    """Clip (knob), Adam direction, scale by -lr. Returns params, opt_state, stats."""
+def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer, *, norms: bool = True):
+    """Clip (knob), Adam direction, scale by -lr. Returns params, opt_state, updates, stats:
+    the gradient norm and, with `norms`, the update and parameter norms (fm's optimization
+    statistics hold them too: a monitored step leaves them to fm, saving two passes)."""
     grad_norm = optax.tree.norm(grads)
     scale = jnp.where(
         knobs.grad_clip > 0, jnp.minimum(1.0, knobs.grad_clip / (grad_norm + 1e-6)), 1.0
@@ -104,11 +106,9 @@ def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
     grads = jax.tree.map(lambda g: g * scale, grads)
     direction, new_opt_state = optimizer.update(grads, opt_state, params)
     updates = jax.tree.map(lambda d: -lr * d, direction)
-    stats = {
-        "grad_norm": grad_norm,
-        "update_norm": optax.tree.norm(updates),
-        "param_norm": optax.tree.norm(params),
-    }
+    stats = {"grad_norm": grad_norm}
+    if norms:
+        stats.update(update_norm=optax.tree.norm(updates), param_norm=optax.tree.norm(params))
     # skip_nonfinite (remedy switch): a step whose gradients are not finite changes nothing,
     # as the skip-step guards of large-scale trainers do.
     skip = (knobs.skip_nonfinite > 0) & ~jnp.isfinite(grad_norm)
@@ -379,7 +379,7 @@ def make_learner(
             metrics.update(loss_kl_coef=probed["kl_coef"], loss_ent_coef=-probed["ent_coef"])
         grads = hooks.gradients(grads, ctx)
         new_params, opt_state, updates, stats = apply_update(
-            params, opt_state, grads, knobs, lr, optimizer
+            params, opt_state, grads, knobs, lr, optimizer, norms=monitor is None
         )
         metrics.update(stats)
         if monitor is not None:
