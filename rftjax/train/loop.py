@@ -206,18 +206,19 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
         return state.params, time.time() - t0
 
 
-def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
-    """Fields in which a checkpoint's recorded config differs from ours. A field the record
-    lacks (added to TrainConfig after it was written) counts as its default value."""
+def _recorded(saved: dict[str, Any], key: str) -> Any:
+    """A field of a checkpoint's recorded config; one the record lacks (added to TrainConfig
+    after it was written) counts as its default value."""
     fields = TrainConfig.__dataclass_fields__
+    if key in saved or key not in fields:
+        return saved.get(key)
+    f = fields[key]
+    return f.default if f.default is not dataclasses.MISSING else None
 
-    def recorded(k):
-        if k in saved or k not in fields:
-            return saved.get(k)
-        f = fields[k]
-        return f.default if f.default is not dataclasses.MISSING else None
 
-    return sorted(k for k in ours if recorded(k) != ours[k])
+def _differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """Fields in which a checkpoint's recorded config differs from ours."""
+    return sorted(k for k in ours if _recorded(saved, k) != ours[k])
 
 
 def describe_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
@@ -225,7 +226,7 @@ def describe_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[st
     e.g. the algorithm's settings or the knobs, by their own fields: "rl.group_size: ...")."""
     out = []
     for key in _differences(saved, ours):
-        old, new = saved.get(key), ours[key]
+        old, new = _recorded(saved, key), ours[key]
         if isinstance(old, dict) and isinstance(new, dict):
             inner = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             out += [f"{key}.{k}: saved {old.get(k)!r}, now {new.get(k)!r}" for k in inner]
@@ -464,7 +465,7 @@ class _Logs(NamedTuple):
 def _alarm_event(step: int, values: dict[str, float]) -> dict[str, Any]:
     reading = fm_detect.Reading.from_record(values)
     flagged = sorted(reading.flagged)
-    scores = {name: values[fm_detect.SCORE + name] for name in flagged if name in reading.scores}
+    scores = {name: reading.scores[name] for name in flagged if name in reading.scores}
     return {"step": step, "event": "alarm", "signals": flagged, "scores": scores}
 
 

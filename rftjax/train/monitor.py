@@ -6,8 +6,6 @@ from fm import detect
 from fm import monitor as fmm
 from rftjax.config import RLConfig
 
-FMState = fmm.MonitorState
-
 
 def make_monitor(rl: RLConfig, *, tools: bool = False) -> fmm.Monitor:
     """fm's monitor for a run of `rl`: the default signals (the advantage cross-checks only for

@@ -420,7 +420,8 @@ def make_learner(
         }
         ref_params = hooks.ref_params(state.ref_params, ctx)
         data["ref_logp"] = policy_forward(ref_params, data, knobs)[0]
-        if monitor is not None:  # the weights as this step reads them, fingerprinted
+        read = None
+        if monitor is not None and monitor.audits:  # the weights as this step reads them
             read = monitor.read(state.params, state.opt_state, ref_params)
         if precompute:
             old_logp, _, old_values = forward(state.params, data, knobs)
