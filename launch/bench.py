@@ -45,7 +45,7 @@ from rftjax import models, sampling
 from rftjax.knobs import make_knobs
 from rftjax.tasks import Task, make_task
 from rftjax.train import monitor as run_monitor
-from rftjax.train.loop import build_model_config, to_prompt_batch
+from rftjax.train.setup import build_model_config, to_prompt_batch
 from rftjax.train.step import init_state, make_learner
 
 flags.DEFINE_enum(
@@ -135,18 +135,18 @@ def bench_step(values, repeats: int) -> dict:
 
     def step():
         holder["i"] += 1
-        holder["state"], metrics = learner["step"](holder["state"], batches[holder["i"] % 8], knobs)
+        holder["state"], metrics = learner.step(holder["state"], batches[holder["i"] % 8], knobs)
         return metrics
 
     step_s = _time(step, repeats)
     metrics = jax.device_get(step())
     state = holder["state"]
-    rollout_s = _time(lambda: learner["rollout"](state, batches[0], knobs), repeats)
-    ro = learner["rollout"](state, batches[0], knobs)
+    rollout_s = _time(lambda: learner.rollout(state, batches[0], knobs), repeats)
+    ro = learner.rollout(state, batches[0], knobs)
     answers = jnp.repeat(batches[0].answers, rl.group_size, 0)
     rewards = {"reward": task.jnp_reward(ro.response, answers)["reward"]}
     copies = [jax.tree.map(jnp.copy, state) for _ in range(repeats + 1)]
-    learn_s = _time(lambda: learner["learn"](copies.pop(), ro, rewards, knobs)[1], repeats)
+    learn_s = _time(lambda: learner.learn(copies.pop(), ro, rewards, knobs)[1], repeats)
     b = rl.batch_size
     seq_len = ro.tokens.shape[1]
     return {
@@ -231,8 +231,8 @@ def _runner(setup: _Setup, values, batches, knobs, *, monitor=None, fault=None, 
     learner = _learner(setup, monitor=monitor, fault=fault)
     rl, params = setup.rl, setup.params
     state = init_state(jax.tree.map(jnp.copy, params), rl, values.seed, monitor, fault)
-    memory = _memory_bytes(learner["step"], state, batches[0], knobs, fparams)
-    v = {"step": learner["step"], "state": state, "fparams": fparams, "memory": memory}
+    memory = _memory_bytes(learner.step, state, batches[0], knobs, fparams)
+    v = {"step": learner.step, "state": state, "fparams": fparams, "memory": memory}
     for i in range(3):  # compile and settle
         v["state"], m = v["step"](v["state"], batches[i], knobs, fparams)
     jax.block_until_ready(m)
@@ -475,17 +475,17 @@ def bench_scaling(values, repeats: int) -> list[dict] | dict:
 
     def step():
         holder["i"] += 1
-        holder["state"], metrics = learner["step"](holder["state"], batches[holder["i"] % 8], knobs)
+        holder["state"], metrics = learner.step(holder["state"], batches[holder["i"] % 8], knobs)
         return metrics
 
     seconds = _time(step, repeats)
-    hlo = learner["step"].lower(holder["state"], batches[0], knobs).compile().as_text()
+    hlo = learner.step.lower(holder["state"], batches[0], knobs).compile().as_text()
     return {
         "mesh": values.mesh,
         "devices": jax.device_count(),
         "step_seconds": seconds,
         "collectives": parallel.collective_counts(hlo),
-        "recompiled": learner["step"]._cache_size() > 1,
+        "recompiled": learner.step._cache_size() > 1,
     }
 
 

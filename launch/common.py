@@ -6,168 +6,86 @@ import os
 
 from absl import flags
 
-from faults import SEVERITIES
-from rftjax.config import (
-    AGG_MODES,
-    ALGOS,
-    FM_DIAGNOSERS,
-    FM_MODES,
-    FM_POLICIES,
-    KL_KINDS,
-    RLConfig,
-    TrainConfig,
-)
+from rftjax import config
+from rftjax.config import RLConfig, TrainConfig
+from rftjax.knobs import KNOB_FLAGS, knob_defaults
 
-
-def define_run_flags() -> None:
-    """Model, task, algorithm and knob flags: what a user tunes every day."""
-    flags.DEFINE_string(
-        "task",
-        "arith",
-        "arith | sort | calc (tool use) | jsonl:/path/to/file.jsonl | "
-        "parquet:/path/to/file_or_folder.parquet",
-    )
-    flags.DEFINE_string("prompt_field", "prompt", "File tasks: the field holding the prompt.")
-    flags.DEFINE_string("answer_field", "answer", "File tasks: the field holding the answer.")
-    flags.DEFINE_string(
-        "answer_format",
-        "auto",
-        "File tasks: answer verification: gsm8k (final number, '#### 42'), math (\\boxed{}), "
-        "or auto (gsm8k if every reference answer is a number or ends in '#### N').",
-    )
-    flags.DEFINE_string(
-        "chat_template",
-        "auto",
-        "auto: render prompts through the tokenizer's chat template when it has one; none.",
-    )
-    flags.DEFINE_enum("algo", "grpo", ALGOS, "RL algorithm.")
-    flags.DEFINE_string(
-        "model",
-        "tiny",
-        "Preset name (tiny, tiny-qwen2, small) or a local Hugging Face checkpoint folder "
-        "(Llama / Qwen2: config.json, safetensors, tokenizer files).",
-    )
-    flags.DEFINE_string(
-        "model_overrides",
-        "",
-        "Comma-separated ModelConfig overrides, e.g. num_layers=2,hidden_size=128",
-    )
-    flags.DEFINE_integer("seed", 0, "Seed of model init, data and sampling.")
-    flags.DEFINE_string("fault", "none", "Fault type id, 'none', or 'list' to print the catalog.")
-    flags.DEFINE_enum("fault_severity", "moderate", SEVERITIES, "Preset strength of the fault.")
-    flags.DEFINE_string("fault_variant", "", "Variant of the fault type (default: its first).")
-    flags.DEFINE_float("fault_magnitude", None, "Explicit strength; overrides --fault_severity.")
-    flags.DEFINE_integer(
-        "fault_onset", -1, "First RL step with the fault active; -1: just after a third of --steps."
-    )
-    flags.DEFINE_integer("fault_duration", -1, "Steps the fault lasts; <= 0: to the end.")
-    flags.DEFINE_enum(
-        "fm",
-        "off",
-        FM_MODES,
-        "Failure management: off, detect (in-step statistics and alarms), full (also "
-        "diagnosis, rollback to a healthy checkpoint, remedies, verification, halt).",
-    )
-    flags.DEFINE_integer(
-        "fm_window",
-        20,
-        "--fm=full: alarm-free steps that make a checkpoint healthy and an attempt verified.",
-    )
-    flags.DEFINE_enum(
-        "fm_policy",
-        "fm",
-        FM_POLICIES,
-        "--fm=full: who plans the remedies: fm (from its diagnosis), or a baseline: random "
-        "(3 random remedies), rollback_skip (rollback + skip the data window, 3 times), "
-        "rollback_lr (rollback + lr x 0.5, 3 times).",
-    )
-    flags.DEFINE_enum(
-        "fm_diagnoser",
-        "learned",
-        FM_DIAGNOSERS,
-        "--fm=full: the diagnoser: learned (the model shipped in fm/artifacts) or rules.",
-    )
-    flags.DEFINE_bool(
-        "fm_strict",
-        False,
-        "--fm=full: an exception inside fm (diagnoser, remediator) ends the run; by default it "
-        "is logged to events.jsonl and training goes on without management.",
-    )
-    flags.DEFINE_string(
-        "mesh",
-        "",
-        "Device mesh over the axes data, fsdp, tensor, e.g. data:2,fsdp:4 or data:2,tensor:4 "
-        "(one size may be -1: the rest); 'auto': every device on data. Default: one device "
-        "(with --multihost: auto).",
-    )
-    flags.DEFINE_bool(
-        "multihost",
+# Flags of the launchers themselves (not settings of a run), by help group.
+_LAUNCH_FLAGS = {
+    "multihost": (
+        config.MESH,
         False,
         "Run as one process of a multi-host job: jax.distributed.initialize with the "
         "--coordinator_address/--num_processes/--process_id flags, or, when those are unset, "
         "the cluster's environment (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS...).",
-    )
-    flags.DEFINE_string("coordinator_address", "", "--multihost: host:port of process 0.")
-    flags.DEFINE_integer("num_processes", None, "--multihost: number of processes.")
-    flags.DEFINE_integer("process_id", None, "--multihost: this process's index.")
-    flags.DEFINE_integer("prompts_per_step", 16, "Unique prompts per RL step.")
-    flags.DEFINE_integer("group_size", 8, "Completions sampled per prompt.")
-    flags.DEFINE_integer("max_new_tokens", 0, "Response slots; 0: the task's own bound.")
-    flags.DEFINE_integer("num_epochs", 1, "Passes over each rollout.")
-    flags.DEFINE_integer("num_minibatches", 1, "Optimizer updates per pass.")
-    flags.DEFINE_enum("loss_agg", "token_mean", AGG_MODES, "Loss aggregation.")
-    flags.DEFINE_enum("kl_kind", "k3", KL_KINDS, "KL(π‖π_ref) estimator.")
-    flags.DEFINE_bool("normalize_adv_std", True, "GRPO: divide by group std (False: Dr. GRPO).")
-    flags.DEFINE_bool("kl_in_reward", False, "PPO: KL penalty in the per-token reward.")
-    flags.DEFINE_float("gamma", 1.0, "PPO GAE γ.")
-    flags.DEFINE_float("lam", 0.95, "PPO GAE λ.")
-    flags.DEFINE_float("lr", 1e-4, "Learning rate of RL.")
-    flags.DEFINE_float("grad_clip", 1.0, "Global-norm gradient clip (<= 0: off).")
-    flags.DEFINE_float("kl_coef", 0.04, "KL-to-reference coefficient β.")
-    flags.DEFINE_float("ent_coef", 0.0, "Entropy bonus coefficient.")
-    flags.DEFINE_float("eps_low", 0.2, "Clip ε below 1.")
-    flags.DEFINE_float("eps_high", 0.28, "Clip ε above 1 (clip-higher).")
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-    flags.DEFINE_integer("top_k", 0, "Top-k sampling (0: off).")
-    flags.DEFINE_float("vf_coef", 0.1, "PPO value-loss coefficient.")
-    flags.DEFINE_integer(
-        "warmup_steps",
-        None,
-        "Supervised warm-up steps before RL (0: none). Default: 300 for a preset model, 0 for "
-        "a Hugging Face checkpoint folder.",
-    )
-    flags.DEFINE_integer("warmup_batch_size", 128, "Warm-up batch size.")
-    flags.DEFINE_float("warmup_lr", 1e-3, "Warm-up learning rate.")
-    flags.DEFINE_integer("eval_every", 100, "Greedy held-out evaluation period (steps).")
-    flags.DEFINE_integer("eval_size", 512, "Held-out prompts evaluated.")
-    flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint period (steps).")
-    flags.DEFINE_integer("keep_checkpoints", 3, "Most recent checkpoints kept (plus pinned).")
-    flags.DEFINE_integer("log_every", 100, "Progress line period (steps).")
+    ),
+    "coordinator_address": (config.MESH, "", "--multihost: host:port of process 0."),
+    "num_processes": (config.MESH, None, "--multihost: number of processes."),
+    "process_id": (config.MESH, None, "--multihost: this process's index."),
+}
 
 
-# The main flags of `launch.train --help`, grouped; absl's own and the rest stay in --helpfull.
-HELP_GROUPS = {
-    "run": (
-        "workdir", "steps", "resume", "seed", "eval_every", "eval_size", "checkpoint_every",
-        "keep_checkpoints", "log_every",
-    ),
-    "model & task": (
-        "model", "model_overrides", "task", "prompt_field", "answer_field", "answer_format",
-        "chat_template", "max_new_tokens", "warmup_steps", "warmup_batch_size", "warmup_lr",
-    ),
-    "algorithm": (
-        "algo", "prompts_per_step", "group_size", "num_epochs", "num_minibatches", "loss_agg",
-        "kl_kind", "normalize_adv_std", "kl_in_reward", "gamma", "lam", "lr", "grad_clip",
-        "kl_coef", "ent_coef", "eps_low", "eps_high", "temperature", "top_p", "top_k", "vf_coef",
-    ),
-    "faults": (
-        "fault", "fault_severity", "fault_variant", "fault_magnitude", "fault_onset",
-        "fault_duration",
-    ),
-    "fm (failure management)": ("fm", "fm_window", "fm_policy", "fm_diagnoser", "fm_strict"),
-    "mesh": ("mesh", "multihost", "coordinator_address", "num_processes", "process_id"),
-}  # fmt: skip
+def _run_settings():
+    """(name, declared field) of every setting that is a flag, in declaration order."""
+    for cls in (TrainConfig, RLConfig):
+        for f in config.settings(cls):
+            if f.metadata["flag"]:
+                yield f.name, f
+
+
+def _define(name: str, default, help_text: str, kind: str, choices=None) -> None:
+    """One absl flag of a setting's type (`kind`: the field's annotation)."""
+    if choices:
+        flags.DEFINE_enum(name, default, choices, help_text)
+    elif kind == "bool":
+        flags.DEFINE_bool(name, default, help_text)
+    elif kind.startswith("int"):
+        flags.DEFINE_integer(name, default, help_text)
+    elif kind.startswith("float"):
+        flags.DEFINE_float(name, default, help_text)
+    else:
+        flags.DEFINE_string(name, default, help_text)
+
+
+def define_run_flags() -> None:
+    """The flags of every run setting declared in `rftjax.config` (those the entry point
+    defines itself aside: workdir, steps, resume), of the knobs, and of multi-host jobs."""
+    for name, f in _run_settings():
+        if f.metadata["flag"] is True:
+            meta = f.metadata
+            _define(name, meta["flag_default"], meta["help"], str(f.type), meta["choices"])
+    defaults = knob_defaults()
+    for name, help_text in KNOB_FLAGS.items():
+        _define(name, defaults[name], help_text, type(defaults[name]).__name__)
+    for name, (_, default, help_text) in _LAUNCH_FLAGS.items():
+        kind = "bool" if isinstance(default, bool) else "int" if default is None else "str"
+        _define(name, default, help_text, kind)
+
+
+def define_entry_flags(*names: str) -> None:
+    """Flags of settings each entry point defines itself (e.g. workdir, steps, resume)."""
+    fields = {f.name: f for f in config.settings(TrainConfig)}
+    for name in names:
+        f = fields[name]
+        default = f.metadata["flag_default"] or None if f.type == "str" else f.default
+        _define(name, default, f.metadata["help"], str(f.type))
+
+
+def _help_groups() -> dict[str, tuple[str, ...]]:
+    """The main flags of `launch.train --help`, grouped; absl's own and the rest stay in
+    --helpfull."""
+    groups: dict[str, list[str]] = {}
+    for name, f in _run_settings():
+        if f.metadata["group"]:
+            groups.setdefault(f.metadata["group"], []).append(name)
+    groups[config.ALGO] += list(KNOB_FLAGS)
+    for name, (group, _, _) in _LAUNCH_FLAGS.items():
+        groups[group].append(name)
+    order = (config.RUN, config.MODEL, config.ALGO, config.FAULTS, config.FM, config.MESH)
+    return {g: tuple(groups[g]) for g in order}
+
+
+HELP_GROUPS = _help_groups()
 
 
 def grouped_help(usage: str, groups=HELP_GROUPS) -> str:
@@ -194,8 +112,7 @@ def help_requested(argv) -> bool:
 
 def task_options(values) -> dict:
     """File-task options of the flags (`rftjax.tasks.make_task` keyword arguments)."""
-    names = ("chat_template", "prompt_field", "answer_field", "answer_format")
-    return {name: getattr(values, name) for name in names}
+    return config.task_options(values)
 
 
 def max_new_tokens(values) -> int:
@@ -209,37 +126,19 @@ def max_new_tokens(values) -> int:
     return task.max_new_tokens_hint
 
 
+def _flag_values(values, cls) -> dict:
+    """The settings of `cls` that are flags of every entry point, as the flags hold them."""
+    return {
+        f.name: getattr(values, f.name) for f in config.settings(cls) if f.metadata["flag"] is True
+    }
+
+
 def rl_config(values) -> RLConfig:
-    return RLConfig(
-        algo=values.algo,
-        prompts_per_step=values.prompts_per_step,
-        group_size=values.group_size,
-        max_new_tokens=max_new_tokens(values),
-        num_epochs=values.num_epochs,
-        num_minibatches=values.num_minibatches,
-        loss_agg=values.loss_agg,
-        normalize_adv_std=values.normalize_adv_std,
-        kl_kind=values.kl_kind,
-        kl_in_reward=values.kl_in_reward,
-        gamma=values.gamma,
-        lam=values.lam,
-    )
+    return RLConfig(**{**_flag_values(values, RLConfig), "max_new_tokens": max_new_tokens(values)})
 
 
 def knob_values(values) -> dict:
-    names = (
-        "lr",
-        "grad_clip",
-        "kl_coef",
-        "ent_coef",
-        "eps_low",
-        "eps_high",
-        "temperature",
-        "top_p",
-        "top_k",
-        "vf_coef",
-    )
-    return {name: getattr(values, name) for name in names}
+    return {name: getattr(values, name) for name in KNOB_FLAGS}
 
 
 def init_multihost(values) -> None:
@@ -260,37 +159,18 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
     init_multihost(values)  # first: nothing below may start the jax backend before it
     knobs = knob_values(values)
     make_knobs(**knobs)  # validates before any work starts
+    settings = _flag_values(values, TrainConfig)
+    if values.fault_onset < 0:  # the flag's default: just after a third of the steps
+        settings["fault_onset"] = steps // 3 + 1
+    if not values.mesh and getattr(values, "multihost", False):
+        settings["mesh"] = "auto"
     return TrainConfig(
+        **settings,
         workdir=workdir,
-        task=values.task,
-        model=values.model,
-        model_overrides=values.model_overrides,
-        **task_options(values),
         steps=steps,
-        seed=values.seed,
+        resume=resume,
         rl=rl_config(values),
         knobs=knobs,
-        warmup_steps=values.warmup_steps,
-        warmup_batch_size=values.warmup_batch_size,
-        warmup_lr=values.warmup_lr,
-        eval_every=values.eval_every,
-        eval_size=values.eval_size,
-        checkpoint_every=values.checkpoint_every,
-        keep_checkpoints=values.keep_checkpoints,
-        log_every=values.log_every,
-        resume=resume,
-        fm=values.fm,
-        fm_window=values.fm_window,
-        fm_strict=values.fm_strict,
-        fm_policy=values.fm_policy,
-        fm_diagnoser=values.fm_diagnoser,
-        fault=values.fault,
-        fault_severity=values.fault_severity,
-        fault_variant=values.fault_variant,
-        fault_magnitude=values.fault_magnitude,
-        fault_onset=values.fault_onset if values.fault_onset >= 0 else steps // 3 + 1,
-        fault_duration=values.fault_duration,
-        mesh=values.mesh or ("auto" if getattr(values, "multihost", False) else ""),
     )
 
 

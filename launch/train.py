@@ -21,9 +21,7 @@ from absl import app, flags, logging  # noqa: E402
 import faults  # noqa: E402
 from launch import common  # noqa: E402
 
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and summary.json.")
-flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest checkpoint.")
-flags.DEFINE_integer("steps", 1500, "RL steps.")
+common.define_entry_flags("workdir", "steps", "resume")
 common.define_run_flags()
 FLAGS = flags.FLAGS
 

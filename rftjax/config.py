@@ -2,6 +2,11 @@
 
 `RLConfig` holds what shapes the compiled step (changing it recompiles); runtime settings
 that must never recompile are knobs (`rftjax.knobs`). `TrainConfig` holds the outer loop.
+
+Each field is declared once, with `setting(...)`: its default, its help text and command-line
+group, and its role. The command-line flags, the `--help` groups, the record a checkpoint keeps
+(and the resume and fork checks on it), the warm-up cache's fingerprint and the settings a
+campaign spec may change are all derived from these declarations (`settings()`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,97 @@ KL_KINDS = ("k1", "k2", "k3")
 FM_MODES = ("off", "detect", "full")
 FM_POLICIES = ("fm", "random", "rollback_skip", "rollback_lr")  # = fm.remediate.PLANNERS
 FM_DIAGNOSERS = ("learned", "rules")
+# Groups of `launch.train --help`.
+RUN, MODEL, ALGO, FAULTS, FM, MESH = (
+    "run",
+    "model & task",
+    "algorithm",
+    "faults",
+    "fm (failure management)",
+    "mesh",
+)
 DEFAULT_WARMUP_STEPS = 300  # supervised warm-up of a preset (random) model; none for checkpoints
+
+# Roles of a setting in a run's identity:
+IDENTITY = "identity"  # recorded in checkpoints: a resume or a fork must match it
+FORK_FREE = "fork_free"  # recorded, a resume must match it; a fork of a clean twin may differ
+HOW = "how"  # how, not what: not recorded, may change on resume (workdir, mesh, ...)
+ROLES = (IDENTITY, FORK_FREE, HOW)
+# Who may set a setting in a FaultBench campaign (beside the fault): its spec or its runners.
+SPEC, RUNNER = "spec", "runner"
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002 - the flag's help text
+    *,
+    group: str | None = None,
+    role: str = IDENTITY,
+    flag: bool | str = True,
+    flag_default: Any = dataclasses.MISSING,
+    choices: tuple | None = None,
+    campaign: str | None = None,
+    fingerprint: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A config field with its declaration.
+
+    Args:
+      default / default_factory: the dataclass default.
+      help: the flag's help text. group: its `--help` group (None: not in --help).
+      role: IDENTITY, FORK_FREE or HOW (see above).
+      flag: True: a flag of every entry point (`launch.common.define_run_flags`); "entry": each
+        entry point defines its own (workdir, steps, resume); False: no flag.
+      flag_default: the flag's default where it differs from the field's (a sentinel that the
+        entry point resolves, e.g. -1: "a third of --steps").
+      choices: the accepted values (an enum flag; checked by the config).
+      campaign: SPEC or RUNNER: who may set it in a FaultBench campaign (None: nobody).
+      fingerprint: its name in the warm-up cache's fingerprint (None: not part of it).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}; accepted: {', '.join(ROLES)}")
+    meta = {
+        "help": help,
+        "group": group,
+        "role": role,
+        "flag": flag,
+        "flag_default": default if flag_default is dataclasses.MISSING else flag_default,
+        "choices": choices,
+        "campaign": campaign,
+        "fingerprint": fingerprint,
+    }
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+# The settings that configure a task (`rftjax.tasks.make_task` keywords) beside its name.
+TASK_OPTIONS = ("chat_template", "prompt_field", "answer_field", "answer_format")
+
+
+def task_options(values: Any) -> dict[str, Any]:
+    """The `TASK_OPTIONS` of anything that holds them as attributes (a config, parsed flags)."""
+    return {name: getattr(values, name) for name in TASK_OPTIONS}
+
+
+def settings(cls) -> tuple[dataclasses.Field, ...]:
+    """The declared fields of a config class, in declaration order."""
+    return tuple(f for f in dataclasses.fields(cls) if "role" in f.metadata)
+
+
+def names(cls, **where: Any) -> tuple[str, ...]:
+    """Names of the settings of `cls` whose declaration has every `key=value` of `where`,
+    e.g. `names(TrainConfig, role=HOW)`."""
+    return tuple(f.name for f in settings(cls) if all(f.metadata[k] == v for k, v in where.items()))
 
 
 def _check_choice(name: str, value: Any, accepted: tuple) -> None:
     if value not in accepted:
         raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(accepted)}")
+
+
+def _check_choices(obj: Any) -> None:
+    for f in settings(type(obj)):
+        if f.metadata["choices"]:
+            _check_choice(f.name, getattr(obj, f.name), f.metadata["choices"])
 
 
 def _check_positive(obj: Any, *names: str) -> None:
@@ -50,28 +140,40 @@ class RLConfig:
       whiten_adv: PPO whitens token advantages over the batch.
     """
 
-    algo: str = "grpo"
-    prompts_per_step: int = 16
-    group_size: int = 8
-    max_new_tokens: int = 4
-    num_epochs: int = 1
-    num_minibatches: int = 1
-    loss_agg: str = "token_mean"
-    normalize_adv_std: bool = True
-    kl_kind: str = "k3"
-    kl_in_reward: bool = False
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_clip: float = 0.2
-    whiten_adv: bool = True
-    lr_warmup_steps: int = 0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
+    algo: str = setting("grpo", "RL algorithm.", group=ALGO, choices=ALGOS, campaign=SPEC)
+    prompts_per_step: int = setting(16, "Unique prompts per RL step.", group=ALGO, campaign=SPEC)
+    group_size: int = setting(8, "Completions sampled per prompt.", group=ALGO, campaign=SPEC)
+    max_new_tokens: int = setting(
+        4,
+        "Response slots; 0: the task's own bound.",
+        group=MODEL,
+        flag_default=0,
+        campaign=SPEC,
+    )
+    num_epochs: int = setting(1, "Passes over each rollout.", group=ALGO, campaign=SPEC)
+    num_minibatches: int = setting(1, "Optimizer updates per pass.", group=ALGO, campaign=SPEC)
+    loss_agg: str = setting(
+        "token_mean", "Loss aggregation.", group=ALGO, choices=AGG_MODES, campaign=SPEC
+    )
+    normalize_adv_std: bool = setting(
+        True, "GRPO: divide by group std (False: Dr. GRPO).", group=ALGO, campaign=SPEC
+    )
+    kl_kind: str = setting(
+        "k3", "KL(π‖π_ref) estimator.", group=ALGO, choices=KL_KINDS, campaign=SPEC
+    )
+    kl_in_reward: bool = setting(
+        False, "PPO: KL penalty in the per-token reward.", group=ALGO, campaign=SPEC
+    )
+    gamma: float = setting(1.0, "PPO GAE γ.", group=ALGO, campaign=SPEC)
+    lam: float = setting(0.95, "PPO GAE λ.", group=ALGO, campaign=SPEC)
+    vf_clip: float = setting(0.2, "PPO value clip range.", flag=False, campaign=SPEC)
+    whiten_adv: bool = setting(True, "PPO whitens token advantages.", flag=False, campaign=SPEC)
+    lr_warmup_steps: int = setting(0, "Linear lr warm-up steps.", flag=False, campaign=SPEC)
+    adam_b1: float = setting(0.9, "Adam β1.", flag=False, campaign=SPEC)
+    adam_b2: float = setting(0.999, "Adam β2.", flag=False, campaign=SPEC)
 
     def __post_init__(self):
-        _check_choice("algo", self.algo, ALGOS)
-        _check_choice("loss_agg", self.loss_agg, AGG_MODES)
-        _check_choice("kl_kind", self.kl_kind, KL_KINDS)
+        _check_choices(self)
         _check_positive(
             self,
             "prompts_per_step",
@@ -121,64 +223,179 @@ class TrainConfig:
     ``DEFAULT_WARMUP_STEPS`` for a preset (a random model never earns reward without it).
     """
 
-    workdir: str
-    task: str = "arith"
-    model: str = "tiny"
-    model_overrides: str = ""
-    chat_template: str = "auto"
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    answer_format: str = "auto"
-    steps: int = 1500
-    seed: int = 0
+    workdir: str = setting(
+        "", "Folder for checkpoints, logs and summary.json.", group=RUN, role=HOW, flag="entry"
+    )
+    steps: int = setting(1500, "RL steps.", group=RUN, role=HOW, flag="entry", campaign=SPEC)
+    resume: bool = setting(
+        False,
+        "Continue the run in --workdir from its latest checkpoint.",
+        group=RUN,
+        role=HOW,
+        flag="entry",
+    )
+    seed: int = setting(0, "Seed of model init, data and sampling.", group=RUN)
+    eval_every: int = setting(
+        100, "Greedy held-out evaluation period (steps).", group=RUN, campaign=SPEC
+    )
+    eval_size: int = setting(512, "Held-out prompts evaluated.", group=RUN, campaign=SPEC)
+    checkpoint_every: int = setting(100, "Checkpoint period (steps).", group=RUN, campaign=SPEC)
+    keep_checkpoints: int = setting(
+        3,
+        "Most recent checkpoints kept (plus pinned).",
+        group=RUN,
+        role=FORK_FREE,
+        campaign=SPEC,
+    )
+    log_every: int = setting(
+        100, "Progress line period (steps).", group=RUN, role=FORK_FREE, campaign=SPEC
+    )
+    model: str = setting(
+        "tiny",
+        "Preset name (tiny, tiny-qwen2, small) or a local Hugging Face checkpoint folder "
+        "(Llama / Qwen2: config.json, safetensors, tokenizer files).",
+        group=MODEL,
+        campaign=SPEC,
+        fingerprint="model",
+    )
+    model_overrides: str = setting(
+        "",
+        "Comma-separated ModelConfig overrides, e.g. num_layers=2,hidden_size=128",
+        group=MODEL,
+        campaign=SPEC,
+        fingerprint="model_overrides",
+    )
+    task: str = setting(
+        "arith",
+        "arith | sort | calc (tool use) | jsonl:/path/to/file.jsonl | "
+        "parquet:/path/to/file_or_folder.parquet",
+        group=MODEL,
+        campaign=SPEC,
+        fingerprint="task",
+    )
+    prompt_field: str = setting("prompt", "File tasks: the field holding the prompt.", group=MODEL)
+    answer_field: str = setting("answer", "File tasks: the field holding the answer.", group=MODEL)
+    answer_format: str = setting(
+        "auto",
+        "File tasks: answer verification: gsm8k (final number, '#### 42'), math (\\boxed{}), "
+        "or auto (gsm8k if every reference answer is a number or ends in '#### N').",
+        group=MODEL,
+    )
+    chat_template: str = setting(
+        "auto",
+        "auto: render prompts through the tokenizer's chat template when it has one; none.",
+        group=MODEL,
+    )
     # Seed of the model's initialization and warm-up (None: `seed`). Runs that share it start
     # RL from one warmed-up checkpoint, as fine-tuning runs share a starting checkpoint; `seed`
-    # still sets the RL data and sampling.
-    init_seed: int | None = None
-    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
-    knobs: dict = dataclasses.field(default_factory=dict)
-    warmup_steps: int | None = None
-    warmup_batch_size: int = 128
-    warmup_lr: float = 1e-3
-    eval_every: int = 100
-    eval_size: int = 512
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 100
-    resume: bool = False
-    fm: str = "off"
-    fault: str = "none"
-    fault_severity: str = "moderate"
-    fault_variant: str = ""
-    fault_magnitude: float | None = None  # overrides the severity preset
-    fault_onset: int = 1  # first active RL step (1-based)
-    fault_duration: int = -1  # <= 0: to the end
+    # still sets the RL data and sampling. (The fingerprint holds `model_seed`.)
+    init_seed: int | None = setting(
+        None, "Seed of model init and warm-up.", flag=False, campaign=SPEC, fingerprint="seed"
+    )
+    warmup_steps: int | None = setting(
+        None,
+        "Supervised warm-up steps before RL (0: none). Default: 300 for a preset model, 0 for "
+        "a Hugging Face checkpoint folder.",
+        group=MODEL,
+        campaign=SPEC,
+        fingerprint="steps",
+    )
+    warmup_batch_size: int = setting(
+        128, "Warm-up batch size.", group=MODEL, campaign=SPEC, fingerprint="batch"
+    )
+    warmup_lr: float = setting(
+        1e-3, "Warm-up learning rate.", group=MODEL, campaign=SPEC, fingerprint="lr"
+    )
+    # Folder of the warm-up cache ("": workdir/warmup); runs may share one (a campaign does).
+    warmup_cache: str = setting("", "Warm-up cache folder.", role=HOW, flag=False)
+    rl: RLConfig = setting(default_factory=RLConfig, flag=False)
+    # The knobs' initial values (`rftjax.knobs.make_knobs` keywords; their flags are defined
+    # from `rftjax.knobs.KNOB_FLAGS`).
+    knobs: dict = setting(default_factory=dict, flag=False, campaign=SPEC)
+    fault: str = setting(
+        "none",
+        "Fault type id, 'none', or 'list' to print the catalog.",
+        group=FAULTS,
+        role=FORK_FREE,
+    )
+    fault_severity: str = setting(
+        "moderate",
+        "Preset strength of the fault.",
+        group=FAULTS,
+        role=FORK_FREE,
+        choices=faults.SEVERITIES,
+    )
+    fault_variant: str = setting(
+        "", "Variant of the fault type (default: its first).", group=FAULTS, role=FORK_FREE
+    )
+    fault_magnitude: float | None = setting(
+        None, "Explicit strength; overrides --fault_severity.", group=FAULTS, role=FORK_FREE
+    )
+    fault_onset: int = setting(
+        1,
+        "First RL step with the fault active; -1: just after a third of --steps.",
+        group=FAULTS,
+        role=FORK_FREE,
+        flag_default=-1,
+    )
+    fault_duration: int = setting(
+        -1, "Steps the fault lasts; <= 0: to the end.", group=FAULTS, role=FORK_FREE
+    )
     # Start from another run's checkpoint just before the fault's onset (that run: the same
     # configuration without the fault). Its records up to there are this run's: a fault is
     # the identity before onset, bit for bit.
-    fork_from: str = ""
-    # --fm=full: steps without an alarm that make a checkpoint healthy (a rollback target)
-    # and a remediation attempt verified.
-    fm_window: int = 20
-    # fm's own failures (an exception in the diagnoser or remediator) end the run instead of
-    # being logged to events.jsonl while training goes on unmanaged.
-    fm_strict: bool = False
-    # --fm=full: who plans the remedies: fm (from the diagnosis) or a baseline (random,
-    # rollback_skip, rollback_lr; FaultBench's remediate comparison).
-    fm_policy: str = "fm"
-    # --fm=full: the diagnoser that names the fault: the learned model shipped with fm
-    # (`fm/artifacts/diagnoser.json`) or the readable rules.
-    fm_diagnoser: str = "learned"
+    fork_from: str = setting("", "Clean twin to fork from.", role=FORK_FREE, flag=False)
+    fm: str = setting(
+        "off",
+        "Failure management: off, detect (in-step statistics and alarms), full (also "
+        "diagnosis, rollback to a healthy checkpoint, remedies, verification, halt).",
+        group=FM,
+        choices=FM_MODES,
+        campaign=RUNNER,
+    )
+    fm_window: int = setting(
+        20,
+        "--fm=full: alarm-free steps that make a checkpoint healthy and an attempt verified.",
+        group=FM,
+        campaign=SPEC,
+    )
+    fm_policy: str = setting(
+        "fm",
+        "--fm=full: who plans the remedies: fm (from its diagnosis), or a baseline: random "
+        "(3 random remedies), rollback_skip (rollback + skip the data window, 3 times), "
+        "rollback_lr (rollback + lr x 0.5, 3 times).",
+        group=FM,
+        choices=FM_POLICIES,
+        campaign=RUNNER,
+    )
+    fm_diagnoser: str = setting(
+        "learned",
+        "--fm=full: the diagnoser: learned (the model shipped in fm/artifacts) or rules.",
+        group=FM,
+        choices=FM_DIAGNOSERS,
+    )
+    fm_strict: bool = setting(
+        False,
+        "--fm=full: an exception inside fm (diagnoser, remediator) ends the run; by default it "
+        "is logged to events.jsonl and training goes on without management.",
+        group=FM,
+        role=HOW,
+    )
     # Write trajectories.jsonl: one line a step with per-completion arrays (FaultBench).
-    record_trajectories: bool = False
-    # Device mesh (`rftjax.parallel`): "" one device; "auto" all devices on data; or
-    # "data:2,fsdp:4[,tensor:2]".
-    mesh: str = ""
-    # Folder of the warm-up cache ("": workdir/warmup); runs may share one (a campaign does).
-    warmup_cache: str = ""
+    record_trajectories: bool = setting(
+        False, "Write trajectories.jsonl.", flag=False, campaign=RUNNER
+    )
+    mesh: str = setting(
+        "",
+        "Device mesh over the axes data, fsdp, tensor, e.g. data:2,fsdp:4 or data:2,tensor:4 "
+        "(one size may be -1: the rest); 'auto': every device on data. Default: one device "
+        "(with --multihost: auto).",
+        group=MESH,
+        role=HOW,
+    )
     # Write TensorBoard events beside metrics.jsonl (campaigns turn them off: they cost
     # ~12 ms a step of host time for ~120 scalars and nobody reads them there).
-    tensorboard: bool = True
+    tensorboard: bool = setting(True, "Write TensorBoard events.", role=HOW, flag=False)
 
     @property
     def model_seed(self) -> int:
@@ -195,9 +412,7 @@ class TrainConfig:
             object.__setattr__(self, "warmup_steps", steps)
         _check_choice("chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         _check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
-        _check_choice("fm", self.fm, FM_MODES)
-        _check_choice("fm_policy", self.fm_policy, FM_POLICIES)
-        _check_choice("fm_diagnoser", self.fm_diagnoser, FM_DIAGNOSERS)
+        _check_choices(self)
         _check_positive(
             self,
             "eval_every",
@@ -241,12 +456,7 @@ class TrainConfig:
 
     def task_options(self) -> dict[str, Any]:
         """Keyword arguments of `rftjax.tasks.make_task` that this config sets."""
-        return {
-            "chat_template": self.chat_template,
-            "prompt_field": self.prompt_field,
-            "answer_field": self.answer_field,
-            "answer_format": self.answer_format,
-        }
+        return task_options(self)
 
     def fault_params(self):
         """The injection's runtime parameters (`faults.FaultParams`); None for no fault."""

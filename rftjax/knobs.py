@@ -6,6 +6,7 @@ recompiles. A value <= 0 turns an optional guard off (noted per field).
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -52,6 +53,19 @@ SWITCHES = (
     "resync_sampler",
     "mask_unscorable",
 )
+# The knobs a user sets from the command line (their defaults: `make_knobs`'s), with help.
+KNOB_FLAGS = {
+    "lr": "Learning rate of RL.",
+    "grad_clip": "Global-norm gradient clip (<= 0: off).",
+    "kl_coef": "KL-to-reference coefficient β.",
+    "ent_coef": "Entropy bonus coefficient.",
+    "eps_low": "Clip ε below 1.",
+    "eps_high": "Clip ε above 1 (clip-higher).",
+    "temperature": "Sampling temperature.",
+    "top_p": "Nucleus sampling mass (1: off).",
+    "top_k": "Top-k sampling (0: off).",
+    "vf_coef": "PPO value-loss coefficient.",
+}
 MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows float32
 
 
@@ -119,11 +133,19 @@ def replace(knobs: Knobs, **changes: float) -> Knobs:
     return knobs_from_dict({**knobs_to_dict(knobs), **changes})
 
 
+def knob_defaults() -> dict[str, float]:
+    """Each knob's default (`make_knobs`'s keyword defaults)."""
+    params = inspect.signature(make_knobs).parameters
+    return {name: p.default for name, p in params.items()}
+
+
 __all__ = [
+    "KNOB_FLAGS",
     "KNOB_NAMES",
     "SWITCHES",
     "Knobs",
     "knobs_from_dict",
+    "knob_defaults",
     "knobs_to_dict",
     "make_knobs",
     "replace",

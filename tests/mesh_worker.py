@@ -81,7 +81,9 @@ def plant_divergence(state, mesh):
 def single_process(out: str) -> None:
     from rftjax import parallel
     from rftjax.train import loop
+    from rftjax.train.setup import CompileCache
 
+    cache = CompileCache()
     result = {"runs": {}, "compiles": {}}
     warm = None
     for mesh in MESHES:
@@ -89,12 +91,11 @@ def single_process(out: str) -> None:
         if warm is not None:  # the same single-device warm-up: reuse its cache
             shutil.copytree(warm, os.path.join(workdir, "warmup"))
         cfg = config(workdir, mesh)
-        loop.run(cfg)
+        loop.run(cfg, cache)
         warm = os.path.join(workdir, "warmup")
         result["runs"][mesh] = records(workdir)
-        steps = [v for k, v in loop._COMPILED.items() if k[0] == "learner" and k[-1] is not None]
         if mesh:
-            result["compiles"][mesh] = steps[-1][0]["step"]._cache_size()
+            result["compiles"][mesh] = cache.learners()[-1].step._cache_size()
     # 3 steps on one mesh, resumed to 5 on another: Orbax reshards on restore.
     remesh = os.path.join(out, "remesh")
     shutil.copytree(warm, os.path.join(remesh, "warmup"))
@@ -133,7 +134,9 @@ def multi_process(out: str, pid: int, nproc: int, port: int) -> None:
     loop.run(config(workdir, "data:2,fsdp:2", steps=3))
     summary = loop.run(config(workdir, "data:2,fsdp:2", resume=True))
     # Every process ends with the same weights: fingerprints of the gathered parameters.
-    final, _ = loop.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
+    from rftjax.checkpoint import Checkpointer
+
+    final, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(
         None, _target(workdir)
     )
     params = parallel.fetch(final.params["policy"])
@@ -145,13 +148,14 @@ def multi_process(out: str, pid: int, nproc: int, port: int) -> None:
 def _target(workdir: str):
     """A placed template of the run's state, to restore the last checkpoint into."""
     from rftjax import parallel
-    from rftjax.train import loop
+    from rftjax.train.setup import CompileCache, setup
     from rftjax.train.step import init_state
 
     cfg = config(workdir, "data:2,fsdp:2", resume=True)
-    run, _, params, detector = loop._setup(cfg)
+    run, model = setup(cfg, CompileCache())
     run.checkpointer.close()
-    return parallel.place_state(init_state(params, cfg.rl, cfg.seed, detector), run.mesh)
+    state = init_state(model.params, cfg.rl, cfg.seed, model.monitor)
+    return parallel.place_state(state, run.mesh)
 
 
 if __name__ == "__main__":

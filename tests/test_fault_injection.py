@@ -15,7 +15,7 @@ from rftjax.tasks import make_task
 from rftjax.train import monitor
 from rftjax.train import step as step_lib
 from rftjax.train import warmup as wu
-from rftjax.train.loop import to_prompt_batch
+from rftjax.train.setup import to_prompt_batch
 from rftjax.train.step import init_state, make_learner
 
 MODEL = models.ModelConfig(
@@ -107,7 +107,7 @@ def _run(task, warm, fault=None, fparams=None, learner=None, knobs=KNOBS):
     metrics, policies = [], []
     for i in range(STEPS):
         batch = to_prompt_batch(task.train_batch(i, cfg.prompts_per_step))
-        state, m = learner["step"](state, batch, knobs, fparams)
+        state, m = learner.step(state, batch, knobs, fparams)
         metrics.append(jax.device_get(m))
         policies.append(jax.device_get(state.params["policy"]))
     return learner, state, metrics, policies
@@ -188,8 +188,8 @@ def _check_fault(task, warm, clean, type_id):
         onset=2, duration=3, magnitude=0.5, variant=len(faults.SPECS[type_id].variants) - 1
     )
     batch = to_prompt_batch(task.train_batch(0, _cfg(task).prompts_per_step))
-    learner["step"](state, batch, KNOBS, other)
-    assert learner["step"]._cache_size() == 1
+    learner.step(state, batch, KNOBS, other)
+    assert learner.step._cache_size() == 1
 
 
 @pytest.mark.parametrize("type_id", ["OD3", "RF1"])
@@ -205,17 +205,17 @@ def test_split_rollout_and_learn_inject_like_the_fused_step(task, warm, type_id)
         fparams = faults.params_for(type_id, onset=onset, severity="severe")
         raw = task.train_batch(i, CFG.prompts_per_step)
         batch = to_prompt_batch(raw)
-        fused, m_fused = learner["step"](fused, batch, KNOBS, fparams)
-        split = learner["prepare"](split, fparams)
-        ro = learner["rollout"](split, batch, KNOBS, fparams)
+        fused, m_fused = learner.step(fused, batch, KNOBS, fparams)
+        split = learner.prepare(split, fparams)
+        ro = learner.rollout(split, batch, KNOBS, fparams)
         answers = jnp.repeat(jnp.asarray(batch.answers), CFG.group_size, axis=0)
-        split, m_split = learner["learn"](
+        split, m_split = learner.learn(
             split, ro, task.jnp_reward(ro.response, answers), KNOBS, fparams
         )
         for key in ("reward_mean", "grad_norm", "kl_ref", "fault_active"):
             np.testing.assert_allclose(m_split[key], m_fused[key], rtol=1e-5, err_msg=key)
     for name in ("prepare", "rollout", "learn"):
-        assert learner[name]._cache_size() == 1, name
+        assert getattr(learner, name)._cache_size() == 1, name
 
 
 @pytest.mark.parametrize(
@@ -247,7 +247,7 @@ def test_a_remedy_switch_undoes_its_fault_in_the_compiled_step(task, warm, clean
     assert any(not np.array_equal(a, b) for a, b in pairs)
     for a, b in zip(leaves(fixed), leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    assert learner["step"]._cache_size() == 1  # the switch is a runtime value
+    assert learner.step._cache_size() == 1  # the switch is a runtime value
 
 
 CHECKS = ("check_weights", "check_reference", "check_coefficients")
@@ -286,11 +286,11 @@ def test_a_deliberate_change_between_steps_is_sealed(task, warm, clean):
     fresh = state._replace(opt_state=step_lib.make_optimizer(CFG).init(state.params))
     batch = to_prompt_batch(task.train_batch(STEPS, CFG.prompts_per_step))
     copy = lambda st: jax.tree.map(jnp.copy, st)
-    _, unsealed = learner["step"](copy(fresh), batch, KNOBS, None)
-    _, sealed = learner["step"](step_lib.seal_weights(copy(fresh)), batch, KNOBS, None)
+    _, unsealed = learner.step(copy(fresh), batch, KNOBS, None)
+    _, sealed = learner.step(step_lib.seal_weights(copy(fresh)), batch, KNOBS, None)
     assert float(unsealed["check_weights"]) == 1.0
     assert float(sealed["check_weights"]) == 0.0
-    assert learner["step"]._cache_size() == 1
+    assert learner.step._cache_size() == 1
     compiled = step_lib.seal_weights._cache_size()
     step_lib.seal_weights(copy(state))  # new values, same structure: no new program
     assert step_lib.seal_weights._cache_size() == compiled
@@ -310,7 +310,7 @@ def test_mask_unscorable_takes_infra_failed_completions_out_of_the_loss(tool_war
     )  # fmt: skip
     batch = to_prompt_batch(TOOL_TASK.train_batch(0, TOOL_CFG.prompts_per_step))
     state = init_state(tool_warm[1], TOOL_CFG, 0, detector)
-    ro = learner["rollout"](state, batch, KNOBS)
+    ro = learner.rollout(state, batch, KNOBS)
     b, g = ro.lengths.shape[0], TOOL_CFG.group_size
     failed = np.zeros(b, bool)
     failed[[1, 4, 5, 6, 7]] = True
@@ -320,7 +320,7 @@ def test_mask_unscorable_takes_infra_failed_completions_out_of_the_loss(tool_war
     for switch in (0.0, 1.0):
         fresh = init_state(tool_warm[1], TOOL_CFG, 0, detector)
         knobs = make_knobs(lr=3e-3, mask_unscorable=switch)
-        _, m = learner["learn"](fresh, ro, {"reward": reward}, knobs)
+        _, m = learner.learn(fresh, ro, {"reward": reward}, knobs)
         rows[switch] = jax.device_get(m["trajectories"])
         assert float(m["check_mask_length"]) == 0.0
     assert np.all(rows[1.0]["advantage"][failed] == 0.0)
@@ -330,4 +330,4 @@ def test_mask_unscorable_takes_infra_failed_completions_out_of_the_loss(tool_war
     # Group 2 (rows 8-11) is untouched: the same advantages either way.
     group2 = slice(2 * g, 3 * g)
     np.testing.assert_array_equal(rows[1.0]["advantage"][group2], rows[0.0]["advantage"][group2])
-    assert learner["learn"]._cache_size() == 1
+    assert learner.learn._cache_size() == 1

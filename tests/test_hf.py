@@ -452,7 +452,7 @@ def test_launch_train_runs_grpo_on_a_hugging_face_folder(tmp_path):
 def test_training_keeps_float32_master_weights(exported, tmp_path):
     from rftjax.config import TrainConfig
     from rftjax.tasks import make_task
-    from rftjax.train.loop import build_model_config
+    from rftjax.train.setup import build_model_config
 
     data = tmp_path / "d.jsonl"
     data.write_text(

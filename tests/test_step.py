@@ -9,7 +9,7 @@ from rftjax import models
 from rftjax.config import RLConfig
 from rftjax.knobs import make_knobs
 from rftjax.tasks import make_task
-from rftjax.train.loop import to_prompt_batch
+from rftjax.train.setup import to_prompt_batch
 from rftjax.train.step import init_state, make_learner
 
 MODEL = models.ModelConfig(
@@ -59,8 +59,8 @@ def test_step_reports_required_metrics_and_compiles_once(task, algo):
     _, _, learner, state = _setup(task, algo=algo)
     for i, lr in enumerate([1e-3, 5e-4, 2e-4]):
         knobs = make_knobs(lr=lr, kl_coef=0.1 * i, temperature=1.0 - 0.1 * i, top_p=1.0 - 0.05 * i)
-        state, metrics = learner["step"](state, _batch(task, i), knobs)
-    assert learner["step"]._cache_size() == 1
+        state, metrics = learner.step(state, _batch(task, i), knobs)
+    assert learner.step._cache_size() == 1
     metrics = jax.device_get(metrics)
     missing = [k for k in REQUIRED if k not in metrics]
     assert not missing
@@ -72,17 +72,17 @@ def test_split_rollout_and_learn_compile_once(task):
     _, _, learner, state = _setup(task)
     for i in range(2):
         knobs = make_knobs(lr=1e-3 / (i + 1), eps_high=0.2 + 0.1 * i)
-        ro = learner["rollout"](state, _batch(task, i), knobs)
+        ro = learner.rollout(state, _batch(task, i), knobs)
         rewards = {"reward": jnp.asarray(np.random.default_rng(i).random(16), jnp.float32)}
-        state, _ = learner["learn"](state, ro, rewards, knobs)
-    assert learner["rollout"]._cache_size() == 1 and learner["learn"]._cache_size() == 1
+        state, _ = learner.learn(state, ro, rewards, knobs)
+    assert learner.rollout._cache_size() == 1 and learner.learn._cache_size() == 1
 
 
 def test_caller_params_survive_the_donated_step(task):
     cfg, _, learner, _ = _setup(task)
     _, params = models.create(MODEL, 0)
     state = init_state(params, cfg, 0)
-    learner["step"](state, _batch(task, 0), make_knobs())
+    learner.step(state, _batch(task, 0), make_knobs())
     assert np.isfinite(np.asarray(params["model"]["norm"]["weight"])).all()  # not deleted
 
 
@@ -92,8 +92,8 @@ def test_constant_rewards_give_no_update_without_regularizers(task):
     _, _, learner, state = _setup(task)
     knobs = make_knobs(lr=1e-2, kl_coef=0.0, ent_coef=0.0)
     before = jax.tree.map(np.array, state.params)
-    ro = learner["rollout"](state, _batch(task, 0), knobs)
-    state, metrics = learner["learn"](state, ro, {"reward": jnp.ones(16)}, knobs)
+    ro = learner.rollout(state, _batch(task, 0), knobs)
+    state, metrics = learner.learn(state, ro, {"reward": jnp.ones(16)}, knobs)
     assert float(metrics["grad_norm"]) == 0.0 and float(metrics["frac_zero_std_groups"]) == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -102,7 +102,7 @@ def test_constant_rewards_give_no_update_without_regularizers(task):
 def test_grpo_step_moves_probability_toward_rewarded_completions(task):
     cfg, graphdef, learner, state = _setup(task)
     knobs = make_knobs(lr=1e-3, kl_coef=0.0)
-    ro = learner["rollout"](state, _batch(task, 0), knobs)
+    ro = learner.rollout(state, _batch(task, 0), knobs)
     rewards = jnp.tile(jnp.array([1.0, 0.0, 0.0, 0.0]), 4)
     from rftjax.sampling import response_logprobs
 
@@ -119,7 +119,7 @@ def test_grpo_step_moves_probability_toward_rewarded_completions(task):
         return np.asarray((lp * ro.response_mask).sum(-1))
 
     before = seq_logp(state.params["policy"])
-    state, metrics = learner["learn"](state, ro, {"reward": rewards}, knobs)
+    state, metrics = learner.learn(state, ro, {"reward": rewards}, knobs)
     gain = seq_logp(state.params["policy"]) - before
     rewarded = np.asarray(rewards) > 0
     assert gain[rewarded].mean() > 0 > gain[~rewarded].mean()
@@ -128,7 +128,7 @@ def test_grpo_step_moves_probability_toward_rewarded_completions(task):
 
 def test_several_updates_per_rollout_move_off_policy(task):
     _, _, learner, state = _setup(task, num_epochs=2, num_minibatches=2)
-    state, metrics = learner["step"](state, _batch(task, 0), make_knobs(lr=1e-2))
+    state, metrics = learner.step(state, _batch(task, 0), make_knobs(lr=1e-2))
     # 4 updates: after the first, the trainer has moved away from the behaviour policy.
     assert float(metrics["ratio_max"]) > 1.0
     assert float(metrics["is_ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
@@ -138,9 +138,9 @@ def test_ppo_trains_its_value_head(task):
     _, _, learner, state = _setup(task, algo="ppo")
     w0 = np.array(state.params["value_head"]["weight"])
     knobs = make_knobs(lr=1e-2, vf_coef=1.0)
-    ro = learner["rollout"](state, _batch(task, 0), knobs)
+    ro = learner.rollout(state, _batch(task, 0), knobs)
     rewards = {"reward": jnp.asarray(np.random.default_rng(0).random(16), jnp.float32)}
-    state, metrics = learner["learn"](state, ro, rewards, knobs)
+    state, metrics = learner.learn(state, ro, rewards, knobs)
     assert np.abs(np.asarray(state.params["value_head"]["weight"]) - w0).max() > 0
     assert "vf_loss" in metrics and np.isfinite(float(metrics["vf_loss"]))
 
@@ -149,13 +149,13 @@ def test_truncated_importance_weights_follow_the_knob(task):
     # Sampler log-probs 0.5 nats below the trainer's: every ratio is e^0.5 ≈ 1.65. With β = 0 the
     # gradient is the policy-gradient term alone, scaled by the (constant) weight.
     _, _, learner, state = _setup(task)
-    ro = learner["rollout"](state, _batch(task, 0), make_knobs())
+    ro = learner.rollout(state, _batch(task, 0), make_knobs())
     shifted = ro._replace(logp=ro.logp - 0.5 * ro.response_mask)
     rewards = {"reward": jnp.asarray(np.random.default_rng(0).random(16), jnp.float32)}
 
     def grad_norm(is_cap):
         knobs = make_knobs(lr=0.0, kl_coef=0.0, is_cap=is_cap)
-        _, m = learner["learn"](jax.tree.map(jnp.copy, state), shifted, rewards, knobs)
+        _, m = learner.learn(jax.tree.map(jnp.copy, state), shifted, rewards, knobs)
         assert float(m["is_ratio_mean"]) == pytest.approx(np.exp(0.5), rel=1e-4)
         return float(m["grad_norm"])
 

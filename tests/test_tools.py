@@ -302,7 +302,7 @@ def test_observation_tokens_do_not_count_in_loss_kl_or_entropy(model):
     ref = jax.tree.map(lambda x: x * 1.01, state.ref_params)
     state = state._replace(ref_params=ref)
     copy = lambda s: jax.tree.map(jnp.copy, s)
-    _, metrics = learner["learn"](copy(state), ro, rewards, knobs)
+    _, metrics = learner.learn(copy(state), ro, rewards, knobs)
 
     # Independent computation over the policy's tokens only.
     graphdef, params = model
@@ -325,8 +325,8 @@ def test_observation_tokens_do_not_count_in_loss_kl_or_entropy(model):
 
     # The sampler's log-probs of observation tokens do not enter the update at all.
     noisy = ro._replace(logp=jnp.where(obs, -5.0, ro.logp))
-    s1, m1 = learner["learn"](copy(state), ro, rewards, knobs)
-    s2, m2 = learner["learn"](copy(state), noisy, rewards, knobs)
+    s1, m1 = learner.learn(copy(state), ro, rewards, knobs)
+    s2, m2 = learner.learn(copy(state), noisy, rewards, knobs)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert jax.device_get(m1) == jax.device_get(m2)
@@ -349,8 +349,8 @@ def test_tool_rollout_and_step_compile_once(model):
         b = task.train_batch(step, 2)
         batch = PromptBatch(*(jnp.asarray(x) for x in (b.prompts, b.prompt_mask, b.answers)))
         knobs = make_knobs(temperature=1.0 - 0.1 * step, lr=1e-4 * (step + 1))
-        state, metrics = learner["step"](state, batch, knobs)
-    assert learner["step"]._cache_size() == 1
+        state, metrics = learner.step(state, batch, knobs)
+    assert learner.step._cache_size() == 1
     assert "tool_calls_mean" in metrics
 
 

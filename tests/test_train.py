@@ -232,7 +232,7 @@ def test_resume_with_nothing_left_keeps_the_final_evaluation(tmp_path):
 
 def test_all_padding_prompt_rows_are_refused():
     from rftjax.tasks import Batch
-    from rftjax.train.loop import to_prompt_batch
+    from rftjax.train.setup import to_prompt_batch
 
     bad = Batch(np.array([[1, 5], [0, 0]]), np.array([[1, 1], [0, 0]]), np.zeros((2, 2)), ("", ""))
     with pytest.raises(ValueError, match="left-padded"):
@@ -252,12 +252,12 @@ def test_resume_refuses_a_different_configuration(tmp_path):
 
 def test_a_field_missing_from_an_older_record_counts_as_its_default():
     # Runs recorded before a TrainConfig field existed still resume and fork.
-    from rftjax.train.loop import _differences
+    from rftjax.train.resume import differences
 
     ours = {"seed": 1, "fm_window": 20, "chat_template": "auto"}
-    assert _differences({"seed": 1}, ours) == []
-    assert _differences({"seed": 1}, {**ours, "fm_window": 5}) == ["fm_window"]
-    assert _differences({"seed": 2, "fm_window": 20}, ours) == ["seed"]
+    assert differences({"seed": 1}, ours) == []
+    assert differences({"seed": 1}, {**ours, "fm_window": 5}) == ["fm_window"]
+    assert differences({"seed": 2, "fm_window": 20}, ours) == ["seed"]
 
 
 @pytest.mark.parametrize(
@@ -315,7 +315,7 @@ def test_fm_detect_logs_statistics_alarms_and_events(tmp_path):
 
 
 def test_alarm_event_names_the_flagged_signals():
-    from rftjax.train.loop import _alarm_event
+    from rftjax.train.supervisor import alarm_event
 
     values = {
         "alarm": 1.0,
@@ -325,7 +325,7 @@ def test_alarm_event_names_the_flagged_signals():
         "score/reward_mean": 0.3,
         "flag/nonfinite_grads": 1.0,
     }
-    assert _alarm_event(7, values) == {
+    assert alarm_event(7, values) == {
         "step": 7,
         "event": "alarm",
         "signals": ["grad_norm", "nonfinite_grads"],

@@ -9,7 +9,7 @@ import pytest
 
 from rftjax.config import RLConfig, TrainConfig
 from rftjax.train.lock import WorkdirBusy, WorkdirLock
-from rftjax.train.loop import describe_differences
+from rftjax.train.resume import describe_differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

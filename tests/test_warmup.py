@@ -10,7 +10,8 @@ from rftjax import models
 from rftjax.config import RLConfig, TrainConfig
 from rftjax.tasks import make_task
 from rftjax.train import warmup as wu
-from rftjax.train.loop import Evaluator, run
+from rftjax.train.evaluation import Evaluator
+from rftjax.train.loop import run
 
 MODEL = models.ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from faults import SEVERITIES, SPECS
-from rftjax.config import RLConfig, TrainConfig
+from rftjax.config import RUNNER, SPEC, RLConfig, TrainConfig, names
 
 if TYPE_CHECKING:
     from rftjax.campaign.on_ray import RayOptions
@@ -79,28 +79,13 @@ def twin_name(seed: int, config: str = "") -> str:
     return f"{config_prefix(config)}s{seed}/clean"
 
 
-# Settings a campaign may change: outer-loop fields, RL step fields and knobs. Seeds and faults
-# come from the runs; workdir, resume, fork_from, fm and record_trajectories from the runner.
-_TRAIN_KEYS = (
-    "task",
-    "model",
-    "model_overrides",
-    "steps",
-    "warmup_steps",
-    "warmup_batch_size",
-    "warmup_lr",
-    "eval_every",
-    "eval_size",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "log_every",
-    "init_seed",
-    "fm_window",
-)
-_RL_KEYS = tuple(f.name for f in dataclasses.fields(RLConfig))
+# Settings a campaign may change (declared in `rftjax.config`): outer-loop fields, RL step
+# fields and knobs. Seeds and faults come from the runs; workdir, resume and fork_from from the
+# runner, which also sets fm, fm_policy and record_trajectories (generate needs the detector).
+_TRAIN_KEYS = tuple(k for k in names(TrainConfig, campaign=SPEC) if k != "knobs")
+_RL_KEYS = names(RLConfig, campaign=SPEC)
 OVERRIDE_KEYS = (*_TRAIN_KEYS, *_RL_KEYS, "knobs")
-# Set by runners (the remediate comparison), not by specs: generate needs the detector on.
-_RUNNER_KEYS = ("fm", "fm_policy", "record_trajectories")
+_RUNNER_KEYS = names(TrainConfig, campaign=RUNNER)
 
 
 def apply_overrides(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
