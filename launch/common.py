@@ -119,11 +119,10 @@ def max_new_tokens(values) -> int:
     if values.max_new_tokens:
         return values.max_new_tokens
     from rftjax.models.hf import load_tokenizer
-    from rftjax.tasks import make_task
+    from rftjax.tasks import response_slots
 
     tokenizer = load_tokenizer(values.model) if os.path.isdir(values.model) else None
-    task = make_task(values.task, seed=values.seed, tokenizer=tokenizer, **task_options(values))
-    return task.max_new_tokens_hint
+    return response_slots(values.task, tokenizer=tokenizer, **task_options(values))
 
 
 def _flag_values(values, cls) -> dict:

@@ -13,7 +13,7 @@ import small_shapes
 
 from fm import remediate
 from rftjax.config import RLConfig
-from rftjax.train import chaos
+from rftjax.benchmarks import chaos
 from rftjax.train.logs import read_jsonl
 from rftjax.train.loop import run
 

@@ -103,9 +103,9 @@ def apply_overrides(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown knob(s) {bad}; accepted: {', '.join(accepted)}")
     rl = {k: v for k, v in settings.items() if k in _RL_KEYS}
     if "task" in settings and "max_new_tokens" not in settings:
-        from rftjax.tasks import make_task
+        from rftjax.tasks import response_slots
 
-        rl["max_new_tokens"] = make_task(settings["task"], seed=0).max_new_tokens_hint
+        rl["max_new_tokens"] = response_slots(settings["task"])
     outer = {k: v for k, v in settings.items() if k in _TRAIN_KEYS or k in _RUNNER_KEYS}
     try:
         make_knobs(**knobs)

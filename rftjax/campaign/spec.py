@@ -443,9 +443,9 @@ def _tool_task() -> dict[str, Any]:
 
 def builtin_tool_tokens() -> int:
     """Response slots of the built-in tool task."""
-    from rftjax.tasks import make_task
+    from rftjax.tasks import response_slots
 
-    return make_task("calc", seed=0).max_new_tokens_hint
+    return response_slots("calc")
 
 
 def load_spec(value: str) -> dict[str, Any]:

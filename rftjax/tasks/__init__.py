@@ -78,3 +78,10 @@ def make_task(
             kwargs.pop(key, None)
         return _BUILT_IN[name](seed=seed, tokenizer=tokenizer, **kwargs)
     raise ValueError(f"unknown task {name!r}; accepted names: {', '.join(TASK_NAMES)}")
+
+
+def response_slots(name: str, *, tokenizer=None, **options: Any) -> int:
+    """The response slots (max new tokens) a task needs by default: its
+    `Task.max_new_tokens_hint` (a file task reads its data to find it). Every place that
+    resolves "the task's own bound" asks here."""
+    return make_task(name, seed=0, tokenizer=tokenizer, **options).max_new_tokens_hint

@@ -157,3 +157,13 @@ def run_chaos(
         "kills": kills,
         "episode_results": episodes,
     }
+
+
+def report(out: dict[str, Any]) -> list[str]:
+    return [
+        f"chaos: {out['cycles']} kills over {out['episodes']} runs to completion; "
+        f"runs whose records differ from the uninterrupted run: {out['mismatched_episodes']}",
+        f"  SIGTERM {out['sigterm']}: exit 0 in {out['sigterm_exit_0']}, steps lost at most "
+        f"{out['sigterm_steps_lost_max']}; SIGKILL {out['sigkill']}: steps lost at most "
+        f"{out['sigkill_steps_lost_max']}",
+    ]
