@@ -54,6 +54,7 @@ def setting(
     choices: tuple | None = None,
     campaign: str | None = None,
     fingerprint: str | None = None,
+    task_option: bool = False,
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A config field with its declaration.
@@ -69,6 +70,7 @@ def setting(
       choices: the accepted values (an enum flag; checked by the config).
       campaign: SPEC or RUNNER: who may set it in a FaultBench campaign (None: nobody).
       fingerprint: its name in the warm-up cache's fingerprint (None: not part of it).
+      task_option: a keyword of `rftjax.tasks.make_task` (configures the task beside its name).
     """
     if role not in ROLES:
         raise ValueError(f"role={role!r}; accepted: {', '.join(ROLES)}")
@@ -81,17 +83,15 @@ def setting(
         "choices": choices,
         "campaign": campaign,
         "fingerprint": fingerprint,
+        "task_option": task_option,
     }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
-# The settings that configure a task (`rftjax.tasks.make_task` keywords) beside its name.
-TASK_OPTIONS = ("chat_template", "prompt_field", "answer_field", "answer_format")
-
-
 def task_options(values: Any) -> dict[str, Any]:
-    """The `TASK_OPTIONS` of anything that holds them as attributes (a config, parsed flags)."""
-    return {name: getattr(values, name) for name in TASK_OPTIONS}
+    """The settings declared `task_option` (`rftjax.tasks.make_task` keywords beside the task's
+    name) of anything that holds them as attributes: a config, parsed flags."""
+    return {name: getattr(values, name) for name in names(TrainConfig, task_option=True)}
 
 
 def settings(cls) -> tuple[dataclasses.Field, ...]:
@@ -273,18 +273,24 @@ class TrainConfig:
         campaign=SPEC,
         fingerprint="task",
     )
-    prompt_field: str = setting("prompt", "File tasks: the field holding the prompt.", group=MODEL)
-    answer_field: str = setting("answer", "File tasks: the field holding the answer.", group=MODEL)
+    prompt_field: str = setting(
+        "prompt", "File tasks: the field holding the prompt.", group=MODEL, task_option=True
+    )
+    answer_field: str = setting(
+        "answer", "File tasks: the field holding the answer.", group=MODEL, task_option=True
+    )
     answer_format: str = setting(
         "auto",
         "File tasks: answer verification: gsm8k (final number, '#### 42'), math (\\boxed{}), "
         "or auto (gsm8k if every reference answer is a number or ends in '#### N').",
         group=MODEL,
+        task_option=True,
     )
     chat_template: str = setting(
         "auto",
         "auto: render prompts through the tokenizer's chat template when it has one; none.",
         group=MODEL,
+        task_option=True,
     )
     # Seed of the model's initialization and warm-up (None: `seed`). Runs that share it start
     # RL from one warmed-up checkpoint, as fine-tuning runs share a starting checkpoint; `seed`

@@ -12,6 +12,7 @@ import small_shapes
 
 import faults
 from fm import taxonomy
+from rftjax.checkpoint import Checkpointer
 from rftjax.config import RLConfig
 from rftjax.train.loop import run
 
@@ -81,13 +82,20 @@ def test_resumed_run_continues_with_identical_metrics(tmp_path):
     straight = tmp_path / "straight"
     run(_config(straight, 6, fm="detect"))
     broken = tmp_path / "broken"
-    run(_config(broken, 4, fm="detect"))
+    first = run(_config(broken, 4, fm="detect"))
     # Records past the last checkpoint (a run that died at step 5) must be replaced on resume.
     with open(broken / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 5, "reward_mean": -1.0}) + "\n")
     summary = run(_config(broken, 6, resume=True, fm="detect"))
     assert summary["steps_completed"] == 6
     assert _records(straight) == _records(broken)
+    # Timings count every segment: the warm-up ran in the first one only; the RL time kept in
+    # the step-4 checkpoint (the resume point) is part of the total (before: the last
+    # segment's alone).
+    with Checkpointer(str(broken / "checkpoints")) as ckpt:
+        kept = ckpt.read_meta(4)["seconds"]
+    assert summary["warmup_seconds"] == first["warmup_seconds"] > 0
+    assert summary["rl_seconds"] > kept["rl"] > 0 and summary["wall_seconds"] > kept["wall"]
     assert "score/grad_norm" in _records(broken)[0]
 
 

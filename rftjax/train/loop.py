@@ -75,31 +75,39 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption, cache: CompileCache) -> dic
         if run_.mesh is not None:  # a bad restore or placement shows before the first step
             check_replicas(run_, state, start, logs.events)
         t_rl = time.time()
+        before = (begun.meta or {}).get("seconds") or {}
+
+        def seconds() -> dict[str, float]:
+            """Wall, warm-up and RL seconds of the run so far, over its resumed segments."""
+            now = time.time()
+            return {
+                "wall": before.get("wall", 0.0) + now - t_start,
+                "warmup": before.get("warmup", 0.0) + begun.warmup_seconds,
+                "rl": before.get("rl", 0.0) + now - t_rl,
+                "rl_segment": now - t_rl,
+            }
+
         try:
-            state, outcome = train(run_, begun, state, knobs, logs, stop)
+            state, outcome = train(run_, begun, state, knobs, logs, stop, seconds)
         finally:
             for log in logs:
                 if log is not None:
                     log.close()
     finally:
         run_.checkpointer.close()
-    seconds = {
-        "wall": time.time() - t_start,
-        "warmup": begun.warmup_seconds,
-        "rl": time.time() - t_rl,
-    }
-    summary = summaries.summarize(cfg, outcome, read_jsonl(logs.events.path), seconds)
+    summary = summaries.summarize(cfg, outcome, read_jsonl(logs.events.path), seconds())
     if jax.process_index() == 0:
         summaries.write(run_.workdir, summary)
     return summary
 
 
-def train(run: Run, begun: Start, state: TrainState, knobs, logs, stop):
+def train(run: Run, begun: Start, state: TrainState, knobs, logs, stop, seconds=None):
     """The RL loop from `state` (placed) to `cfg.steps`. Returns (state, `summary.Outcome`).
     Stops early, after a checkpoint of the last step, when `stop` (a `preempt.Preemption`) is
-    reached, and where fm halts the run."""
+    reached, and where fm halts the run. `seconds()`: the run's timings so far (checkpoints
+    keep them, so that a resumed run's summary counts every segment)."""
     cfg, task = run.cfg, run.task
-    sup = Supervisor(run, begun, state, knobs, logs)
+    sup = Supervisor(run, begun, state, knobs, logs, seconds)
     start = step_no = int(state.step)
     while step_no < cfg.steps:
         step_no += 1

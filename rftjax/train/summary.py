@@ -23,7 +23,9 @@ class Outcome(NamedTuple):
 def summarize(
     cfg: TrainConfig, outcome: Outcome, events: list[dict], seconds: dict[str, float]
 ) -> dict[str, Any]:
-    """The summary; `seconds`: wall, warmup and rl times of this process."""
+    """The summary. `seconds`: wall, warm-up and RL times of the whole run (over its resumed
+    segments) and "rl_segment", this process's RL time: the steps per second are this
+    segment's (a speed; replayed and forked steps are not counted twice)."""
     initial, final = outcome.initial, outcome.final
     alarms = [e for e in events if e["event"] == "alarm"]
     # "final" only from an evaluation of the state the run ended with (a preempted run's last
@@ -41,7 +43,9 @@ def summarize(
         "wall_seconds": seconds["wall"],
         "warmup_seconds": seconds["warmup"],
         "rl_seconds": rl,
-        "rl_steps_per_second": outcome.steps_run / rl if outcome.steps_run else 0.0,
+        "rl_steps_per_second": (
+            outcome.steps_run / seconds["rl_segment"] if outcome.steps_run else 0.0
+        ),
         "algo": cfg.rl.algo,
         "task": cfg.task,
         "model": cfg.model,

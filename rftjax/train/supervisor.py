@@ -76,9 +76,11 @@ class Supervisor:
     """Reads step metrics one step late into the logs, runs fm's closed loop (`--fm=full`),
     evaluates and saves checkpoints with what a resumed run needs to go on identically."""
 
-    def __init__(self, run: Run, begun: Start, state, knobs, logs: Logs) -> None:
-        """`state` and `knobs`: `begun`'s, placed on the run's mesh."""
+    def __init__(self, run: Run, begun: Start, state, knobs, logs: Logs, seconds=None) -> None:
+        """`state` and `knobs`: `begun`'s, placed on the run's mesh. `seconds()`: the run's
+        timings so far, kept in each checkpoint."""
         self.run, self.cfg, self.logs = run, run.cfg, logs
+        self.seconds = seconds
         self.knobs = knobs  # placed; replaced by the controller's after a remedy
         self.initial = begun.evals["initial"]
         self.final, self.final_step = begun.evals["last"], begun.evals["last_step"]
@@ -269,6 +271,8 @@ class Supervisor:
         if self.fm_failure:
             meta["fm_failure"] = self.fm_failure
         meta["events_written"] = self.logs.events.count
+        if self.seconds is not None:
+            meta["seconds"] = self.seconds()
         run.checkpointer.save(step, state, meta)
         self.saved_at = step
 
