@@ -89,6 +89,8 @@ def describe(event: Mapping[str, Any]) -> str:
     if kind == "halt":
         named = f" (diagnosis {event['diagnosis']})" if event.get("diagnosis") else ""
         return head + f"HALT: {event.get('reason')}{named}"
+    if kind == "corrupt_checkpoint":  # the reason is a sentence: step, file, what came instead
+        return head + str(event.get("reason"))
     if kind == "restore_failed":
         return head + f"checkpoint {event['checkpoint']} unusable ({event['reason']})"
     if kind == "fm_error":

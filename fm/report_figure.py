@@ -45,7 +45,7 @@ def robust_limits(
     (quartiles ± 6 IQR; all of them when IQR is 0), widened to take in `extra` (abandoned
     branches, alarm points) up to `reach` times that range on either side; padded by 8%. If
     `extra` lies further out and every value is positive, the range takes it all in on a
-    log scale (log True, padded by a factor 1.3).
+    log scale (log True, padded by a factor 1.3). A constant gets ±10% (±1 for 0).
 
     Args:
       values: f[T] the kept timeline's values in step order.
@@ -70,7 +70,7 @@ def robust_limits(
             return min(lo, float(more.min())) / 1.3, max(hi, float(more.max())) * 1.3, True
         lo = max(min(lo, float(more.min())), lo - reach * span)
         hi = min(max(hi, float(more.max())), hi + reach * span)
-    pad = 0.08 * (hi - lo or span)
+    pad = 0.08 * (hi - lo) if hi > lo else (0.1 * abs(hi) or 1.0)  # a constant: ±10% or ±1
     return lo - pad, hi + pad, False
 
 

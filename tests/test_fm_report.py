@@ -106,6 +106,8 @@ def test_robust_limits_leave_out_the_transient_and_far_outliers_and_go_log_for_s
         (-28.88, 12.88, False)
     )
     assert report_figure.robust_limits([float("nan")]) is None
+    assert report_figure.robust_limits([0.0, 0.0]) == (-1.0, 1.0, False)
+    assert report_figure.robust_limits([2.0, 2.0]) == pytest.approx((1.8, 2.2, False))
 
 
 def _legend(ax):
