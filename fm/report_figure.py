@@ -258,28 +258,29 @@ def figure(metrics, events, signals=None, title="", *, abandoned=(), summary=Non
     marks = story(events, onset, named)
     steps = [int(m["step"]) for m in metrics]
     window = _window(marks, parts, min(steps), max(steps))
-    cols = 2 if window else 1
-    fig = plt.figure(figsize=(14 if window else 10, 1.9 * len(names) + 1.8))
-    grid = fig.add_gridspec(len(names) + 1, cols, height_ratios=[1.0] + [1] * len(names),
+    cols, top = (2 if window else 1), int(bool(marks))  # the strip only when there are marks
+    fig = plt.figure(figsize=(14 if window else 10, 1.9 * len(names) + 0.6 + 1.2 * top))
+    grid = fig.add_gridspec(len(names) + top, cols, height_ratios=[1.0] * (len(names) + top),
                             width_ratios=[1, 1.7] if window else [1])  # fmt: skip
-    strip = fig.add_subplot(grid[0, cols - 1])
+    strip = fig.add_subplot(grid[0, cols - 1]) if marks else None
     rows = []
     for i, name in enumerate(names):
-        whole = fig.add_subplot(grid[i + 1, 0], sharex=rows[0][0] if rows else None)
+        whole = fig.add_subplot(grid[i + top, 0], sharex=rows[0][0] if rows else None)
         _panel(whole, name, metrics, parts, events, marks, legend=not window)
         zoom = None
         if window:
-            zoom = fig.add_subplot(grid[i + 1, 1], sharex=strip)
+            zoom = fig.add_subplot(grid[i + top, 1], sharex=strip)
             _panel(zoom, name, metrics, parts, events, marks, window=window)
         rows.append((whole, zoom))
     if window:
         strip.set_xlim(*window)
         rows[0][0].set_title("whole run", fontsize=8)
         rows[-1][1].set_xlabel(f"step (steps {window[0]:.0f}–{window[1]:.0f}: where fm acted)")
-    else:
+    elif strip is not None:
         strip.set_xlim(rows[0][0].get_xlim())
     rows[-1][0].set_xlabel("step")
     fig.suptitle(_title(title, summary, onset), fontsize=9)
     fig.tight_layout()
-    _strip(fig, strip, marks)
+    if strip is not None:
+        _strip(fig, strip, marks)
     return fig

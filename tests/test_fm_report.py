@@ -165,6 +165,9 @@ def test_the_figure_draws_the_abandoned_branch_and_marks_every_event_with_a_lege
         "5. HALT",
     ]
     assert fig._suptitle.get_text() == "fault OD3 (severe) from step 38"
+    # A run without events: no strip and no zoom, a panel a signal.
+    quiet = report_figure.figure(_metrics(), [])
+    assert [ax.get_ylabel() for ax in quiet.axes] == ["reward_mean", "kl_ref_k1"]
 
 
 def test_without_matplotlib_one_line_names_the_install_command(tmp_path, monkeypatch, capsys):
