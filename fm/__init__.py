@@ -15,7 +15,17 @@ jax, numpy and optax; it never imports the trainer around it.
 - `fm.taxonomy`: the 16 fault types in 5 families, and their remedies.
 """
 
-from fm import detect, diagnose, integrity, monitor, remediate, report, stats, taxonomy
+import importlib
+
+from fm import detect, diagnose, integrity, monitor, remediate, stats, taxonomy
+
+
+def __getattr__(name: str):
+    """`fm.report` loads on first use: `python -m fm.report` then runs it as imported once."""
+    if name == "report":
+        return importlib.import_module("fm.report")
+    raise AttributeError(f"module 'fm' has no attribute {name!r}")
+
 
 __all__ = [
     "detect",

@@ -1,18 +1,20 @@
 """Run report (host side): a run's signals with fm's alarms, diagnoses, rollbacks and halt
 marked, as a PNG.
 
-It reads what a trainer writes (rftjax's `metrics.jsonl`, one JSON object a step, and
-`events.jsonl`, the closed loop's alarm / diagnosis / action / verification / halt records),
-so another trainer that logs the same two files gets the same picture::
+It reads what a trainer writes (rftjax's `metrics.jsonl`, one JSON object a step;
+`metrics_abandoned.jsonl`, the steps that rollbacks dropped; `events.jsonl`, the closed
+loop's alarm / diagnosis / action / verification / halt records; `summary.json`'s fault),
+so another trainer that logs the same files gets the same picture::
 
-  python -m fm.report --workdir RUN [--out RUN/report.png] [--signals reward_mean,kl_ref_k1]
+  python -m fm.report RUN [--out RUN/report.png] [--signals reward_mean,kl_ref_k1]
 
 One panel a signal (by default the signals alarmed most often, else a few basic ones), step
-on the x axis: red ticks where that signal alarmed, a dashed line at each diagnosis with the
-type named, a grey arrow from each rollback's step back to the checkpoint it restored (with
-the remedy), a black line where the run halted. The metrics are the run's final timeline (a
-rollback drops the abandoned steps); the events keep the whole history. Drawing needs
-matplotlib (`pip install 'rftjax[faultbench]'`); `timeline` alone does not.
+on the x axis, above them a strip that names each event. In every panel: the timeline that
+was kept (solid) and each abandoned branch (the steps a rollback dropped, faded), the fault
+onset, the alarms on that signal (markers on the curve), each diagnosis, each rollback (the
+replayed steps shaded, back to the step restored), each verification and the halt, with a
+legend. The y range ignores the first steps' transient and clips far outliers (marked at the
+edge). Drawing needs matplotlib; `timeline` and `branches` alone do not.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def describe(event: Mapping[str, Any]) -> str:
     if kind == "halt":
         named = f" (diagnosis {event['diagnosis']})" if event.get("diagnosis") else ""
         return head + f"HALT: {event.get('reason')}{named}"
+    if kind == "corrupt_checkpoint":  # the reason is a sentence: step, file, what came instead
+        return head + str(event.get("reason"))
     if kind == "restore_failed":
         return head + f"checkpoint {event['checkpoint']} unusable ({event['reason']})"
     if kind == "fm_error":
@@ -124,90 +128,106 @@ def choose_signals(
     return list(dict.fromkeys(s for s in ordered if s in logged))[:limit]
 
 
+NO_MATPLOTLIB = (
+    "drawing the report needs matplotlib, which is not installed: "
+    "pip install matplotlib (or pip install 'rftjax[faultbench]')"
+)
+ABANDONED = "metrics_abandoned.jsonl"
+
+
+class Branch(NamedTuple):
+    """Steps a rollback dropped: `rolled_back_to` + 1 .. `rollback_step`, in step order."""
+
+    rollback_step: int
+    rolled_back_to: int
+    records: list[dict[str, Any]]
+
+
+def branches(abandoned: Sequence[Mapping[str, Any]]) -> list[Branch]:
+    """The abandoned branches of `metrics_abandoned.jsonl` records (each tagged with its
+    rollback's `rollback_step` and `rolled_back_to`), in the order they were abandoned. A step
+    written twice (a resumed run replays a rollback) keeps its last record."""
+    grouped: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
+    for r in abandoned:
+        key = (int(r["rollback_step"]), int(r["rolled_back_to"]))
+        grouped.setdefault(key, {})[int(r["step"])] = dict(r)
+    return [Branch(k[0], k[1], [v[s] for s in sorted(v)]) for k, v in grouped.items()]
+
+
+def fault_onset(
+    summary: Mapping[str, Any] | None,
+    metrics: Sequence[Mapping[str, Any]],
+    parts: Sequence[Branch] = (),
+) -> int | None:
+    """The fault's onset step: summary.json's `fault.onset` if it names one, else the first
+    step with `fault_active` > 0 in the run's first pass (the steps kept up to the first
+    rollback's target, then the first abandoned branch: after a rollback a persistent fault's
+    clock runs on, so the replayed steps show it active earlier)."""
+    fault = (summary or {}).get("fault")
+    if isinstance(fault, Mapping) and fault.get("onset") is not None:
+        return int(fault["onset"])
+    first = [m for m in metrics if not parts or m["step"] <= parts[0].rolled_back_to]
+    first += list(parts[0].records) if parts else []
+    active = [int(m["step"]) for m in first if (m.get("fault_active") or 0) > 0]
+    return min(active) if active else None
+
+
 def draw(
     metrics: Sequence[Mapping[str, Any]],
     events: Sequence[Mapping[str, Any]],
     path: str,
     signals: Sequence[str] | None = None,
     title: str = "",
+    *,
+    abandoned: Sequence[Mapping[str, Any]] = (),
+    summary: Mapping[str, Any] | None = None,
 ) -> str:
-    """Writes the report PNG to `path` and returns it."""
-    import matplotlib
+    """Writes the report PNG to `path` and returns it (`fm.report_figure.figure` draws it;
+    `abandoned`: metrics_abandoned.jsonl records, `summary`: summary.json)."""
+    from fm import report_figure  # matplotlib is imported only to draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    line = timeline(events)
-    logged = {k for m in metrics for k in m}
-    missing = sorted(set(signals or ()) - logged)
-    if missing:
-        raise ValueError(
-            f"signals {missing} are not in the metrics; logged: {', '.join(sorted(logged))}"
-        )
-    names = list(signals) if signals else choose_signals(metrics, line)
-    if not names:
-        raise ValueError(f"nothing to draw: no signal to show among {sorted(logged)}")
-    fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.9 * len(names) + 0.6), sharex=True)
-    axes = [axes] if len(names) == 1 else list(axes)
-    for ax, name in zip(axes, names, strict=True):
-        points = [(m["step"], m[name]) for m in metrics if name in m and m[name] is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), lw=1.0, color="tab:blue")
-        ax.set_ylabel(name, fontsize=8)
-        for step, flagged in line.alarms:
-            if name in flagged:
-                ax.axvline(step, color="tab:red", lw=0.6, alpha=0.6)
-        for step, _, _ in line.diagnoses:
-            ax.axvline(step, color="tab:purple", ls="--", lw=0.8)
-        for step, restored, _ in line.rollbacks:
-            ax.axvspan(restored, step, color="grey", alpha=0.08)
-        if line.halt is not None:
-            ax.axvline(line.halt[0], color="black", lw=1.5)
-    top = axes[0]
-    for step, name, confidence in line.diagnoses:
-        top.annotate(f"{name} {confidence:.0%}", (step, 1.0), xycoords=("data", "axes fraction"),
-                     fontsize=7, color="tab:purple", va="bottom", rotation=30)  # fmt: skip
-    for step, restored, remedies in line.rollbacks:
-        label = "+".join(r for r in remedies if r != "rollback") or "rollback"
-        axes[-1].annotate(
-            label, xy=(restored, 0.05), xytext=(step, 0.25), xycoords=("data", "axes fraction"),
-            fontsize=7, color="dimgrey", arrowprops={"arrowstyle": "->", "color": "grey"},
-        )  # fmt: skip
-    if line.halt is not None:
-        axes[-1].annotate(f"halt ({line.halt[1]})", (line.halt[0], 0.85),
-                          xycoords=("data", "axes fraction"), fontsize=7)  # fmt: skip
-    axes[-1].set_xlabel("step")
-    fig.suptitle(title or "fm: signals, alarms (red), diagnoses (purple), rollbacks", fontsize=9)
-    fig.tight_layout()
+    plt = report_figure.pyplot()
+    fig = report_figure.figure(
+        metrics, events, signals, title, abandoned=abandoned, summary=summary
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def report(workdir: str, out: str | None = None, signals: Sequence[str] | None = None) -> str:
-    """Draws `workdir`'s metrics.jsonl and events.jsonl into `out` (default
-    workdir/report.png)."""
+    """Draws `workdir`'s metrics.jsonl, metrics_abandoned.jsonl, events.jsonl and summary.json
+    into `out` (default workdir/report.png)."""
     metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     if not metrics:
         raise ValueError(f"{workdir} has no metrics.jsonl records to draw")
     events = read_jsonl(os.path.join(workdir, "events.jsonl"))
+    summary = None
+    if os.path.exists(os.path.join(workdir, "summary.json")):
+        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
     out = out or os.path.join(workdir, "report.png")
     name = os.path.relpath(os.path.abspath(workdir), os.path.dirname(os.path.dirname(
         os.path.abspath(workdir))))  # fmt: skip
-    return draw(metrics, events, out, signals, title=name)
+    abandoned = read_jsonl(os.path.join(workdir, ABANDONED))
+    return draw(metrics, events, out, signals, name, abandoned=abandoned, summary=summary)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m fm.report`: draws a run folder's report picture."""
+    """`python -m fm.report RUN`: draws a run folder's report picture."""
     parser = argparse.ArgumentParser(prog="python -m fm.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="a run folder with metrics.jsonl")
-    parser.add_argument("--out", default=None, help="PNG path (default: WORKDIR/report.png)")
+    parser.add_argument("run", nargs="?", help="a run folder with metrics.jsonl")
+    parser.add_argument("--workdir", default=None, help="the run folder (same as RUN)")
+    parser.add_argument("--out", default=None, help="PNG path (default: RUN/report.png)")
     parser.add_argument("--signals", default="", help="comma-separated statistics to draw")
     args = parser.parse_args(argv)
+    workdir = args.run or args.workdir
+    if not workdir:
+        parser.error("give the run folder: python -m fm.report RUN")
     signals = [s for s in args.signals.split(",") if s] or None
     try:
-        print(report(args.workdir, args.out, signals))
+        print(report(workdir, args.out, signals))
     except (ValueError, ImportError) as e:
         parser.exit(2, f"error: {e}\n")
 

@@ -11,7 +11,8 @@
 
   evaluate --data DIR --out REPORT [--detector fm,zscore,...] [--window 50] [--split eval]
       Scores detectors on the records of DIR (event-level, no point adjustment) and writes
-      REPORT.json, REPORT.md and REPORT_plots/<type>.png (signals around onset).
+      into the folder REPORT: report.json, report.md, summary.png (the report on one page)
+      and plots/<type>.png (signals around onset).
 
   severity --out DIR [--seeds 0,1,2] [--types RF1,PG2] [--workers 2] [--steps N]
            [any launch.train model / task / algorithm / knob flag]
@@ -55,7 +56,7 @@ from launch import common
 from rftjax import campaign
 
 COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser", "remediate")
-flags.DEFINE_string("out", None, "Campaign folder (generate, severity) or report path (evaluate).")
+flags.DEFINE_string("out", None, "Campaign folder (generate, severity), report folder (evaluate).")
 flags.DEFINE_string(
     "spec",
     None,
@@ -231,20 +232,26 @@ def evaluate() -> None:
         data = fb_records.load(FLAGS.data)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    common.quiet_libraries()
     t0 = time.time()
     result = fb_report.evaluate(data, names, window=FLAGS.window, split=FLAGS.split)
     result["data_dir"] = os.path.abspath(FLAGS.data)
+    result["campaign"] = fb_report.campaign_info(FLAGS.data)
     result["seconds"] = time.time() - t0
-    plots = fb_report.plot_onsets(data, FLAGS.out + "_plots", window=FLAGS.window)
-    result["plots"] = [os.path.basename(p) for p in plots]
+    # Everything goes into the folder --out: report.json, report.md, summary.png, plots/.
+    plots = fb_report.plot_onsets(data, os.path.join(FLAGS.out, "plots"), window=FLAGS.window)
+    result["plots"] = [os.path.join("plots", os.path.basename(p)) for p in plots]
+    if plots:  # (drawn only where matplotlib is installed)
+        from fm.bench import plots as fb_plots
+
+        fb_plots.summary_figure(result, os.path.join(FLAGS.out, "summary.png"))
     text = fb_report.markdown(result)
     if plots:
-        text += f"\n\nPlots: {FLAGS.out}_plots/ ({len(plots)} fault types)."
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(FLAGS.out + ".json", "w", encoding="utf-8") as f:
+        text += f"\n\nPictures in {FLAGS.out}: summary.png, plots/ ({len(plots)} fault types)."
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    with open(FLAGS.out + ".md", "w", encoding="utf-8") as f:
+    with open(os.path.join(FLAGS.out, "report.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)
 

@@ -1,6 +1,7 @@
 """Checkpoints: bit-identical round trip, keep-last-N with pinned steps."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import small_shapes
 
 from rftjax import models
 from rftjax.checkpoint import Checkpointer, CorruptCheckpoint, checksums
+from rftjax.checkpoint.manager import damage
 from rftjax.config import RLConfig
 from rftjax.train.step import init_state
 
@@ -92,30 +94,48 @@ def _garble_meta(step_dir):
         f.write('{"knobs": ')
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        lambda d: _flip_middle_byte(_data_file(d)),
-        lambda d: _truncate_half(_data_file(d)),
-        lambda d: os.remove(_data_file(d)),
-        _garble_meta,
-    ],
-    ids=["bit_flip", "truncated", "missing_file", "garbled_meta"],
-)
-def test_corrupt_step_is_detected_and_latest_falls_back(tmp_path, damage):
+def _damaged(step_dir, kind):
+    """Damages a saved step; returns the sentence (a regex) its restore must give."""
+    path = _data_file(step_dir)
+    rel = re.escape(os.path.relpath(path, step_dir))
+    size = os.path.getsize(path)
+    if kind == "bit_flip":
+        _flip_middle_byte(path)
+        return (
+            "the array data in state/ does not match the checksums written with it "
+            "\\(1 array\\(s\\) differ: \\.\\S+; a flipped bit or a rewritten file\\)"
+        )
+    if kind == "truncated":
+        _truncate_half(path)
+        return f"file {rel} is truncated \\({size // 2:,} of {size:,} bytes\\)"
+    if kind == "missing_file":
+        os.remove(path)
+        return f"file {rel} is missing"
+    meta = os.path.join(step_dir, "meta", "metadata")
+    size = os.path.getsize(meta)
+    _garble_meta(step_dir)
+    return f"file meta/metadata is (truncated|longer than saved) \\(10 of {size} bytes\\)"
+
+
+@pytest.mark.parametrize("kind", ["bit_flip", "truncated", "missing_file", "garbled_meta"])
+def test_corrupt_step_is_detected_and_latest_falls_back(tmp_path, kind):
     state = _state(0, algo="grpo")
     later = state._replace(step=state.step + 5)
     ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3)
     ckpt.save(1, state, {"step": 1})
     ckpt.save(2, later, {"step": 2})
     ckpt.wait()
-    damage(str(tmp_path / "ckpt" / "2"))
-    with pytest.raises(CorruptCheckpoint, match="step 2"):
+    expected = _damaged(str(tmp_path / "ckpt" / "2"), kind)
+    # One sentence: which step, which file and what is wrong with it.
+    with pytest.raises(CorruptCheckpoint, match=f"^checkpoint step 2 in .*: {expected}$"):
         ckpt.read_meta(2)
         ckpt.restore(2, state)
     step, restored, meta, skipped = ckpt.restore_latest(state)
     assert (step, meta) == (1, {"step": 1})
-    assert [s for s, _ in skipped] == [2]
+    ((bad, why),) = skipped
+    assert bad == 2 and re.search(expected, why), why
+    assert why.endswith("; restored step 1 instead") and "\n" not in why  # what came instead
+    assert "tensorstore" not in why.lower() and len(why) - 2 * len(str(tmp_path)) < 300, why
     np.testing.assert_array_equal(np.asarray(restored.step), np.asarray(state.step))
     # The corrupt step is moved aside: not listed, kept for inspection, and step 2 can be
     # written again.
@@ -125,6 +145,25 @@ def test_corrupt_step_is_detected_and_latest_falls_back(tmp_path, damage):
     ckpt.wait()
     assert ckpt.restore(2, state)[1] == {"step": 2}
     ckpt.close()
+
+
+def test_damage_without_a_record_of_sizes_names_the_storage_error_line():
+    inner = RuntimeError(
+        'OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database: Requested byte range [7, 9) '
+        'is not valid for value of size 8 [tensorstore_spec=\'{"driver": "zarr"}\']'
+    )
+    try:
+        raise ValueError("Encountered error while reading array index") from inner
+    except ValueError as e:
+        error = e
+    why = damage(None, {"a": 1}, error)
+    assert why == (
+        'it cannot be read (OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database: Requested '
+        "byte range [7, 9) is not valid for value of size 8)"
+    )
+    # Sizes that match say nothing: the error's line again; a grown file is named.
+    assert damage({"a": 1}, {"a": 1}, error) == why
+    assert damage({"a": 1}, {"a": 3}, error) == "file a is longer than saved (3 of 1 bytes)"
 
 
 def test_all_steps_corrupt_is_an_error_naming_them(tmp_path):

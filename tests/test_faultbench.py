@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 import faults
-from fm.bench import baselines, records, schema, scoring
+from fm.bench import baselines, plots, records, schema, scoring
 from rftjax import campaign
 from rftjax.campaign import records as campaign_records
 from rftjax.train.logs import read_jsonl
@@ -365,6 +366,8 @@ def test_generate_smoke_then_evaluate(tmp_path):
     out = tmp_path / "smoke"
     proc = _faultbench("generate", "--spec=smoke", f"--out={out}", "--workers=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a pipeline check, not a benchmark" in proc.stdout.splitlines()[0]
+    assert not (out / ".generate.lock").exists()  # removed when generate is done
     c = campaign.resolve(campaign.builtin_spec("smoke"))
     base = campaign.base_config(str(out), c.base)
     per_step = base.rl.prompts_per_step * base.rl.group_size
@@ -418,7 +421,12 @@ def test_generate_smoke_then_evaluate(tmp_path):
     report = tmp_path / "report"
     proc = _faultbench("evaluate", f"--data={out}", f"--out={report}", "--window=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "report.json").read_text())
+    # Everything in the folder --out; each detector's scores printed once (in the table).
+    assert sorted(os.listdir(report)) == ["plots", "report.json", "report.md", "summary.png"]
+    assert "fm: scored" in proc.stdout and "fm: F1" not in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+    assert "Campaign `smoke`: a pipeline check, not a benchmark" in proc.stdout
+    result = json.loads((report / "report.json").read_text())
     assert result["data"] == {"runs": 3, "faulted_runs": 2, "clean_runs": 1, "steps": 36}
     # Eval split: clean 12 steps; CA1 onset 10 (9 steps before), PG1 onset 7 (6 before).
     all_faulty = result["detectors"]["all_faulty"]["overall"]
@@ -432,7 +440,8 @@ def test_generate_smoke_then_evaluate(tmp_path):
     except ImportError:
         assert any("scikit-learn" in n or "sklearn" in n for n in result["notes"])
     assert expected <= set(result["detectors"])
-    assert "| all_faulty |" in (tmp_path / "report.md").read_text()
+    assert "| all_faulty |" in (report / "report.md").read_text()
+    assert sorted(result["plots"]) == ["plots/CA1.png", "plots/PG1.png"]
 
 
 def test_generate_refuses_an_unknown_spec(tmp_path):
@@ -461,3 +470,42 @@ def test_learned_baselines_flag_steps_far_from_the_training_clean_steps():
     # limit of IsolationForest); central points pass and non-finite ones alarm.
     forest = baselines.get("isolation_forest").fit(train)(run)
     assert forest[[0, 1, 3]].tolist() == [False, False, False] and forest[4]
+
+
+def test_nan_mean_is_nan_where_a_column_has_no_value_without_a_warning():
+    rows = np.array([[1.0, np.nan, np.nan], [3.0, 4.0, np.nan]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = plots.nan_mean(rows)
+    np.testing.assert_array_equal(got, [2.0, 4.0, np.nan])
+
+
+def test_the_summary_figure_shows_each_detectors_scores_on_one_page(tmp_path):
+    pytest.importorskip("matplotlib")
+    scores = lambda f1, recall: {  # noqa: E731
+        "overall": {"f1": f1, "precision": f1, "recall": recall, "delay_median": 2.0,
+                    "false_alarms_per_1000_clean_steps": 5.0},
+        "by_family": {"reward": {"f1": f1}, "credit-assignment": {"f1": None}},
+        "by_type": {"RF1": {"recall": recall}},
+    }  # fmt: skip
+    report = {
+        "window": 5,
+        "split": "eval",
+        "data": {"runs": 4, "faulted_runs": 3, "clean_runs": 1, "steps": 48},
+        "detectors": {"fm": scores(0.75, 0.5), "zscore": scores(0.25, 1.0)},
+        "notes": ["a note"],
+        "campaign": {"name": "smoke", "description": "a pipeline check, not a benchmark"},
+    }
+    path = plots.summary_figure(report, str(tmp_path / "summary.png"))
+    assert os.path.getsize(path) > 0
+    fig = plots.summary(report)
+    bars, family, types, alarms = fig.axes
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["fm", "zscore"]
+    f1_bars = [p.get_width() for p in bars.patches[:2]]  # the first series drawn: F1
+    assert f1_bars == [0.75, 0.25]
+    # Families in taxonomy order; a missing score is written as a dash.
+    assert [t.get_text() for t in family.get_xticklabels()] == ["reward", "credit-assignment"]
+    assert [t.get_text() for t in family.texts] == ["0.75", "–", "0.25", "–"]
+    assert [t.get_text() for t in types.texts] == ["0.50", "1.00"]
+    assert "smoke" in fig._suptitle.get_text() and "pipeline check" in fig._suptitle.get_text()
+    assert any("Note: a note" in t.get_text() for t in fig.texts)

@@ -155,6 +155,15 @@ def test_fm_full_rolls_back_a_transient_fault_and_verifies_recovery(tmp_path, ca
     records = _records(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 21))  # replayed steps replaced
     assert all(r["check_mask_length"] == 0 for r in records[9:])
+    # The steps the rollback dropped are kept aside, tagged with it (fm.report draws them).
+    with open(tmp_path / "metrics_abandoned.jsonl", encoding="utf-8") as f:
+        abandoned = [json.loads(line) for line in f]
+    branch = list(range(action["restored_to"] + 1, action["step"] + 1))
+    assert [r["step"] for r in abandoned] == branch
+    assert {(r["rollback_step"], r["rolled_back_to"]) for r in abandoned} == {
+        (action["step"], action["restored_to"])
+    }
+    assert any(r["check_mask_length"] > 0 for r in abandoned)  # what went wrong is there
     # The console tells the story in sentences; JSON stays in events.jsonl.
     said = [r.getMessage() for r in caplog.records]
     story = [m for m in said if m.startswith("step ") and "  " in m]

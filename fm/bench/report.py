@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,7 +12,6 @@ import numpy as np
 from fm import taxonomy
 from fm.bench import baselines
 from fm.bench.records import Records, labels
-from fm.bench.schema import CLEAN
 from fm.bench.scoring import RunLabel, score_detector
 
 SEVERITIES = ("subtle", "moderate", "severe")
@@ -72,8 +72,7 @@ def evaluate(
         )
         result["description"] = baseline.description
         report["detectors"][baseline.name] = result
-        o = result["overall"]
-        log(f"{baseline.name}: F1 {o['f1']:.3f} (P {o['precision']:.3f}, R {o['recall']:.3f})")
+        log(f"{baseline.name}: scored")  # the scores are in the table printed at the end
     faulted = [lab for lab in run_labels if not lab.clean]
     report["data"] = {
         "runs": len(run_labels),
@@ -82,6 +81,17 @@ def evaluate(
         "steps": sum(lab.steps for lab in run_labels),
     }
     return report
+
+
+def campaign_info(data_dir: str) -> dict[str, str]:
+    """The campaign's name and description from `data_dir/campaign.json` ({} if absent)."""
+    path = os.path.join(data_dir, "campaign.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    spec = spec.get("spec", spec)  # (the file holds the spec with the runs it resolved to)
+    return {k: str(spec[k]) for k in ("name", "description") if k in spec}
 
 
 def _f(x: float | None, digits: int = 3) -> str:
@@ -98,7 +108,11 @@ def markdown(report: dict[str, Any]) -> str:
     dets = report["detectors"]
     data = report["data"]
     w = report["window"]
-    lines = [
+    campaign = report.get("campaign") or {}
+    lines = [f"Campaign `{campaign['name']}`: {campaign.get('description', '')}", ""] * bool(
+        campaign.get("name")
+    )
+    lines += [
         f"Split `{report['split']}`: {data['runs']} runs ({data['faulted_runs']} faulted, "
         f"{data['clean_runs']} clean), {data['steps']} steps. Event-level, no point adjustment: "
         f"a detection is an alarm in [onset, onset + {w}); alarms in clean runs and before "
@@ -137,77 +151,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _aligned(values: np.ndarray, onset: int, before: int, after: int) -> np.ndarray:
-    """values over steps 1..T re-indexed to step - onset in [-before, after) (NaN outside)."""
-    out = np.full(before + after, np.nan)
-    for i, rel in enumerate(range(-before, after)):
-        t = onset + rel  # 1-based step
-        if 1 <= t <= values.size:
-            out[i] = values[t - 1]
-    return out
+def plot_onsets(records: Records, out_dir: str, **kwargs) -> list[str]:
+    """`fm.bench.plots.plot_onsets` (the signals around onset, a PNG per fault type)."""
+    from fm.bench import plots  # matplotlib only when drawing
 
-
-def plot_onsets(
-    records: Records,
-    out_dir: str,
-    *,
-    window: int,
-    before: int = 20,
-    log: Callable[[str], None] = print,
-) -> list[str]:
-    """One PNG per fault type: its taxonomy signals around onset, mean over runs per severity,
-    next to the same steps of the clean twins (grey). Returns the paths written; none (with a
-    logged note) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("plots skipped: matplotlib is not installed (pip install 'rftjax[faultbench]')")
-        return []
-    m = records.manifest
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    rel = np.arange(-before, window)
-    for type_id in sorted({t for t in m["type"] if t != CLEAN}):
-        signals = [s for s, _ in taxonomy.get(type_id).signals if s in records.steps][:3]
-        if not signals:
-            continue
-        rows = np.flatnonzero(m["type"] == type_id)
-        fig, axes = plt.subplots(len(signals), 1, figsize=(7, 2.4 * len(signals)), sharex=True)
-        axes = np.atleast_1d(axes)
-        for ax, signal in zip(axes, signals, strict=True):
-            for severity in SEVERITIES:
-                pick = [i for i in rows if m["severity"][i] == severity]
-                for kind, colour in (("twin", "0.6"), ("run_id", None)):
-                    series = [
-                        _aligned(
-                            run_columns(records, str(m[kind][i]))[signal],
-                            int(m["onset"][i]),
-                            before,
-                            window,
-                        )
-                        for i in pick
-                        if str(m[kind][i]) in records.runs
-                    ]
-                    if not series:
-                        continue
-                    with np.errstate(all="ignore"):
-                        mean = np.nanmean(np.asarray(series, float), axis=0)
-                    # One legend entry for the clean twins, one per severity.
-                    label = severity if kind == "run_id" else None
-                    if kind == "twin" and severity == SEVERITIES[-1]:
-                        label = "clean twins"
-                    ax.plot(rel, mean, color=colour, lw=1, label=label)
-            ax.axvline(0, color="k", lw=0.8, ls="--")
-            ax.set_ylabel(signal, fontsize=8)
-        axes[0].set_title(f"{type_id}: {taxonomy.get(type_id).name} (mean over runs)")
-        axes[0].legend(fontsize=7)
-        axes[-1].set_xlabel("steps from onset")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{type_id}.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return plots.plot_onsets(records, out_dir, **kwargs)

@@ -266,7 +266,8 @@ def generate(
 
 @contextlib.contextmanager
 def exclusive(out: str):
-    """An advisory lock on `out/.generate.lock`, released by the OS if the holder dies."""
+    """An advisory lock on `out/.generate.lock`, released by the OS if the holder dies; the
+    file is removed when the holder is done."""
     path = os.path.join(out, ".generate.lock")
     with open(path, "a+", encoding="utf-8") as f:
         try:
@@ -285,6 +286,8 @@ def exclusive(out: str):
         try:
             yield
         finally:
+            with contextlib.suppress(FileNotFoundError):  # while held: nobody else holds it
+                os.remove(path)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -302,6 +305,8 @@ def _generate(
         f"campaign {campaign.name}: {sizes['runs']} runs ({sizes['clean_runs']} clean), "
         f"{sizes['clean_steps']} clean-run steps, {sizes['faulty_steps']} fault-active steps, "
         f"{sizes['computed_steps']} RL steps to compute in all"
+        + (f"; {campaign.spec['description']}" if campaign.spec.get("description") else "")
+        + ". A line as each run ends (the first ones also warm up and compile)."
     )
     t0 = time.time()
     failed = run_campaign(campaign.runs, out, base_config(out, campaign.base), workers=workers,

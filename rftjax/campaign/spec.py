@@ -296,7 +296,9 @@ def builtin_spec(name: str) -> dict[str, Any]:
     if name == "smoke":
         return {
             "name": "smoke",
-            "description": "6 tiny runs for tests and CI: 1-layer model, 4 prompts × 4 samples",
+            "description": "a pipeline check, not a benchmark: 6 tiny runs (a 1-layer model "
+            "that learns nothing in 12 steps, accuracy 0) that exercise generate and evaluate "
+            "end to end; its scores say nothing about the detectors",
             "base": {
                 "model_overrides": "num_layers=1,hidden_size=32,intermediate_size=64,"
                 "num_heads=2,num_kv_heads=2",

@@ -2,7 +2,9 @@
 
 Keeps the last N steps plus any pinned steps (the remediator pins the last healthy one); pins
 live in `pins.json` beside the steps so they survive restarts. Saves are Orbax's atomic,
-asynchronous saves: a half-written step is never listed.
+asynchronous saves: a half-written step is never listed. The size of every file of a finished
+step is recorded in `files.json`, so that a step that cannot be read is explained in one
+sentence (which file is missing or cut short) rather than by the storage layer's error.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -24,6 +27,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from fm import integrity
 
 _PINS = "pins.json"
+_FILES = "files.json"  # {step: {path in the step folder: size in bytes}}
 
 
 class CorruptCheckpoint(Exception):
@@ -48,6 +52,37 @@ def checksums(tree: Any) -> dict[str, int]:
 
     values = parallel.fetch(_checksums(list(leaves)))
     return {jax.tree_util.keystr(p): int(np.asarray(v)) for p, v in zip(paths, values, strict=True)}
+
+
+def damage(recorded: dict[str, int] | None, found: dict[str, int], error: Exception) -> str:
+    """What is wrong with a step's files, in words: the files missing or whose size changed
+    since the save (`recorded` against `found`, {path: bytes}), else (no record, or the same
+    sizes: bytes changed in place) the read error's first line without the storage spec."""
+    if recorded:
+        missing = sorted(set(recorded) - set(found))
+        resized = sorted(p for p in recorded if p in found and found[p] != recorded[p])
+        parts = [f"file {p} is missing" for p in missing[:2]]
+        parts += [
+            f"file {p} is {'truncated' if found[p] < recorded[p] else 'longer than saved'} "
+            f"({found[p]:,} of {recorded[p]:,} bytes)"
+            for p in resized[:2]
+        ]
+        more = len(missing) + len(resized) - len(parts)
+        if parts:
+            return ", ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+    return f"it cannot be read ({_first_line(error)})"
+
+
+def _first_line(error: BaseException) -> str:
+    """The most specific line of an error chain: a storage status line ("OUT_OF_RANGE: ...",
+    "DATA_LOSS: ...") if there is one, without the spec dumps that follow it."""
+    lines = []
+    while error is not None:
+        lines += str(error).splitlines()
+        error = error.__cause__ or error.__context__
+    status = [m for m in (re.search(r"\b[A-Z_]{5,}: .*", ln) for ln in lines) if m]
+    text = status[0].group(0) if status else (lines or ["unknown error"])[0].strip()
+    return re.split(r" \[tensorstore_spec| See full TensorStore", text)[0][:300]
 
 
 @dataclasses.dataclass
@@ -76,6 +111,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "meta", "integrity"), options=options
         )
+        self._unrecorded: set[int] = set()  # saved steps whose file sizes are not yet written
 
     def _read_pins(self) -> list[int]:
         path = os.path.join(self.directory, _PINS)
@@ -94,6 +130,8 @@ class Checkpointer:
         os.replace(tmp, path)
 
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        self.wait()  # (Orbax waits for the previous save anyway) records its files
+        self._unrecorded.add(int(step))
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -124,10 +162,7 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt step
-            raise CorruptCheckpoint(
-                f"checkpoint step {step} in {self.directory} cannot be read: "
-                f"{type(e).__name__}: {str(e)[:300]}"
-            ) from e
+            raise CorruptCheckpoint(self._unreadable(step, e)) from e
         if checked:
             expected = out.integrity.get("checksums", {})
             got = checksums(out.state)
@@ -135,8 +170,9 @@ class Checkpointer:
             if bad or set(got) != set(expected):
                 what = ", ".join(bad[:3]) or "its list of arrays"
                 raise CorruptCheckpoint(
-                    f"checkpoint step {step} in {self.directory} does not match the checksums "
-                    f"written with it ({len(bad)} array(s) differ: {what})"
+                    f"checkpoint step {step} in {self.directory}: the array data in state/ "
+                    f"does not match the checksums written with it ({len(bad)} array(s) "
+                    f"differ: {what}; a flipped bit or a rewritten file)"
                 )
         return out.state, out.meta
 
@@ -152,11 +188,15 @@ class Checkpointer:
                 if check is not None:
                     check(self.read_meta(step))
                 state, meta = self.restore(step, target)
-                return step, state, meta, skipped
             except CorruptCheckpoint as e:
-                logging.error("%s; falling back to an earlier step", e)
-                skipped.append((step, str(e)))
-                self.quarantine(step)
+                aside = self.quarantine(step)
+                skipped.append((step, f"{e} (moved to {aside})" if aside else str(e)))
+                continue
+            # One sentence a bad step: what is wrong with it, and what came instead.
+            skipped = [(s, f"{why}; restored step {step} instead") for s, why in skipped]
+            for _, why in skipped:
+                logging.error("%s", why)
+            return step, state, meta, skipped
         reasons = "; ".join(why for _, why in skipped)
         raise CorruptCheckpoint(f"no checkpoint in {self.directory} restores intact: {reasons}")
 
@@ -187,13 +227,48 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt step
-            raise CorruptCheckpoint(
-                f"checkpoint step {step} in {self.directory}: its metadata cannot be read: "
-                f"{type(e).__name__}: {str(e)[:300]}"
-            ) from e
+            raise CorruptCheckpoint(self._unreadable(step, e)) from e
         if not isinstance(out.meta, dict):
             raise CorruptCheckpoint(f"checkpoint step {step}: its metadata is not a JSON object")
         return out.meta
+
+    def _step_files(self, step: int) -> dict[str, int]:
+        """{path relative to the step folder: size} of every file of `step` on disk."""
+        root = os.path.join(self.directory, str(step))
+        return {
+            os.path.relpath(os.path.join(d, f), root): os.path.getsize(os.path.join(d, f))
+            for d, _, names in os.walk(root)
+            for f in names
+        }
+
+    def _recorded_files(self) -> dict[str, dict[str, int]]:
+        path = os.path.join(self.directory, _FILES)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _record_files(self) -> None:
+        """Writes the file sizes of the finished steps saved since the last call (process 0;
+        steps no longer kept are dropped from the record)."""
+        done, self._unrecorded = self._unrecorded, set()
+        if jax.process_index() != 0:
+            return
+        kept = set(self.all_steps())
+        record = {k: v for k, v in self._recorded_files().items() if int(k) in kept}
+        record.update({str(s): self._step_files(s) for s in done if s in kept})
+        path = os.path.join(self.directory, _FILES)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+
+    def _unreadable(self, step: int, error: Exception) -> str:
+        """One sentence for a step that failed to read: which file is missing or cut short
+        (against the sizes recorded after its save), else the storage layer's first error
+        line."""
+        why = damage(self._recorded_files().get(str(step)), self._step_files(step), error)
+        return f"checkpoint step {step} in {self.directory}: {why}"
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -215,9 +290,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        if self._unrecorded:
+            self._record_files()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:
