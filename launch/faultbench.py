@@ -10,8 +10,11 @@
       --executor=ray: a Ray task per run, the campaign folder on storage every node sees.
 
   evaluate --data DIR --out REPORT [--detector fm,zscore,...] [--window 50] [--split eval]
+           [--harm_tolerance 0.05]
       Scores detectors on the records of DIR (event-level, no point adjustment) and writes
-      REPORT.json, REPORT.md and REPORT_plots/<type>.png (signals around onset).
+      REPORT.json, REPORT.md and REPORT_plots/<type>.png (signals around onset). Faulted runs
+      identical to their clean twin (inert) are not scored; harmful and harmless faults are
+      also scored apart.
 
   severity --out DIR [--seeds 0,1,2] [--types RF1,PG2] [--workers 2] [--steps N]
            [any launch.train model / task / algorithm / knob flag]
@@ -68,6 +71,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("detector", "all", "evaluate: comma-separated detectors, or 'all'.")
 flags.DEFINE_integer("window", 50, "evaluate: W, steps after onset in which an alarm detects.")
 flags.DEFINE_enum("split", "eval", ("train", "eval", "all"), "evaluate: runs to score.")
+flags.DEFINE_float(
+    "harm_tolerance",
+    0.05,
+    "evaluate: final accuracy a faulted run may lose against its clean twin and still count "
+    "as harmless (fm.bench.harm).",
+)
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 flags.DEFINE_string("types", "all", "Comma-separated fault type ids, or 'all' injectable ones.")
 flags.DEFINE_integer("workers", 2, "Runs in parallel (worker processes; --executor=local).")
@@ -232,7 +241,9 @@ def evaluate() -> None:
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     t0 = time.time()
-    result = fb_report.evaluate(data, names, window=FLAGS.window, split=FLAGS.split)
+    result = fb_report.evaluate(
+        data, names, window=FLAGS.window, split=FLAGS.split, harm_tolerance=FLAGS.harm_tolerance
+    )
     result["data_dir"] = os.path.abspath(FLAGS.data)
     result["seconds"] = time.time() - t0
     plots = fb_report.plot_onsets(data, FLAGS.out + "_plots", window=FLAGS.window)
