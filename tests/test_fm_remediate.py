@@ -387,3 +387,29 @@ def test_the_unsure_threshold_is_a_setting():
     assert remediate.plan(d, supported=lambda r: True, unsure_below=0.0)[1] == "lr_cap"
     with pytest.raises(ValueError, match=r"confidence in \[0, 1\], got 1.5"):
         remediate.Remediator(FakeTrainer(), unsure_below=1.5)
+
+
+def test_unsure_table_by_hand():
+    from fm.bench import diagnosis as fb_diagnosis
+
+    rankings = [
+        (("OD1", 0.9), ("OD2", 0.1)),  # OD1: right, sure
+        (("PG1", 0.4), ("OD1", 0.35), ("OD2", 0.2), ("CA1", 0.05)),  # OD1: wrong, truth named
+        (("OD4", 0.45), ("CA2", 0.3), ("CA3", 0.2), ("PG1", 0.05)),  # PG1: wrong, not named
+        (("CA1", 0.55), ("CA2", 0.45)),  # CA1: right; unsure only below 0.6
+    ]
+    truth = ["OD1", "OD1", "PG1", "CA1"]
+    data = [
+        fb_diagnosis.Example(f"r{i}", t, "moderate", [{"i": i}], 0, ()) for i, t in enumerate(truth)
+    ]
+
+    def scripted(window, index, flagged=()):
+        r = rankings[int(window[0]["i"])]
+        return diagnose.Diagnosis(r, taxonomy.get(r[0][0]).family, r[0][1], ())
+
+    half, more = fb_diagnosis.unsure_table(scripted, data, thresholds=(0.5, 0.6))
+    assert half == {"threshold": 0.5, "unsure_share": 0.5, "top1_sure": 1.0,
+                    "top1_unsure": 0.0, "candidates_hold_truth": 0.5}  # fmt: skip
+    assert more["unsure_share"] == 0.75 and more["top1_sure"] == 1.0
+    assert more["top1_unsure"] == pytest.approx(1 / 3)
+    assert more["candidates_hold_truth"] == pytest.approx(2 / 3)
