@@ -2,7 +2,7 @@
 
 import pytest
 
-from fm import diagnose, remediate, taxonomy
+from fm import diagnose, remediate, report, taxonomy
 
 
 class FakeTrainer:
@@ -361,6 +361,11 @@ def test_an_unsure_diagnosis_only_rolls_back_then_halts_naming_the_candidates():
     assert "OD1, PG1, OD2" in events[-1]["summary"]
     # Nothing specific to a guess: no knob was touched, only a restore and the halt.
     assert [c[0] for c in trainer.calls] == ["restore", "halt"]
+    story = [report.describe(e) for e in events]
+    assert story[0] == (
+        "step 47  diagnosis unsure: one of OD1, PG1, OD2 (best OD1 at 40%), plan: rollback, halt"
+    )
+    assert story[-1].endswith("HALT: the plan is used up (unsure: one of OD1, PG1, OD2)")
 
 
 def test_an_unsure_diagnosis_of_a_transient_fault_recovers_by_rollback_alone():
