@@ -26,7 +26,8 @@ def run_columns(records: Records, run_id: str) -> dict[str, np.ndarray]:
 def _split_labels(
     records: Records, split: str, notes: list[str], exclude: frozenset[str] = frozenset()
 ) -> tuple[list[RunLabel], str]:
-    """The scored runs' labels, and the split they came from ("all" when `split` is empty)."""
+    """The scored runs' labels, and the split they came from ("all" when `split` is "all" or
+    holds no runs)."""
     if split != "all":
         chosen = labels(records.manifest, records.runs, split, exclude=exclude)
         if chosen:
