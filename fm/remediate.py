@@ -15,6 +15,10 @@ it under "unavailable" with the reason (`availability`). A checkpoint is healthy
 `healthy_window` steps after it passed without an alarm; the latest healthy ones are pinned
 (never deleted while they are rollback targets).
 
+An unsure diagnosis (top-1 confidence below `unsure_below`) gets no remedy chosen for its
+guess: only what is safe for every type still in the running (a rollback), then a halt whose
+report names the candidates.
+
 `Controller` is what a trainer implements; rftjax has one, and another trainer can write its
 own in a few lines.
 """
@@ -251,10 +255,51 @@ def unavailable(diagnosis: dg.Diagnosis, caps: Capabilities) -> list[dict[str, s
     return out
 
 
-def plan(diagnosis: dg.Diagnosis, *, supported: Callable[[str], bool]) -> list[str]:
+# Below this top-1 confidence a diagnosis is unsure: with calibrated confidences (the learned
+# diagnoser's temperature is fitted for it) its best guess is then wrong more often than right,
+# so a remedy chosen for that guess is a gamble.
+UNSURE_BELOW = 0.5
+# What an unsure plan may do: safe whatever the fault is (a rollback only restores a state the
+# run already had and verified), before the halt that names the candidates.
+SAFE_REMEDIES = ("rollback",)
+
+
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the unsure threshold is a confidence in [0, 1], got {threshold}")
+    return threshold
+
+
+def unsure(diagnosis: dg.Diagnosis, threshold: float = UNSURE_BELOW) -> bool:
+    """Whether the diagnosis's top-1 confidence is below `threshold` (in [0, 1]; 0: never)."""
+    return diagnosis.ranking[0][1] < _check_threshold(threshold)
+
+
+def candidates(diagnosis: dg.Diagnosis, *, mass: float = 0.9, most: int = 5) -> list[str]:
+    """The types still in the running: the fewest top-ranked types whose confidences add up
+    to `mass` (at most `most`, at least one)."""
+    out, total = [], 0.0
+    for type_id, p in diagnosis.ranking[:most]:
+        out.append(type_id)
+        total += p
+        if total >= mass:
+            break
+    return out
+
+
+def plan(
+    diagnosis: dg.Diagnosis,
+    *,
+    supported: Callable[[str], bool],
+    unsure_below: float = UNSURE_BELOW,
+) -> list[str]:
     """Remedies to try in order for a diagnosis (each attempt also rolls back): the best
     guess's remedies, then the runner-up's when the guess is not confident; "halt" ends it.
-    Remedies the trainer does not support are left out (`unavailable` says which and why)."""
+    Remedies the trainer does not support are left out (`unavailable` says which and why).
+    An `unsure` diagnosis (top-1 confidence below `unsure_below`) gets only the remedies safe
+    for every candidate type (`SAFE_REMEDIES`: a rollback), then the halt."""
+    if unsure(diagnosis, unsure_below):
+        return [*(r for r in SAFE_REMEDIES if r == "rollback" or supported(r)), "halt"]
     ranked = _considered(diagnosis)
     steps: list[str] = []
     for type_id in ranked:
@@ -304,10 +349,12 @@ def random_plan(seed: int, attempts: int = 3) -> Planner:
 PLANNERS = ("fm", "random", "rollback_skip", "rollback_lr")
 
 
-def planner_for(name: str, *, seed: int = 0) -> Planner:
-    """fm's planner or a baseline by name (`PLANNERS`)."""
+def planner_for(name: str, *, seed: int = 0, unsure_below: float = UNSURE_BELOW) -> Planner:
+    """fm's planner (unsure below `unsure_below`) or a baseline by name (`PLANNERS`)."""
     if name == "fm":
-        return lambda d, supported, alarm_step: plan(d, supported=supported)
+        return lambda d, supported, alarm_step: plan(
+            d, supported=supported, unsure_below=unsure_below
+        )
     if name == "random":
         return random_plan(seed)
     if name == "rollback_skip":
@@ -374,12 +421,16 @@ class Remediator:
         history: int = 64,
         skip_batches: int = 0,
         planner: Planner | None = None,
+        unsure_below: float = UNSURE_BELOW,
     ) -> None:
         """`planner`: diagnosis → remedies (default: fm's `plan`; `planner_for` names the
-        baselines)."""
+        baselines). `unsure_below`: the top-1 confidence below which a diagnosis is unsure
+        (`unsure`): fm's plan then only rolls back and halts naming the candidates, and the
+        diagnosis event says `unsure` whatever the planner."""
+        self.unsure_below = _check_threshold(unsure_below)
         self.controller = controller
         self.diagnoser = diagnoser
-        self.planner = planner or planner_for("fm")
+        self.planner = planner or planner_for("fm", unsure_below=unsure_below)
         self.verify_window = verify_window
         self.evidence_steps = evidence_steps
         self.history_len = history
@@ -480,7 +531,8 @@ class Remediator:
         d = self.diagnoser(self.records, index, flagged=self._flagged)
         steps = tuple(self.planner(d, self.supported, ep.alarm_step))
         self.episode = ep._replace(diagnosis=d, plan=steps)
-        missing = unavailable(d, self.capabilities)
+        doubt = unsure(d, self.unsure_below)
+        missing = [] if doubt else unavailable(d, self.capabilities)
         event = self._event(
             step,
             "diagnosis",
@@ -490,6 +542,8 @@ class Remediator:
             ranking=[[t, round(p, 4)] for t, p in d.ranking[:3]],
             evidence=[e.text for e in d.evidence[:3]],
             plan=list(steps),
+            unsure=doubt,
+            **({"candidates": candidates(d)} if doubt else {}),
             **({"unavailable": missing} if missing else {}),
         )
         return [event, *self._next(step)]
@@ -564,6 +618,13 @@ class Remediator:
             "summary": d.summary() if d else None,
             "attempts": ep.attempt + 1,
         }
+        if d is not None and unsure(d, self.unsure_below):
+            report["candidates"] = candidates(d)
+            report["summary"] = (
+                f"unsure (confidence {d.ranking[0][1]:.2f} < {self.unsure_below:g}): one of "
+                f"{', '.join(report['candidates'])}; only a rollback was tried, no remedy "
+                "specific to one of them"
+            )
         self.controller.halt(report)
         self.halted = True
         return [self._event(step, "halt", **report)]

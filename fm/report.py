@@ -75,6 +75,10 @@ def describe(event: Mapping[str, Any]) -> str:
         p = confidence.get(event["top"])
         plan = ", ".join(r.replace("_", " ") for r in event.get("plan", []))
         text = f"diagnosis {event['top']} {name}" + (f" ({p:.0%})" if p is not None else "")
+        if event.get("unsure"):
+            text = f"diagnosis unsure: one of {', '.join(event['candidates'])}" + (
+                f" (best {event['top']} at {p:.0%})" if p is not None else ""
+            )
         missing = [u["remedy"] for u in event.get("unavailable", [])]
         if missing:
             plan += f" (not available here: {', '.join(missing)})"
@@ -88,6 +92,8 @@ def describe(event: Mapping[str, Any]) -> str:
         return head + "the alarm came back: next attempt"
     if kind == "halt":
         named = f" (diagnosis {event['diagnosis']})" if event.get("diagnosis") else ""
+        if event.get("candidates"):
+            named = f" (unsure: one of {', '.join(event['candidates'])})"
         return head + f"HALT: {event.get('reason')}{named}"
     if kind == "corrupt_checkpoint":  # the reason is a sentence: step, file, what came instead
         return head + str(event.get("reason"))

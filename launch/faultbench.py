@@ -10,9 +10,11 @@
       --executor=ray: a Ray task per run, the campaign folder on storage every node sees.
 
   evaluate --data DIR --out REPORT [--detector fm,zscore,...] [--window 50] [--split eval]
+           [--harm_tolerance 0.05]
       Scores detectors on the records of DIR (event-level, no point adjustment) and writes
       into the folder REPORT: report.json, report.md, summary.png (the report on one page)
-      and plots/<type>.png (signals around onset).
+      and plots/<type>.png (signals around onset). Faulted runs identical to their clean twin
+      (inert) are not scored; harmful and harmless faults are also scored apart.
 
   severity --out DIR [--seeds 0,1,2] [--types RF1,PG2] [--workers 2] [--steps N]
            [any launch.train model / task / algorithm / knob flag]
@@ -33,6 +35,14 @@
       their first alarm within the window, scores it and the rule diagnoser on the eval split
       (held out: other seeds) and on the train split, and writes the model (JSON, read with
       numpy alone; the package ships one at fm/artifacts/diagnoser.json).
+
+  power --out DIR [--spec standard|smoke|FILE] [--types all] [--seeds 0,1,2] [--points 6]
+        [--variants all|first] [--budget 0.5] [--window 50] [--detector all] [--workers 2]
+      Power curves: every variant of the types at --points magnitudes, geometric from a
+      quarter of "subtle" to "severe" (rftjax.campaign.power), on every seed, with the base
+      settings of --spec; each detector debounced to meet --budget false alarms per 1,000
+      clean steps; writes DIR/power.{json,md} (minimal detectable magnitude per variant) and
+      DIR/power_<family>.png (detection rate against magnitude). Resumable.
 
 This file only parses flags and calls the libraries (`rftjax.campaign`, `fm.bench`).
 """
@@ -55,7 +65,7 @@ from fm.bench import report as fb_report
 from launch import common
 from rftjax import campaign
 
-COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser", "remediate")
+COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser", "remediate", "power")
 flags.DEFINE_string("out", None, "Campaign folder (generate, severity), report folder (evaluate).")
 flags.DEFINE_string(
     "spec",
@@ -69,6 +79,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("detector", "all", "evaluate: comma-separated detectors, or 'all'.")
 flags.DEFINE_integer("window", 50, "evaluate: W, steps after onset in which an alarm detects.")
 flags.DEFINE_enum("split", "eval", ("train", "eval", "all"), "evaluate: runs to score.")
+flags.DEFINE_float(
+    "harm_tolerance",
+    0.05,
+    "evaluate: final accuracy a faulted run may lose against its clean twin and still count "
+    "as harmless (fm.bench.harm).",
+)
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 flags.DEFINE_string("types", "all", "Comma-separated fault type ids, or 'all' injectable ones.")
 flags.DEFINE_integer("workers", 2, "Runs in parallel (worker processes; --executor=local).")
@@ -92,6 +108,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("steps", 1500, "RL steps of every run.")
 flags.DEFINE_string("policies", "all", "remediate: comma-separated policies, or 'all'.")
+flags.DEFINE_integer("points", 6, "power: magnitudes per fault variant.")
+flags.DEFINE_enum("variants", "all", ("all", "first"), "power: every variant, or the default.")
+flags.DEFINE_float("budget", 0.5, "power: false alarms per 1,000 clean steps for every detector.")
 common.define_run_flags()
 FLAGS = flags.FLAGS
 
@@ -220,6 +239,37 @@ def remediate() -> None:
     _report(os.path.join(FLAGS.out, "remediate"), result, rem.markdown(result), failed)
 
 
+def power() -> None:
+    from fm import taxonomy
+    from fm.bench import power as fb_power
+    from rftjax.campaign import power as sweep
+
+    try:
+        base = campaign.load_spec(FLAGS.spec or "standard").get("base", {})
+        seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+        spec = sweep.power_spec(base, _types(FLAGS.types), seeds, variants=FLAGS.variants,
+                                points=FLAGS.points)  # fmt: skip
+        resolved = campaign.resolve(spec)
+        ray_options = _ray_options()
+        names = [n for n in baselines.BASELINES if n not in ("all_faulty", "fm_recorded")]
+        names = names if FLAGS.detector == "all" else FLAGS.detector.split(",")
+        for name in names:
+            baselines.get(name)
+    except ValueError as e:
+        _fail(str(e))
+    common.quiet_libraries()
+    failed, _ = campaign.generate(
+        resolved, FLAGS.out, workers=FLAGS.workers, ray_options=ray_options
+    )
+    data = fb_records.load(FLAGS.out)
+    result = fb_power.evaluate(
+        data, names, sweep.strength, window=FLAGS.window, budget=FLAGS.budget
+    )
+    plots = fb_power.plot(result, taxonomy.family_of, FLAGS.out)
+    result["plots"] = [os.path.basename(p) for p in plots]
+    _report(os.path.join(FLAGS.out, "power"), result, fb_power.markdown(result), failed)
+
+
 def evaluate() -> None:
     if not FLAGS.data:
         raise app.UsageError("--data is required (a folder written by generate)")
@@ -234,7 +284,9 @@ def evaluate() -> None:
         _fail(str(e))
     common.quiet_libraries()
     t0 = time.time()
-    result = fb_report.evaluate(data, names, window=FLAGS.window, split=FLAGS.split)
+    result = fb_report.evaluate(
+        data, names, window=FLAGS.window, split=FLAGS.split, harm_tolerance=FLAGS.harm_tolerance
+    )
     result["data_dir"] = os.path.abspath(FLAGS.data)
     result["campaign"] = fb_report.campaign_info(FLAGS.data)
     result["seconds"] = time.time() - t0
@@ -288,6 +340,8 @@ def train_diagnoser() -> None:
         "window": FLAGS.window,
         "examples": {k: len(v) for k, v in split.items()},
         "accuracy": {f"{who}/{name}": v for (who, name), v in scores.items()},
+        # What fm.remediate's unsure threshold would do on the held-out examples.
+        "unsure": fb_diagnosis.unsure_table(fm_diagnose.Learned(model), split["eval"]),
     }
     fm_diagnose.save_model(model._replace(info=info), FLAGS.out)
     print(f"examples: train {len(split['train'])}, eval {len(split['eval'])}; wrote {FLAGS.out}")
@@ -316,6 +370,7 @@ def main(argv):
         "severity": severity,
         "train-diagnoser": train_diagnoser,
         "remediate": remediate,
+        "power": power,
     }
     commands[argv[1]]()
 

@@ -374,11 +374,11 @@ def test_generate_smoke_then_evaluate(tmp_path):
     manifest = records.read(str(out / "manifest.parquet"))
     steps = records.read(str(out / "steps.parquet"))
     trajectories = records.read(str(out / "trajectories.parquet"))
-    # Row counts from the run configs: 6 runs × 12 steps × 16 completions.
+    # Row counts from the run configs: 7 runs × 12 steps × 16 completions.
     assert sorted(manifest["run_id"]) == sorted(r.name for r in c.runs)
-    assert len(steps["step"]) == len(c.runs) * base.steps == 72
-    assert len(trajectories["step"]) == 72 * per_step
-    assert int(steps["fault_active"].sum()) == campaign.plan(c)["faulty_steps"] == 18
+    assert len(steps["step"]) == len(c.runs) * base.steps == 84
+    assert len(trajectories["step"]) == 84 * per_step
+    assert int(steps["fault_active"].sum()) == campaign.plan(c)["faulty_steps"] == 24
     row = {r: i for i, r in enumerate(manifest["run_id"])}["s1/CA1-moderate-o10"]
     assert (manifest["family"][row], manifest["split"][row], manifest["onset"][row]) == (
         "credit-assignment",
@@ -387,6 +387,16 @@ def test_generate_smoke_then_evaluate(tmp_path):
     )
     assert manifest["twin"][row] == "s1/clean" and manifest["magnitude"][row] == 0.3
     assert manifest["first_acted"][row] == 10  # CA1 acts on every active step
+    # Against the clean twin: a clip-ε change with one update per step computes what the twin
+    # does, bit for bit (inert). At this size every reward is 0, so flipping advantages
+    # changes nothing either; the sampler's log-prob errors of PG1 do (accuracy is 0 in
+    # every run, so nothing is harmful).
+    harm_of = dict(zip(manifest["run_id"], manifest["harm"], strict=True))
+    assert harm_of == {
+        "s0/clean": "none", "s1/clean": "none", "s0/CA1-severe-o7": "inert",
+        "s0/PG1-severe-o4-d3": "harmless", "s1/CA1-moderate-o10": "inert",
+        "s1/PG1-m5-o7": "harmless", "s1/OD4-m0.01-clip-o7": "inert",
+    }  # fmt: skip
     assert "alarm" in steps and "score/grad_norm" in steps and "reward_mean" in steps
     # The detector replayed over the recorded statistics is the in-step one, bit for bit.
     fm_replay, fm_recorded = (baselines.get(n).fit([]) for n in ("fm", "fm_recorded"))
@@ -412,11 +422,11 @@ def test_generate_smoke_then_evaluate(tmp_path):
     np.testing.assert_array_equal(forked, twin)
     assert set(trajectories["prompt_id"][trajectories["run_id"] == "s0/clean"]) == set(range(48))
     card = (out / "README.md").read_text()
-    assert "| trajectories.parquet (completions) | 1152 |" in card and "`prompt_id`" in card
+    assert "| trajectories.parquet (completions) | 1344 |" in card and "`prompt_id`" in card
 
     again = _faultbench("generate", "--spec=smoke", f"--out={out}", "--workers=1")
-    assert again.returncode == 0 and "6 of 6 runs already finished; 0 to go" in again.stdout
-    assert len(records.read(str(out / "steps.parquet"))["step"]) == 72
+    assert again.returncode == 0 and "7 of 7 runs already finished; 0 to go" in again.stdout
+    assert len(records.read(str(out / "steps.parquet"))["step"]) == 84
 
     report = tmp_path / "report"
     proc = _faultbench("evaluate", f"--data={out}", f"--out={report}", "--window=5")
@@ -427,11 +437,16 @@ def test_generate_smoke_then_evaluate(tmp_path):
     assert "Warning" not in proc.stderr, proc.stderr[-3000:]
     assert "Campaign `smoke`: a pipeline check, not a benchmark" in proc.stdout
     result = json.loads((report / "report.json").read_text())
-    assert result["data"] == {"runs": 3, "faulted_runs": 2, "clean_runs": 1, "steps": 36}
-    # Eval split: clean 12 steps; CA1 onset 10 (9 steps before), PG1 onset 7 (6 before).
-    all_faulty = result["detectors"]["all_faulty"]["overall"]
-    assert all_faulty["recall"] == 1.0
-    assert all_faulty["precision"] == pytest.approx(2 / (2 + 12 + 9 + 6))
+    # The inert runs of the eval split (CA1, OD4) are not scored: clean 12 steps, and PG1
+    # with onset 7 (6 steps before).
+    assert {k: result["data"][k] for k in ("runs", "faulted_runs", "clean_runs", "steps")} == {
+        "runs": 2, "faulted_runs": 1, "clean_runs": 1, "steps": 24}  # fmt: skip
+    assert result["data"]["harm"] == {"inert": 2, "harmless": 1, "harmful": 0, "unknown": 0}
+    all_faulty = result["detectors"]["all_faulty"]
+    assert all_faulty["overall"]["recall"] == 1.0
+    assert all_faulty["overall"]["precision"] == pytest.approx(1 / (1 + 12 + 6))
+    assert all_faulty["by_harm"]["harmless"]["overall"]["detected"] == 1
+    assert all_faulty["by_harm"]["harmful"]["overall"]["events"] == 0
     expected = {"fm", "all_faulty", "rules", "zscore"}
     try:
         import sklearn  # noqa: F401

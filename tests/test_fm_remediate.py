@@ -2,7 +2,7 @@
 
 import pytest
 
-from fm import diagnose, remediate, taxonomy
+from fm import diagnose, remediate, report, taxonomy
 
 
 class FakeTrainer:
@@ -335,3 +335,86 @@ def test_availability_names_what_is_missing_and_a_controller_must_declare_capabi
     liar.capabilities = lambda: remediate.Capabilities(knobs=frozenset({"nope"}))
     with pytest.raises(ValueError, match="nope"):
         remediate.Remediator(liar)
+
+
+def _scripted(*ranking):
+    """A diagnoser that returns `ranking` whatever the records say."""
+    d = diagnose.Diagnosis(tuple(ranking), taxonomy.get(ranking[0][0]).family, ranking[0][1], ())
+    return lambda records, index, flagged=(): d
+
+
+UNSURE = (("OD1", 0.4), ("PG1", 0.35), ("OD2", 0.2), ("CA1", 0.05))
+
+
+def test_an_unsure_diagnosis_only_rolls_back_then_halts_naming_the_candidates():
+    trainer = FakeTrainer()
+    rem = remediate.Remediator(trainer, diagnoser=_scripted(*UNSURE), verify_window=10,
+                               healthy_window=10, evidence_steps=2)  # fmt: skip
+    events = _drive(rem, trainer, 400, fault_from=45, persistent=True)
+    assert [e["event"] for e in events] == ["diagnosis", "action", "verification", "halt"]
+    d = events[0]
+    # 0.4 < 0.5: unsure; 0.4 + 0.35 + 0.2 = 0.95 is the first sum to reach 0.9.
+    assert d["unsure"] and d["candidates"] == ["OD1", "PG1", "OD2"]
+    assert d["plan"] == ["rollback", "halt"] and "unavailable" not in d
+    assert events[1]["actions"] == [{"remedy": "rollback", "knobs": {}}]
+    assert events[-1]["candidates"] == ["OD1", "PG1", "OD2"]
+    assert "OD1, PG1, OD2" in events[-1]["summary"]
+    # Nothing specific to a guess: no knob was touched, only a restore and the halt.
+    assert [c[0] for c in trainer.calls] == ["restore", "halt"]
+    story = [report.describe(e) for e in events]
+    assert story[0] == (
+        "step 47  diagnosis unsure: one of OD1, PG1, OD2 (best OD1 at 40%), plan: rollback, halt"
+    )
+    assert story[-1].endswith("HALT: the plan is used up (unsure: one of OD1, PG1, OD2)")
+
+
+def test_an_unsure_diagnosis_of_a_transient_fault_recovers_by_rollback_alone():
+    trainer = FakeTrainer()
+    rem = remediate.Remediator(trainer, diagnoser=_scripted(*UNSURE), verify_window=10,
+                               healthy_window=10, evidence_steps=2)  # fmt: skip
+    events = _drive(rem, trainer, 80, fault_from=45, persistent=False)
+    assert [e["event"] for e in events] == ["diagnosis", "action", "verification"]
+    assert events[-1]["outcome"] == "recovered" and not rem.halted
+    assert [c[0] for c in trainer.calls] == ["restore"]
+
+
+def test_the_unsure_threshold_is_a_setting():
+    # The same diagnosis above a lower threshold is acted on: OD1's remedies.
+    trainer = FakeTrainer()
+    rem = remediate.Remediator(trainer, diagnoser=_scripted(*UNSURE), verify_window=10,
+                               healthy_window=10, evidence_steps=2, unsure_below=0.3)  # fmt: skip
+    events = _drive(rem, trainer, 400, fault_from=45, persistent=True)
+    assert not events[0]["unsure"] and "candidates" not in events[0]
+    assert events[0]["plan"][:3] == ["rollback", "lr_cap", "lr_scale"]
+    assert any(c[0] == "set_knobs" for c in trainer.calls)
+    d = diagnose.Diagnosis(UNSURE, "optimization-dynamics", 0.6, ())
+    assert remediate.plan(d, supported=lambda r: True) == ["rollback", "halt"]
+    assert remediate.plan(d, supported=lambda r: True, unsure_below=0.0)[1] == "lr_cap"
+    with pytest.raises(ValueError, match=r"confidence in \[0, 1\], got 1.5"):
+        remediate.Remediator(FakeTrainer(), unsure_below=1.5)
+
+
+def test_unsure_table_by_hand():
+    from fm.bench import diagnosis as fb_diagnosis
+
+    rankings = [
+        (("OD1", 0.9), ("OD2", 0.1)),  # OD1: right, sure
+        (("PG1", 0.4), ("OD1", 0.35), ("OD2", 0.2), ("CA1", 0.05)),  # OD1: wrong, truth named
+        (("OD4", 0.45), ("CA2", 0.3), ("CA3", 0.2), ("PG1", 0.05)),  # PG1: wrong, not named
+        (("CA1", 0.55), ("CA2", 0.45)),  # CA1: right; unsure only below 0.6
+    ]
+    truth = ["OD1", "OD1", "PG1", "CA1"]
+    data = [
+        fb_diagnosis.Example(f"r{i}", t, "moderate", [{"i": i}], 0, ()) for i, t in enumerate(truth)
+    ]
+
+    def scripted(window, index, flagged=()):
+        r = rankings[int(window[0]["i"])]
+        return diagnose.Diagnosis(r, taxonomy.get(r[0][0]).family, r[0][1], ())
+
+    half, more = fb_diagnosis.unsure_table(scripted, data, thresholds=(0.5, 0.6))
+    assert half == {"threshold": 0.5, "unsure_share": 0.5, "top1_sure": 1.0,
+                    "top1_unsure": 0.0, "candidates_hold_truth": 0.5}  # fmt: skip
+    assert more["unsure_share"] == 0.75 and more["top1_sure"] == 1.0
+    assert more["top1_unsure"] == pytest.approx(1 / 3)
+    assert more["candidates_hold_truth"] == pytest.approx(2 / 3)

@@ -93,6 +93,48 @@ def test_recovery_rollbacks_wasted_steps_and_halts_are_scored_per_policy(tmp_pat
     assert result["policies"]["fm"]["halts_on_remediable"] == 1
 
 
+def test_recovery_against_each_runs_own_clean_twin(tmp_path):
+    runs = remediate.runs_for(resolve(SPEC), ["none", "fm"])
+    finals = {
+        "s0/clean": _summary(0.80),
+        "s1/clean": _summary(0.70),
+        "s0/CA3-severe-o12/none": _summary(0.30),
+        "s1/CA3-severe-o12/none": _summary(0.72),
+        "s0/CA3-severe-o12/fm": _summary(0.74),  # 0.06 below its twin 0.80: not recovered
+        "s1/CA3-severe-o12/fm": _summary(0.69),  # 0.01 below its twin 0.70: recovered
+        "s0/OD3-severe-reference-o12/fm": _summary(0.20, halt={"diagnosis": "OD3"}),
+        "s1/OD3-severe-o12/fm": _summary(0.76),  # 0.06 above its twin 0.70
+        "s1/OD3-severe-o12/none": _summary(0.60, halt={"diagnosis": "OD3"}),  # halted
+    }
+    for name, summary in finals.items():
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "summary.json", "w") as f:
+            json.dump(summary, f)
+    result = remediate.score(str(tmp_path), runs, margin=0.05, halt_within=20)
+    fm, none = result["policies"]["fm"], result["policies"]["none"]
+    # Against the clean median 0.75 the verdicts on the CA3 runs are the other way round.
+    assert fm["recovery"] == pytest.approx(2 / 3) and fm["recovery_vs_twin"] == pytest.approx(2 / 3)
+    rows = {r["run"]: r for r in result["runs"]}
+    assert rows["s0/CA3-severe-o12/fm"]["recovered"] is True
+    assert rows["s0/CA3-severe-o12/fm"]["recovered_vs_twin"] is False
+    assert rows["s1/CA3-severe-o12/fm"]["recovered"] is False
+    assert rows["s1/CA3-severe-o12/fm"]["recovered_vs_twin"] is True
+    # fm, remediable and not halted: -0.06, -0.01, +0.06 (the OD3 reference run is neither).
+    d = fm["paired_difference"]
+    assert d["runs"] == 3 and d["median"] == pytest.approx(-0.01)
+    assert d["mean"] == pytest.approx(-0.01 / 3)
+    assert d["p10"] == pytest.approx(-0.06 + 0.2 * 0.05)  # between -0.06 and -0.01
+    assert d["p90"] == pytest.approx(-0.01 + 0.8 * 0.07)
+    # none: -0.50 and +0.02 differences; its halted OD3 run counts as not recovered and
+    # is left out of the differences, counted with the halts.
+    assert none["recovery_vs_twin"] == pytest.approx(1 / 3)
+    assert none["paired_difference"]["runs"] == 2
+    assert none["paired_difference"]["median"] == pytest.approx(-0.24)
+    assert none["halts"] == 1 and none["halts_on_remediable"] == 1
+    text = remediate.markdown(result)
+    assert "| 0.67 | -0.010 [-0.050, +0.046] (3) |" in text
+
+
 @pytest.mark.parametrize(
     "type_id,variant,remediable",
     [

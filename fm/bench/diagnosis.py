@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fm import diagnose as dg
-from fm import taxonomy
+from fm import remediate, taxonomy
 from fm.bench import baselines, schema
 from fm.bench import records as rec
 
@@ -109,6 +109,37 @@ def accuracy(diagnoser: Callable[..., dg.Diagnosis], data: Sequence[Example]) ->
         "top1_confidence_mean": float(np.mean([c for c, _ in confidence])),
         "calibration_error": calibration_error(*zip(*confidence, strict=True)),
     }
+
+
+def unsure_table(
+    diagnoser: Callable[..., dg.Diagnosis],
+    data: Sequence[Example],
+    thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7),
+) -> list[dict]:
+    """What an unsure threshold (`fm.remediate.unsure`) would do on `data`: per threshold, the
+    share of diagnoses below it, top-1 accuracy (micro) of those at or above it and of those
+    below it, and how often the candidates an unsure halt names (`fm.remediate.candidates`)
+    hold the true type. A useful threshold leaves few diagnoses unsure, those it leaves are
+    mostly wrong, and their candidates hold the truth."""
+    rows = []
+    diagnoses = [(ex.type, diagnoser(ex.window, ex.alarm_index, flagged=ex.flagged)) for ex in data]
+    for t in thresholds:
+        below = [(y, d) for y, d in diagnoses if remediate.unsure(d, t)]
+        sure = [(y, d) for y, d in diagnoses if not remediate.unsure(d, t)]
+        rows.append(
+            {
+                "threshold": t,
+                "unsure_share": len(below) / len(diagnoses) if diagnoses else None,
+                "top1_sure": float(np.mean([d.top == y for y, d in sure])) if sure else None,
+                "top1_unsure": float(np.mean([d.top == y for y, d in below])) if below else None,
+                "candidates_hold_truth": (
+                    float(np.mean([y in remediate.candidates(d) for y, d in below]))
+                    if below
+                    else None
+                ),
+            }
+        )
+    return rows
 
 
 def train(data: Sequence[Example], *, folds: int = 5, **fit_options) -> dg.Model:

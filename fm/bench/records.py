@@ -7,7 +7,7 @@ read or written, so the rest of `fm.bench` (scoring, baselines) works on arrays 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -139,7 +139,11 @@ def run_slices(run_ids: np.ndarray) -> dict[str, slice]:
 
 
 def labels(
-    manifest: Columns, runs: Mapping[str, slice], split: str | None = None
+    manifest: Columns,
+    runs: Mapping[str, slice],
+    split: str | None = None,
+    *,
+    exclude: Container[str] = (),
 ) -> list[RunLabel]:
     """Scoring labels of the manifest's runs (of one `split`, or all for None), with the number
     of recorded steps from `runs`.
@@ -147,6 +151,7 @@ def labels(
     A faulted run's event starts at `first_acted`, the first step its fault changed anything
     (where the manifest has that column; else at `onset`). A faulted run whose fault never
     acted is left out: it computed exactly what its clean twin did, whose alarms already count.
+    Runs named in `exclude` are left out too (e.g. the inert ones, `fm.bench.harm`).
     """
     out = []
     acted = manifest.get("first_acted", manifest["onset"])
@@ -154,7 +159,7 @@ def labels(
         if split is not None and manifest["split"][i] != split:
             continue
         clean = manifest["type"][i] == schema.CLEAN
-        if not clean and int(acted[i]) < 0:
+        if not clean and (int(acted[i]) < 0 or run_id in exclude):
             continue
         if run_id not in runs:
             raise ValueError(f"run {run_id!r} is in the manifest but has no step rows")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from fm import taxonomy
-from fm.bench import baselines
+from fm.bench import baselines, harm
 from fm.bench.records import Records, labels
 from fm.bench.scoring import RunLabel, score_detector
 
@@ -23,14 +23,17 @@ def run_columns(records: Records, run_id: str) -> dict[str, np.ndarray]:
     return {k: v[rows] for k, v in records.steps.items()}
 
 
-def _split_labels(records: Records, split: str, notes: list[str]) -> list[RunLabel]:
-    if split == "all":
-        return labels(records.manifest, records.runs)
-    chosen = labels(records.manifest, records.runs, split)
-    if not chosen:
+def _split_labels(
+    records: Records, split: str, notes: list[str], exclude: frozenset[str] = frozenset()
+) -> tuple[list[RunLabel], str]:
+    """The scored runs' labels, and the split they came from ("all" when `split` is "all" or
+    holds no runs)."""
+    if split != "all":
+        chosen = labels(records.manifest, records.runs, split, exclude=exclude)
+        if chosen:
+            return chosen, split
         notes.append(f"no runs in split {split!r}: scored on all runs")
-        return labels(records.manifest, records.runs)
-    return chosen
+    return labels(records.manifest, records.runs, exclude=exclude), "all"
 
 
 def _train_runs(records: Records, notes: list[str]) -> list[dict[str, np.ndarray]]:
@@ -47,13 +50,20 @@ def evaluate(
     *,
     window: int,
     split: str = "eval",
+    harm_tolerance: float = harm.TOLERANCE,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Scores each detector on the runs of `split` ("train", "eval" or "all"); learned baselines
     fit on the clean runs of the train split. Detectors whose optional package is missing are
-    skipped with a note."""
+    skipped with a note. Each faulted run is labelled against its clean twin (`fm.bench.harm`,
+    `harm_tolerance`): inert runs are left out, and each detector's "by_harm" scores harmful
+    and harmless faults apart."""
     notes: list[str] = []
-    run_labels = _split_labels(records, split, notes)
+    harms = harm.label_runs(records.manifest, records.steps, records.runs, tolerance=harm_tolerance)
+    inert = frozenset(r for r, h in harms.items() if h == harm.INERT)
+    run_labels, chosen = _split_labels(records, split, notes, inert)
+    splits = dict(zip(records.manifest["run_id"], records.manifest["split"], strict=True))
+    in_split = {r: h for r, h in harms.items() if chosen == "all" or splits[r] == chosen}
     wanted = [baselines.get(name) for name in detectors]  # unknown names fail before any work
     train = None
     report: dict[str, Any] = {"window": window, "split": split, "detectors": {}, "notes": notes}
@@ -69,6 +79,7 @@ def evaluate(
             run_labels,
             lambda lab, fn=alarms_of: fn(run_columns(records, lab.run_id)),
             window=window,
+            harm=in_split,
         )
         result["description"] = baseline.description
         report["detectors"][baseline.name] = result
@@ -79,6 +90,8 @@ def evaluate(
         "faulted_runs": len(faulted),
         "clean_runs": len(run_labels) - len(faulted),
         "steps": sum(lab.steps for lab in run_labels),
+        "harm_tolerance": harm_tolerance,
+        "harm": {h: sum(v == h for v in in_split.values()) for h in harm.LABELS},
     }
     return report
 
@@ -130,6 +143,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(o['false_alarms_per_1000_clean_steps'], 2)} | {_d(o['delay_median'])} | "
             f"{_d(o['delay_p90'])} | " + " | ".join(sev) + " |"
         )
+    lines += _harm_markdown(report)
     families = [f for f in taxonomy.FAMILIES if any(f in r["by_family"] for r in dets.values())]
     lines += ["", "F1 by family:", "", "| detector | " + " | ".join(families) + " |"]
     lines.append("|---|" + "---|" * len(families))
@@ -149,6 +163,34 @@ def markdown(report: dict[str, Any]) -> str:
     if report["notes"]:
         lines += ["", *[f"Note: {n}" for n in report["notes"]]]
     return "\n".join(lines)
+
+
+def _harm_markdown(report: dict[str, Any]) -> list[str]:
+    """The harm-aware table (reports written before harm labels existed have none)."""
+    counts = report["data"].get("harm")
+    if counts is None:
+        return []
+    tol = report["data"]["harm_tolerance"]
+    lines = [
+        "",
+        f"Against each run's clean twin: {counts[harm.HARMFUL]} harmful (final accuracy more "
+        f"than {tol:g} below the twin's), {counts[harm.HARMLESS]} harmless, "
+        f"{counts[harm.INERT]} inert (identical records: not scored), "
+        f"{counts[harm.UNKNOWN]} unknown (no twin). Alarms on harmless runs are neither "
+        "detections nor false alarms in the harmful columns.",
+        "",
+        "| detector | harmful F1 | harmful precision | harmful recall | harmful delay median "
+        "| harmless flagged | harmless delay median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["detectors"].items():
+        bad, fine = r["by_harm"]["harmful"]["overall"], r["by_harm"]["harmless"]["overall"]
+        flagged = f"{fine['detected']}/{fine['events']}"
+        lines.append(
+            f"| {name} | {_f(bad['f1'])} | {_f(bad['precision'])} | {_f(bad['recall'])} | "
+            f"{_d(bad['delay_median'])} | {flagged} | {_d(fine['delay_median'])} |"
+        )
+    return lines
 
 
 def plot_onsets(records: Records, out_dir: str, **kwargs) -> list[str]:

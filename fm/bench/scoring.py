@@ -132,8 +132,67 @@ def aggregate(
     return result
 
 
-def score(
+def by_harm(
+    labels: Sequence[RunLabel],
+    outcomes: Sequence[Outcome],
+    harm: Mapping[str, str],
+    *,
+    window: int,
+) -> dict[str, Any]:
+    """Detection scored on harmful and on harmless faults apart (`fm.bench.harm`).
+
+    "harmful" is `aggregate` over the clean runs and the harmful runs only: a missed harmful
+    fault lowers recall, while alarms on a harmless run are neither detections nor false
+    alarms there, so a detector that flags a harmless fault early is not penalized.
+    "harmless" is the same over the clean runs and the harmless runs (its recall is how often
+    harmless faults are flagged). Faulted runs labelled otherwise (unknown) are in neither.
+
+    Args:
+      labels, outcomes: per run, as given to `aggregate` (inert runs already left out).
+      harm: run_id → harm label of each faulted run.
+
+    Returns:
+      {"counts": {label: runs}, "harmful": aggregate(...), "harmless": aggregate(...)}.
+    """
+    counts: dict[str, int] = {}
+    for h in harm.values():
+        if h != CLEAN:
+            counts[h] = counts.get(h, 0) + 1
+    result: dict[str, Any] = {"counts": dict(sorted(counts.items()))}
+    for group in ("harmful", "harmless"):
+        pick = [
+            (lab, o)
+            for lab, o in zip(labels, outcomes, strict=True)
+            if lab.clean or harm.get(lab.run_id) == group
+        ]
+        result[group] = aggregate([p[0] for p in pick], [p[1] for p in pick], window=window)
+    return result
+
+
+def outcomes_of(
     labels: Sequence[RunLabel], alarms: Mapping[str, np.ndarray], *, window: int
+) -> list[Outcome]:
+    """`run_outcome` of each run, its alarms checked against its recorded steps."""
+    outcomes = []
+    for lab in labels:
+        if lab.run_id not in alarms:
+            raise KeyError(f"no alarms given for run {lab.run_id!r}")
+        alarm = np.asarray(alarms[lab.run_id])
+        if alarm.shape != (lab.steps,):
+            raise ValueError(
+                f"alarms of run {lab.run_id!r} have shape {alarm.shape}; expected ({lab.steps},)"
+            )
+        onset = None if lab.clean else lab.onset
+        outcomes.append(run_outcome(alarm, onset=onset, window=window))
+    return outcomes
+
+
+def score(
+    labels: Sequence[RunLabel],
+    alarms: Mapping[str, np.ndarray],
+    *,
+    window: int,
+    harm: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Scores a detector's alarms on a set of runs.
 
@@ -146,20 +205,14 @@ def score(
       {"window", "overall": {...}, "by_family": {name: {...}}, "by_severity", "by_type"} with
       events, detected, precision, recall, f1, false_alarms_before_onset, delay_median,
       delay_p90 per group, and clean_runs, clean_steps, clean_false_alarms and
-      false_alarms_per_1000_clean_steps overall.
+      false_alarms_per_1000_clean_steps overall; with `harm` (run_id → `fm.bench.harm`
+      label) also "by_harm" (`by_harm`).
     """
-    outcomes = []
-    for lab in labels:
-        if lab.run_id not in alarms:
-            raise KeyError(f"no alarms given for run {lab.run_id!r}")
-        alarm = np.asarray(alarms[lab.run_id])
-        if alarm.shape != (lab.steps,):
-            raise ValueError(
-                f"alarms of run {lab.run_id!r} have shape {alarm.shape}; expected ({lab.steps},)"
-            )
-        onset = None if lab.clean else lab.onset
-        outcomes.append(run_outcome(alarm, onset=onset, window=window))
-    return aggregate(labels, outcomes, window=window)
+    outcomes = outcomes_of(labels, alarms, window=window)
+    result = aggregate(labels, outcomes, window=window)
+    if harm is not None:
+        result["by_harm"] = by_harm(labels, outcomes, harm, window=window)
+    return result
 
 
 def score_detector(
@@ -167,6 +220,8 @@ def score_detector(
     alarms_of: Callable[[RunLabel], np.ndarray],
     *,
     window: int,
+    harm: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """`score` with alarms computed per run by `alarms_of(label)` (e.g. a baseline)."""
-    return score(labels, {lab.run_id: alarms_of(lab) for lab in labels}, window=window)
+    alarms = {lab.run_id: alarms_of(lab) for lab in labels}
+    return score(labels, alarms, window=window, harm=harm)

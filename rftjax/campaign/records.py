@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fm import taxonomy
-from fm.bench import records, schema
+from fm.bench import harm, records, schema
 from rftjax.campaign.runs import (
     Run,
     apply_overrides,
@@ -167,6 +167,22 @@ def _backfill(rows: list[dict], traj: list[dict]) -> None:
             row[name] = float(derived[name][i])
 
 
+def _harm(run: Run, row: dict, columns: dict, twins: dict[str, tuple[str, float]]) -> str:
+    """The manifest's `harm` label (`fm.bench.harm`, at its default tolerance); clean runs
+    (assembled first) leave their fingerprint and final accuracy in `twins`."""
+    final = float(row["eval_accuracy_final"])
+    if run.clean:
+        twins[run.name] = (harm.fingerprint(columns), final)
+        return schema.CLEAN
+    if row["type"] == schema.CLEAN:  # a faulted run whose fault resolved to none
+        return schema.CLEAN
+    if row["twin"] not in twins:
+        return harm.UNKNOWN
+    fingerprint, twin_final = twins[row["twin"]]
+    same = harm.fingerprint(columns) == fingerprint
+    return harm.of_accuracy(final, twin_final, same_records=same)
+
+
 def _trajectory_columns(
     run: Run, rows: list[dict], labels: dict, active: list[int], prompts_per_step: int
 ) -> dict:
@@ -194,21 +210,25 @@ def assemble(out: str, campaign: Campaign, report: Callable[[str], None] = print
     done = [(r, s) for r in campaign.runs if (s := read_summary(out, r)) is not None]
     base = base_config(out, campaign.base)
     metrics = sorted({*_metric_names(out, [r for r, _ in done]), *BACKFILLED})
-    manifest = records.TableWriter(os.path.join(out, "manifest.parquet"), "manifest")
+    manifest = records.TableWriter(
+        os.path.join(out, "manifest.parquet"), "manifest", {"harm": "string"}
+    )
     steps = records.TableWriter(
         os.path.join(out, "steps.parquet"), "steps", {m: "float64" for m in metrics}
     )
     trajectories = records.TableWriter(os.path.join(out, "trajectories.parquet"), "trajectories")
     sizes = {"clean_steps": 0, "faulty_steps": 0}
+    twins: dict[str, tuple[str, float]] = {}  # clean run → (harm.fingerprint, final accuracy)
     for i, (run, summary) in enumerate(done):
         labels = _labels(run, summary)
         row = _manifest_row(run, summary, campaign.base)
         rows = _read_metrics(out, run)
         row["first_acted"] = _first_acted(run, summary, rows)
-        manifest.write({k: [v] for k, v in row.items()})
         traj = read_jsonl(os.path.join(out, run.name, "trajectories.jsonl"))
         _backfill(rows, traj)
         columns = _step_columns(run, rows, labels, metrics)
+        row["harm"] = _harm(run, row, columns, twins)
+        manifest.write({k: [v] for k, v in row.items()})
         steps.write(columns)
         sizes["faulty_steps"] += int(np.sum(columns["fault_active"]))
         sizes["clean_steps"] += len(rows) if run.clean else 0
@@ -360,6 +380,11 @@ earlier invocation are not counted).
 ## manifest.parquet
 
 {schema.markdown_table("manifest")}
+
+and `harm`: the run's effect against its clean twin (`fm.bench.harm`, tolerance \
+{harm.TOLERANCE:g}): `inert` (every recorded statistic and the final evaluation identical),
+`harmless` (final held-out accuracy at most the tolerance below the twin's), `harmful`,
+`unknown` (no twin), or `none` for a clean run.
 
 ## steps.parquet
 

@@ -12,7 +12,10 @@ remediator needs its own healthy checkpoints before the onset):
 Each seed (and setting) also has a clean run under `--fm=full`: its accuracy gives the clean
 distribution, and its rollbacks count as false remediations. A run recovers when it was not
 halted and its final held-out accuracy is at least the median of the clean runs (same
-settings) minus `margin`.
+settings) minus `margin`. That criterion measures seed spread as well as remediation, so each
+faulted run is also compared with its own clean twin (same seed, settings, data and steps):
+the paired difference (managed final accuracy minus the twin's) with its spread, and recovery
+as "not halted and within `margin` of the twin"; halts are counted apart.
 A type whose remedies end in "halt" (OD3, TE2) is not remediable unless its variant acts once
 (a rollback to before it undoes it: `faults.ONE_TIME`) or the environment reports its failures
 (the samples they touch can be masked: `faults.REPORTED`); otherwise the right outcome is a
@@ -112,32 +115,60 @@ def outcome(run: Run, summary: dict[str, Any], clean_median: float, *, margin: f
     return row
 
 
+def twin_comparison(row: dict[str, Any], twin: float | None, *, margin: float) -> dict:
+    """A faulted run's row against its clean twin's final accuracy `twin` (None: the twin did
+    not finish): the twin's final, the paired difference (run − twin) and whether it recovered
+    (not halted and at most `margin` below the twin)."""
+    if twin is None:
+        return {"twin_final": None, "paired_difference": None, "recovered_vs_twin": False}
+    return {
+        "twin_final": twin,
+        "paired_difference": row["final"] - twin,
+        "recovered_vs_twin": not row["halted"] and row["final"] >= twin - margin,
+    }
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Paired differences summarized: runs, mean, median, p10 and p90 (None when empty)."""
+    if not values:
+        return {"runs": 0, "mean": None, "median": None, "p10": None, "p90": None}
+    v = np.asarray(values, np.float64)
+    return {
+        "runs": int(v.size),
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "p10": float(np.percentile(v, 10)),
+        "p90": float(np.percentile(v, 90)),
+    }
+
+
 def score(
     out: str, runs: Sequence[Run], *, margin: float = 0.05, halt_within: int = 20
 ) -> dict[str, Any]:
     """Per policy: recovery rate on remediable faults, rollbacks per faulty run (median),
-    wasted steps (mean), halts and correct halts on the others; clean runs with no rollback."""
+    wasted steps (mean), halts and correct halts on the others; clean runs with no rollback.
+    Against each run's clean twin: recovery (`recovery_vs_twin`, halted runs not recovered) and
+    the paired difference of the remediable runs that were not halted (`spread`)."""
     summaries = {r.name: s for r in runs if (s := read_summary(out, r)) is not None}
     clean_finals: dict[str, list[float]] = {}
+    twin_final: dict[tuple[str, int], float] = {}  # (settings, seed) → the clean run's final
     for r in runs:
         if r.clean and r.name in summaries:
-            clean_finals.setdefault(_base_settings(r), []).append(
-                summaries[r.name]["eval_accuracy_final"]
-            )
+            final = summaries[r.name]["eval_accuracy_final"]
+            clean_finals.setdefault(_base_settings(r), []).append(final)
+            twin_final[(_base_settings(r), r.seed)] = final
     rows = []
     for r in runs:
         finals = clean_finals.get(_base_settings(r))
         if r.name not in summaries or not finals:
             continue
-        rows.append(
-            outcome(
-                r,
-                summaries[r.name],
-                float(np.median(finals)),
-                margin=margin,
-                halt_within=halt_within,
-            )  # fmt: skip
+        row = outcome(
+            r, summaries[r.name], float(np.median(finals)), margin=margin, halt_within=halt_within
         )
+        twin = twin_final.get((_base_settings(r), r.seed))
+        if not r.clean:
+            row.update(twin_comparison(row, twin, margin=margin))
+        rows.append(row)
     table = {}
     for policy in ("clean", *POLICIES):
         mine = [x for x in rows if x["policy"] == policy]
@@ -151,6 +182,7 @@ def score(
             continue
         fixable = [x for x in mine if x["remediable"]]
         final = [x for x in mine if not x["remediable"]]
+        twinned = [x for x in fixable if x["twin_final"] is not None]
         table[policy] = {
             "runs": len(mine),
             "recovery": float(np.mean([x["recovered"] for x in fixable])) if fixable else None,
@@ -161,6 +193,12 @@ def score(
             "correct_halts": (
                 float(np.mean([x["correct_halt"] for x in final])) if final else None
             ),
+            "recovery_vs_twin": (
+                float(np.mean([x["recovered_vs_twin"] for x in twinned])) if twinned else None
+            ),
+            "paired_difference": spread(
+                [x["paired_difference"] for x in twinned if not x["halted"]]
+            ),
         }
     return {"margin": margin, "halt_within": halt_within, "policies": table, "runs": rows}
 
@@ -168,20 +206,31 @@ def score(
 def markdown(result: dict[str, Any]) -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)
     lines = [
-        f"Recovery: final held-out accuracy >= clean median - {result['margin']:.2f}. Halts "
-        f"are correct with the right diagnosis within {result['halt_within']} steps of onset.",
+        f"Recovery: final held-out accuracy >= clean median - {result['margin']:.2f}; against "
+        f"the twin: not halted and >= the run's own clean twin - {result['margin']:.2f}. The "
+        "paired difference (run − twin: median [p10, p90]) is over the remediable runs not "
+        f"halted. Halts are correct with the right diagnosis within {result['halt_within']} "
+        "steps of onset.",
         "",
         "| policy | runs | recovery (remediable) | rollbacks (median) | wasted steps (mean) | "
-        "halts (on remediable) | correct halts (not remediable) |",
-        "|---|---|---|---|---|---|---|",
+        "halts (on remediable) | correct halts (not remediable) | recovery vs twin | "
+        "paired difference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for policy, t in result["policies"].items():
         if policy == "clean":
             continue
+        d = t.get("paired_difference") or {"runs": 0}
+        paired = (
+            "–"
+            if not d["runs"]
+            else (f"{d['median']:+.3f} [{d['p10']:+.3f}, {d['p90']:+.3f}] ({d['runs']})")
+        )
         lines.append(
             f"| {policy} | {t['runs']} | {fmt(t['recovery'], '.2f')} | "
             f"{t['rollbacks_median']:.1f} | {t['wasted_steps_mean']:.1f} | {t['halts']} "
-            f"({t['halts_on_remediable']}) | {fmt(t['correct_halts'], '.2f')} |"
+            f"({t['halts_on_remediable']}) | {fmt(t['correct_halts'], '.2f')} | "
+            f"{fmt(t.get('recovery_vs_twin'), '.2f')} | {paired} |"
         )
     if "clean" in result["policies"]:
         c = result["policies"]["clean"]

@@ -289,14 +289,14 @@ def base_config(workdir: str, base: dict[str, Any]) -> TrainConfig:
 
 
 def builtin_spec(name: str) -> dict[str, Any]:
-    """`smoke` (6 tiny runs, seconds each) or `standard` (every injectable type × 3 severities
+    """`smoke` (7 tiny runs, seconds each) or `standard` (every injectable type × 3 severities
     × onsets × seeds, each seed a clean run and two faulted ones (four on the tool task), so
     that clean runs hold more steps than faults are active; train and eval seeds and onsets
     differ)."""
     if name == "smoke":
         return {
             "name": "smoke",
-            "description": "a pipeline check, not a benchmark: 6 tiny runs (a 1-layer model "
+            "description": "a pipeline check, not a benchmark: 7 tiny runs (a 1-layer model "
             "that learns nothing in 12 steps, accuracy 0) that exercise generate and evaluate "
             "end to end; its scores say nothing about the detectors",
             "base": {
@@ -318,6 +318,8 @@ def builtin_spec(name: str) -> dict[str, Any]:
                 {"seed": 0, "type": "PG1", "severity": "severe", "onset": 4, "duration": 3},
                 {"seed": 1, "type": "CA1", "severity": "moderate", "onset": 10},
                 {"seed": 1, "type": "PG1", "magnitude": 5.0, "onset": 7},
+                # One update per step: the importance ratio is 1, so no clip ε acts (inert).
+                {"seed": 1, "type": "OD4", "variant": "clip", "magnitude": 0.01, "onset": 7},
             ],
         }
     if name == "standard":
