@@ -12,8 +12,8 @@ import pytest
 import small_shapes
 
 from fm import remediate
-from rftjax.config import RLConfig
 from rftjax.benchmarks import chaos
+from rftjax.config import RLConfig
 from rftjax.train.logs import read_jsonl
 from rftjax.train.loop import run
 
