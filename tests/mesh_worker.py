@@ -136,9 +136,7 @@ def multi_process(out: str, pid: int, nproc: int, port: int) -> None:
     # Every process ends with the same weights: fingerprints of the gathered parameters.
     from rftjax.checkpoint import Checkpointer
 
-    final, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(
-        None, _target(workdir)
-    )
+    final, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(None, _target(workdir))
     params = parallel.fetch(final.params["policy"])
     sums = [int(integrity.checksum(x)) for x in jax.tree.leaves(params)]
     with open(os.path.join(out, f"mp{pid}.json"), "w", encoding="utf-8") as f:
