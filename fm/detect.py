@@ -372,7 +372,7 @@ def _gather(stats: Mapping[str, jax.Array], signals: tuple[Signal, ...]) -> jax.
 # How a `DetectOutput` is logged in a flat record (metrics.jsonl, FaultBench step records):
 # "alarm", "nonfinite" and one key per signal and field with these prefixes. `flags_to_dict`
 # writes it, `Reading.from_record` reads it. FaultBench's record schema, which stays free of
-# jax, names the same prefixes (`fm.bench.schema.DETECTOR_PREFIXES`; a test keeps them equal).
+# jax, names the same prefixes (`fm.faultbench.schema.DETECTOR_PREFIXES`; a test keeps them equal).
 FLAG, SCORE, CUSUM = "flag/", "score/", "cusum/"
 PREFIXES = (FLAG, SCORE, CUSUM)
 

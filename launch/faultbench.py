@@ -44,7 +44,7 @@
       clean steps; writes DIR/power.{json,md} (minimal detectable magnitude per variant) and
       DIR/power_<family>.png (detection rate against magnitude). Resumable.
 
-This file only parses flags and calls the libraries (`rftjax.campaign`, `fm.bench`).
+This file only parses flags and calls the libraries (`rftjax.campaign`, `fm.faultbench`).
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ from absl import app, flags
 
 import faults
 from fm import diagnose as fm_diagnose
-from fm.bench import baselines
-from fm.bench import diagnosis as fb_diagnosis
-from fm.bench import records as fb_records
-from fm.bench import report as fb_report
+from fm.faultbench import baselines
+from fm.faultbench import diagnosis as fb_diagnosis
+from fm.faultbench import records as fb_records
+from fm.faultbench import report as fb_report
 from launch import common
 from rftjax import campaign
 
@@ -83,7 +83,7 @@ flags.DEFINE_float(
     "harm_tolerance",
     0.05,
     "evaluate: final accuracy a faulted run may lose against its clean twin and still count "
-    "as harmless (fm.bench.harm).",
+    "as harmless (fm.faultbench.harm).",
 )
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 flags.DEFINE_string("types", "all", "Comma-separated fault type ids, or 'all' injectable ones.")
@@ -208,8 +208,8 @@ def generate() -> None:
 
 
 def remediate() -> None:
-    from rftjax.campaign import remediate as rem
-    from rftjax.campaign.records import exclusive
+    from rftjax.campaign import closed_loop as rem
+    from rftjax.campaign.generate import exclusive
 
     if not FLAGS.spec:
         raise app.UsageError("--spec is required: a JSON file, standard or smoke")
@@ -241,7 +241,7 @@ def remediate() -> None:
 
 def power() -> None:
     from fm import taxonomy
-    from fm.bench import power as fb_power
+    from fm.faultbench import power as fb_power
     from rftjax.campaign import power as sweep
 
     try:
@@ -294,7 +294,7 @@ def evaluate() -> None:
     plots = fb_report.plot_onsets(data, os.path.join(FLAGS.out, "plots"), window=FLAGS.window)
     result["plots"] = [os.path.join("plots", os.path.basename(p)) for p in plots]
     if plots:  # (drawn only where matplotlib is installed)
-        from fm.bench import plots as fb_plots
+        from fm.faultbench import plots as fb_plots
 
         fb_plots.summary_figure(result, os.path.join(FLAGS.out, "summary.png"))
     text = fb_report.markdown(result)

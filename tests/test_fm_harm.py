@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fm.bench import harm, records, report, scoring
-from fm.bench.schema import CLEAN
+from fm.faultbench import harm, records, report, scoring
+from fm.faultbench.schema import CLEAN
 
 T = 20  # steps of every hand-made run
 

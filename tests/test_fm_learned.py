@@ -7,8 +7,8 @@ import pytest
 
 from fm import diagnose as dg
 from fm import taxonomy
-from fm.bench import diagnosis as fd
-from fm.bench import records as rec
+from fm.faultbench import diagnosis as fd
+from fm.faultbench import records as rec
 
 SIGNATURE = {"TE1": "tool_error_rate", "CA2": "adv_group_mean_max_abs", "RF2": "repetition_ratio"}
 

@@ -293,7 +293,7 @@ def test_per_view_evaluation_sees_only_what_the_view_logs():
     """A PG1 run whose sampler/trainer mismatch (mismatch_k3) jumps at step 40, and its clean
     twin: the full and verl views (verl logs rollout_corr/k3_kl) detect it at once with a
     policy-generation diagnosis; TRL's table has no k3 mismatch statistic: missed."""
-    from fm.bench import records as rec
+    from fm.faultbench import records as rec
     from fm.logs import evaluate
 
     rng = np.random.default_rng(0)

@@ -153,7 +153,7 @@ def test_reading_parses_what_flags_to_dict_writes():
     assert reading.alarm and reading.flagged == ["b"]
     assert reading.flags == {"a": False, "b": True} and set(reading.scores) == {"a"}
     assert [k for k in record if detect.is_detector_key(k)] == [k for k in record if k != "a"]
-    from fm.bench import schema  # FaultBench's jax-free schema names the same prefixes
+    from fm.faultbench import schema  # FaultBench's jax-free schema names the same prefixes
 
     assert schema.DETECTOR_PREFIXES == detect.PREFIXES
 

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from fm.bench import power
-from fm.bench.scoring import RunLabel
+from fm.faultbench import power
+from fm.faultbench.scoring import RunLabel
 from rftjax.campaign import power as sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -395,7 +395,7 @@ def test_the_unsure_threshold_is_a_setting():
 
 
 def test_unsure_table_by_hand():
-    from fm.bench import diagnosis as fb_diagnosis
+    from fm.faultbench import diagnosis as fb_diagnosis
 
     rankings = [
         (("OD1", 0.9), ("OD2", 0.1)),  # OD1: right, sure

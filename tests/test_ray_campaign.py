@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from fm.bench import records
+from fm.faultbench import records
 from rftjax import campaign
 from rftjax.campaign import on_ray
 from rftjax.campaign.runs import Run

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from rftjax.campaign import remediate, resolve
+from rftjax.campaign import closed_loop as remediate
+from rftjax.campaign import resolve
 from rftjax.campaign.runs import Run, apply_overrides, config_of
 from rftjax.campaign.spec import base_config
 

@@ -7,10 +7,10 @@ A view keeps, of a campaign's step records, only the fm statistics a trainer's l
 (the fm signals of its table in `fm.logs.mappings`; `full` keeps every statistic fm computes
 in-step). Each run is then replayed through `fm.logs.monitor.Monitor` — the detector over the
 view's signals and the rules diagnoser over the fault types the view can show — exactly as
-`fm.analyze` reads a log, and scored like `launch.faultbench evaluate` (`fm.bench.scoring`,
+`fm.analyze` reads a log, and scored like `launch.faultbench evaluate` (`fm.faultbench.scoring`,
 event-level, no point adjustment): detection F1, precision, recall, delay, false alarms per
 1,000 clean steps; and the first diagnosis of each event detected within the window: top-1 and
-family accuracy, macro over the types with such an event (as `fm.bench.diagnosis` scores
+family accuracy, macro over the types with such an event (as `fm.faultbench.diagnosis` scores
 diagnosers: conditional on detection, so read it next to recall).
 
 The records hold fm's own statistics, so a view stands for "the trainer logged these
@@ -30,8 +30,8 @@ import numpy as np
 
 from fm import detect, taxonomy
 from fm import diagnose as dg
-from fm.bench import records as rec
-from fm.bench import scoring
+from fm.faultbench import records as rec
+from fm.faultbench import scoring
 from fm.logs import load, mappings, monitor
 
 VIEWS = ("full", "trl", "verl", "openrlhf")

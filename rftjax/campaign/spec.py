@@ -16,7 +16,7 @@ import numpy as np
 import faults
 from faults import SEVERITIES, SPECS
 from fm import taxonomy
-from fm.bench import schema
+from fm.faultbench import schema
 from rftjax.campaign.runs import (
     OVERRIDE_KEYS,
     Run,

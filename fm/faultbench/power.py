@@ -8,7 +8,7 @@ faulted run. A detector that misses the budget even at `max_k` is reported with 
 `max_k` and `within_budget: false`.
 
 Per (type, variant) and magnitude: the detection rate (an alarm in [onset, onset + W) as in
-`fm.bench.scoring`) and the median delay; the minimal detectable magnitude is the weakest
+`fm.faultbench.scoring`) and the median delay; the minimal detectable magnitude is the weakest
 magnitude from which on every stronger one of the sweep is detected in at least half of its
 runs (None if the strongest is not).
 """
@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from fm.bench import baselines, report
-from fm.bench import records as rec
-from fm.bench.records import Records
-from fm.bench.schema import CLEAN
-from fm.bench.scoring import RunLabel, run_outcome
+from fm.faultbench import baselines, report
+from fm.faultbench import records as rec
+from fm.faultbench.records import Records
+from fm.faultbench.schema import CLEAN
+from fm.faultbench.scoring import RunLabel, run_outcome
 
 DETECTABLE = 0.5  # detection rate from which a magnitude counts as detectable
 
@@ -149,7 +149,7 @@ def evaluate(
     max_k: int = 10,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """`curves` of the named detectors (`fm.bench.baselines`) on a campaign's records (all
+    """`curves` of the named detectors (`fm.faultbench.baselines`) on a campaign's records (all
     runs; learned baselines fit on the train split's clean runs, else on all clean runs).
     Detectors whose optional package is missing are skipped with a note."""
     notes: list[str] = []

@@ -2,7 +2,7 @@
 
 `generate` runs a resolved campaign with the in-step detector on and trajectories recorded;
 `assemble` (re-done from the run folders every time) writes the tables in the schema of
-`fm.bench.schema`.
+`fm.faultbench.schema`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fm import taxonomy
-from fm.bench import harm, records, schema
+from fm.faultbench import harm, records, schema
 from rftjax.campaign.runs import (
     Run,
     apply_overrides,
@@ -168,7 +168,7 @@ def _backfill(rows: list[dict], traj: list[dict]) -> None:
 
 
 def _harm(run: Run, row: dict, columns: dict, twins: dict[str, tuple[str, float]]) -> str:
-    """The manifest's `harm` label (`fm.bench.harm`, at its default tolerance); clean runs
+    """The manifest's `harm` label (`fm.faultbench.harm`, at its default tolerance); clean runs
     (assembled first) leave their fingerprint and final accuracy in `twins`."""
     final = float(row["eval_accuracy_final"])
     if run.clean:
@@ -381,7 +381,7 @@ earlier invocation are not counted).
 
 {schema.markdown_table("manifest")}
 
-and `harm`: the run's effect against its clean twin (`fm.bench.harm`, tolerance \
+and `harm`: the run's effect against its clean twin (`fm.faultbench.harm`, tolerance \
 {harm.TOLERANCE:g}): `inert` (every recorded statistic and the final evaluation identical),
 `harmless` (final held-out accuracy at most the tolerance below the twin's), `harmful`,
 `unknown` (no twin), or `none` for a clean run.
@@ -396,7 +396,7 @@ mismatch, KL, entropy, optimization and tool statistics, cross-checks), loss ter
 held-out `eval_accuracy` / `eval_reward` (evaluation steps only), and the in-step detector's
 `alarm` (1 if it alarmed), `nonfinite`, `flag/<signal>`, `score/<signal>` (robust z) and
 `cusum/<signal>`. Detectors under test should read neither the labels nor the detector columns
-(`fm.bench.schema.is_feature`).
+(`fm.faultbench.schema.is_feature`).
 
 ## trajectories.parquet
 

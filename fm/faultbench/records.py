@@ -1,7 +1,7 @@
 """Reading and writing FaultBench tables (Parquet, through pyarrow).
 
 Tables are handled as dicts of equal-length numpy columns. pyarrow is imported when a table is
-read or written, so the rest of `fm.bench` (scoring, baselines) works on arrays without it.
+read or written, so the rest of `fm.faultbench` (scoring, baselines) works on arrays without it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fm.bench import schema
-from fm.bench.scoring import RunLabel
+from fm.faultbench import schema
+from fm.faultbench.scoring import RunLabel
 
 Columns = dict[str, np.ndarray]
 
@@ -151,7 +151,7 @@ def labels(
     A faulted run's event starts at `first_acted`, the first step its fault changed anything
     (where the manifest has that column; else at `onset`). A faulted run whose fault never
     acted is left out: it computed exactly what its clean twin did, whose alarms already count.
-    Runs named in `exclude` are left out too (e.g. the inert ones, `fm.bench.harm`).
+    Runs named in `exclude` are left out too (e.g. the inert ones, `fm.faultbench.harm`).
     """
     out = []
     acted = manifest.get("first_acted", manifest["onset"])

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from fm import taxonomy
-from fm.bench.records import Records
-from fm.bench.report import run_columns
-from fm.bench.schema import CLEAN
+from fm.faultbench.records import Records
+from fm.faultbench.report import run_columns
+from fm.faultbench.schema import CLEAN
 from fm.report import NO_MATPLOTLIB
 from fm.report_figure import pyplot, robust_limits
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from fm import taxonomy
-from fm.bench import baselines, harm
-from fm.bench.records import Records, labels
-from fm.bench.scoring import RunLabel, score_detector
+from fm.faultbench import baselines, harm
+from fm.faultbench.records import Records, labels
+from fm.faultbench.scoring import RunLabel, score_detector
 
 SEVERITIES = ("subtle", "moderate", "severe")
 
@@ -55,7 +55,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Scores each detector on the runs of `split` ("train", "eval" or "all"); learned baselines
     fit on the clean runs of the train split. Detectors whose optional package is missing are
-    skipped with a note. Each faulted run is labelled against its clean twin (`fm.bench.harm`,
+    skipped with a note. Each faulted run is labelled against its clean twin (`fm.faultbench.harm`,
     `harm_tolerance`): inert runs are left out, and each detector's "by_harm" scores harmful
     and harmless faults apart."""
     notes: list[str] = []
@@ -194,7 +194,7 @@ def _harm_markdown(report: dict[str, Any]) -> list[str]:
 
 
 def plot_onsets(records: Records, out_dir: str, **kwargs) -> list[str]:
-    """`fm.bench.plots.plot_onsets` (the signals around onset, a PNG per fault type)."""
-    from fm.bench import plots  # matplotlib only when drawing
+    """`fm.faultbench.plots.plot_onsets` (the signals around onset, a PNG per fault type)."""
+    from fm.faultbench import plots  # matplotlib only when drawing
 
     return plots.plot_onsets(records, out_dir, **kwargs)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fm.bench.schema import CLEAN
+from fm.faultbench.schema import CLEAN
 
 
 class RunLabel(NamedTuple):
@@ -139,7 +139,7 @@ def by_harm(
     *,
     window: int,
 ) -> dict[str, Any]:
-    """Detection scored on harmful and on harmless faults apart (`fm.bench.harm`).
+    """Detection scored on harmful and on harmless faults apart (`fm.faultbench.harm`).
 
     "harmful" is `aggregate` over the clean runs and the harmful runs only: a missed harmful
     fault lowers recall, while alarms on a harmless run are neither detections nor false
@@ -205,7 +205,7 @@ def score(
       {"window", "overall": {...}, "by_family": {name: {...}}, "by_severity", "by_type"} with
       events, detected, precision, recall, f1, false_alarms_before_onset, delay_median,
       delay_p90 per group, and clean_runs, clean_steps, clean_false_alarms and
-      false_alarms_per_1000_clean_steps overall; with `harm` (run_id → `fm.bench.harm`
+      false_alarms_per_1000_clean_steps overall; with `harm` (run_id → `fm.faultbench.harm`
       label) also "by_harm" (`by_harm`).
     """
     outcomes = outcomes_of(labels, alarms, window=window)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fm.bench import schema
+from fm.faultbench import schema
 
 INERT, HARMLESS, HARMFUL, UNKNOWN = "inert", "harmless", "harmful", "unknown"
 LABELS = (INERT, HARMLESS, HARMFUL, UNKNOWN)
@@ -108,7 +108,7 @@ def label_runs(
     *,
     tolerance: float = TOLERANCE,
 ) -> dict[str, str]:
-    """run_id → label for every run of a campaign (`fm.bench.records.Records` fields: the
+    """run_id → label for every run of a campaign (`fm.faultbench.records.Records` fields: the
     manifest, the step table and each run's rows in it); clean runs get `schema.CLEAN`."""
     row_of = {str(r): i for i, r in enumerate(manifest["run_id"])}
     final = np.asarray(manifest["eval_accuracy_final"], np.float64)

@@ -6,8 +6,8 @@ A FaultBench campaign is three Parquet tables in one folder:
     steps.parquet         one row a run and RL step: labels, then every metric and statistic
     trajectories.parquet  one row a sampled completion: labels, ids and per-completion numbers
 
-Any trainer can write these (`fm.bench.records`), and every scorer in `fm.bench` reads only the
-columns named here. Steps are 1-based. A clean run has type, family and severity "none",
+Any trainer can write these (`fm.faultbench.records`), and every scorer in `fm.faultbench` reads
+only the columns named here. Steps are 1-based. A clean run has type, family and severity "none",
 onset -1, duration 0 and magnitude NaN. `steps.parquet` also holds one float column per metric
 the trainer logged (names as in its metrics log: `fm.stats` keys, loss terms, and the in-step
 detector's `alarm`, `flag/<signal>`, `score/<signal>`, `cusum/<signal>`); columns a run did not

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fm.bench import schema
+from fm.faultbench import schema
 
 Run = dict[str, np.ndarray]
 AlarmFn = Callable[[Run], np.ndarray]

@@ -1,7 +1,7 @@
 """FaultBench for fm: the record schema, event-level scoring and baseline detectors.
 
-    records = fm.bench.records.load("campaign/")
-    report = fm.bench.report.evaluate(records, ["fm", "zscore"], window=50)
+    records = fm.faultbench.records.load("campaign/")
+    report = fm.faultbench.report.evaluate(records, ["fm", "zscore"], window=50)
 
 `harm` labels each faulted run against its clean twin (inert, harmless, harmful); `power`
 scores detection against fault magnitude at one false-alarm budget. Scoring and baselines
@@ -10,6 +10,6 @@ pyarrow, the learned baselines scikit-learn and the plots matplotlib, each only 
 Nothing here imports a trainer: any trainer that writes these tables can be scored.
 """
 
-from fm.bench import baselines, harm, power, records, report, schema, scoring
+from fm.faultbench import baselines, harm, power, records, report, schema, scoring
 
 __all__ = ["baselines", "harm", "power", "records", "report", "schema", "scoring"]

@@ -10,8 +10,8 @@ import numpy as np
 
 from fm import diagnose as dg
 from fm import remediate, taxonomy
-from fm.bench import baselines, schema
-from fm.bench import records as rec
+from fm.faultbench import baselines, schema
+from fm.faultbench import records as rec
 
 BEFORE, AFTER = 32, 2  # steps of baseline before the alarm, of evidence after it
 
