@@ -52,15 +52,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
 import faults
-from fm import diagnose as fm_diagnose
 from fm.faultbench import baselines
 from fm.faultbench import diagnosis as fb_diagnosis
-from fm.faultbench import records as fb_records
 from fm.faultbench import report as fb_report
 from launch import common
 from rftjax import campaign
@@ -208,65 +205,43 @@ def generate() -> None:
 
 
 def remediate() -> None:
-    from rftjax.campaign import closed_loop as rem
-    from rftjax.campaign.generate import exclusive
+    from rftjax.campaign import closed_loop
 
     if not FLAGS.spec:
         raise app.UsageError("--spec is required: a JSON file, standard or smoke")
-    policies = rem.POLICIES if FLAGS.policies == "all" else tuple(FLAGS.policies.split(","))
+    policies = closed_loop.POLICIES if FLAGS.policies == "all" else FLAGS.policies.split(",")
     try:
         spec = campaign.resolve(campaign.load_spec(FLAGS.spec))
-        runs = rem.runs_for(spec, policies)
         ray_options = _ray_options()
+        common.quiet_libraries()
+        result, failed = closed_loop.run(
+            spec, FLAGS.out, policies, workers=FLAGS.workers, ray_options=ray_options
+        )
     except ValueError as e:
         _fail(str(e))
-    common.quiet_libraries()
-    os.makedirs(FLAGS.out, exist_ok=True)
-    try:
-        with exclusive(FLAGS.out):
-            base = campaign.base_config(FLAGS.out, spec.base)
-            failed = campaign.run_campaign(
-                runs,
-                FLAGS.out,
-                base,
-                workers=FLAGS.workers,
-                runs_per_worker=10,
-                ray_options=ray_options,
-            )
-    except ValueError as e:
-        _fail(str(e))
-    result = rem.score(FLAGS.out, runs)
-    _report(os.path.join(FLAGS.out, "remediate"), result, rem.markdown(result), failed)
+    _report(os.path.join(FLAGS.out, "remediate"), result, closed_loop.markdown(result), failed)
 
 
 def power() -> None:
-    from fm import taxonomy
     from fm.faultbench import power as fb_power
     from rftjax.campaign import power as sweep
 
+    names = [n for n in baselines.BASELINES if n not in ("all_faulty", "fm_recorded")]
+    names = names if FLAGS.detector == "all" else FLAGS.detector.split(",")
     try:
-        base = campaign.load_spec(FLAGS.spec or "standard").get("base", {})
-        seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
-        spec = sweep.power_spec(base, _types(FLAGS.types), seeds, variants=FLAGS.variants,
-                                points=FLAGS.points)  # fmt: skip
-        resolved = campaign.resolve(spec)
-        ray_options = _ray_options()
-        names = [n for n in baselines.BASELINES if n not in ("all_faulty", "fm_recorded")]
-        names = names if FLAGS.detector == "all" else FLAGS.detector.split(",")
         for name in names:
             baselines.get(name)
+        base = campaign.load_spec(FLAGS.spec or "standard").get("base", {})
+        seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+        ray_options = _ray_options()
+        common.quiet_libraries()
+        result, failed = sweep.run(
+            base, _types(FLAGS.types), seeds, names, FLAGS.out, variants=FLAGS.variants,
+            points=FLAGS.points, window=FLAGS.window, budget=FLAGS.budget,
+            workers=FLAGS.workers, ray_options=ray_options,
+        )  # fmt: skip
     except ValueError as e:
         _fail(str(e))
-    common.quiet_libraries()
-    failed, _ = campaign.generate(
-        resolved, FLAGS.out, workers=FLAGS.workers, ray_options=ray_options
-    )
-    data = fb_records.load(FLAGS.out)
-    result = fb_power.evaluate(
-        data, names, sweep.strength, window=FLAGS.window, budget=FLAGS.budget
-    )
-    plots = fb_power.plot(result, taxonomy.family_of, FLAGS.out)
-    result["plots"] = [os.path.basename(p) for p in plots]
     _report(os.path.join(FLAGS.out, "power"), result, fb_power.markdown(result), failed)
 
 
@@ -274,37 +249,14 @@ def evaluate() -> None:
     if not FLAGS.data:
         raise app.UsageError("--data is required (a folder written by generate)")
     names = list(baselines.BASELINES) if FLAGS.detector == "all" else FLAGS.detector.split(",")
+    common.quiet_libraries()
     try:
-        for name in names:
-            baselines.get(name)
-        if FLAGS.window < 1:
-            raise ValueError(f"--window must be >= 1 step, got {FLAGS.window}")
-        data = fb_records.load(FLAGS.data)
+        text = fb_report.write(
+            FLAGS.data, FLAGS.out, names, window=FLAGS.window, split=FLAGS.split,
+            harm_tolerance=FLAGS.harm_tolerance,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    common.quiet_libraries()
-    t0 = time.time()
-    result = fb_report.evaluate(
-        data, names, window=FLAGS.window, split=FLAGS.split, harm_tolerance=FLAGS.harm_tolerance
-    )
-    result["data_dir"] = os.path.abspath(FLAGS.data)
-    result["campaign"] = fb_report.campaign_info(FLAGS.data)
-    result["seconds"] = time.time() - t0
-    # Everything goes into the folder --out: report.json, report.md, summary.png, plots/.
-    plots = fb_report.plot_onsets(data, os.path.join(FLAGS.out, "plots"), window=FLAGS.window)
-    result["plots"] = [os.path.join("plots", os.path.basename(p)) for p in plots]
-    if plots:  # (drawn only where matplotlib is installed)
-        from fm.faultbench import plots as fb_plots
-
-        fb_plots.summary_figure(result, os.path.join(FLAGS.out, "summary.png"))
-    text = fb_report.markdown(result)
-    if plots:
-        text += f"\n\nPictures in {FLAGS.out}: summary.png, plots/ ({len(plots)} fault types)."
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(FLAGS.out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
     print(text)
 
 
@@ -312,51 +264,12 @@ def train_diagnoser() -> None:
     if not FLAGS.data:
         raise app.UsageError("--data is required (folders written by generate, comma-separated)")
     try:
-        loaded = [(d, fb_records.load(d)) for d in FLAGS.data.split(",") if d]
+        info, table = fb_diagnosis.train_on(FLAGS.data.split(","), FLAGS.out, window=FLAGS.window)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    # Eval examples per folder too: a campaign with no train split (heldout) is all held out.
-    per_folder = {
-        (d, name): fb_diagnosis.examples(r, split=name, window=FLAGS.window)
-        for d, r in loaded
-        for name in ("train", "eval")
-    }
-    split = {name: [ex for (_, n), v in per_folder.items() if n == name for ex in v]
-             for name in ("train", "eval")}  # fmt: skip
-    if len(loaded) > 1:
-        split.update({f"eval:{os.path.basename(os.path.normpath(d))}": v
-                      for (d, n), v in per_folder.items() if n == "eval" and v})  # fmt: skip
-    try:
-        model = fb_diagnosis.train(split["train"])
-    except ValueError as e:
-        _fail(str(e))
-    scores = {
-        (who, name): fb_diagnosis.accuracy(fn, split[name])
-        for who, fn in (("learned", fm_diagnose.Learned(model)), ("rules", fm_diagnose.diagnose))
-        for name in split
-    }
-    info = {
-        "data": [os.path.abspath(d) for d, _ in loaded],
-        "window": FLAGS.window,
-        "examples": {k: len(v) for k, v in split.items()},
-        "accuracy": {f"{who}/{name}": v for (who, name), v in scores.items()},
-        # What fm.remediate's unsure threshold would do on the held-out examples.
-        "unsure": fb_diagnosis.unsure_table(fm_diagnose.Learned(model), split["eval"]),
-    }
-    fm_diagnose.save_model(model._replace(info=info), FLAGS.out)
-    print(f"examples: train {len(split['train'])}, eval {len(split['eval'])}; wrote {FLAGS.out}")
-    print(
-        "| diagnoser | split | top-1 (macro) | top-3 (macro) | family (macro) | top-1 (micro) "
-        "| confidence (mean) | calibration error |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for (who, name), v in scores.items():
-        if v.get("examples"):
-            print(
-                f"| {who} | {name} | {v['top1_macro']:.3f} | {v['top3_macro']:.3f} | "
-                f"{v['family_macro']:.3f} | {v['top1_micro']:.3f} | "
-                f"{v['top1_confidence_mean']:.3f} | {v['calibration_error']:.3f} |"
-            )
+    examples = info["examples"]
+    print(f"examples: train {examples['train']}, eval {examples['eval']}; wrote {FLAGS.out}")
+    print("\n".join(table))
 
 
 def main(argv):

@@ -167,3 +167,53 @@ def train(data: Sequence[Example], *, folds: int = 5, **fit_options) -> dg.Model
     y = np.array([model.classes.index(t) for t in labels])
     ok = np.isfinite(logits[np.arange(len(y)), y])
     return model._replace(temperature=dg.fit_temperature(logits[ok], y[ok]))
+
+
+def train_on(folders: Sequence[str], out: str, *, window: int = 50) -> tuple[dict, list[str]]:
+    """`launch.faultbench train-diagnoser`: fits the learned diagnoser on the train split's
+    faulted runs of `folders` (FaultBench record folders), scores it and the rules on the eval
+    split (each folder's too, with several) and the train split, and writes the model with its
+    data and scores in `info` to `out`. Returns (info, the score table as Markdown lines)."""
+    import os
+
+    loaded = [(d, rec.load(d)) for d in folders if d]
+    # Eval examples per folder too: a campaign with no train split (heldout) is all held out.
+    per_folder = {
+        (d, name): examples(r, split=name, window=window)
+        for d, r in loaded
+        for name in ("train", "eval")
+    }
+    split = {name: [ex for (_, n), v in per_folder.items() if n == name for ex in v]
+             for name in ("train", "eval")}  # fmt: skip
+    if len(loaded) > 1:
+        split.update({f"eval:{os.path.basename(os.path.normpath(d))}": v
+                      for (d, n), v in per_folder.items() if n == "eval" and v})  # fmt: skip
+    model = train(split["train"])
+    learned = dg.Learned(model)
+    scores = {
+        (who, name): accuracy(fn, split[name])
+        for who, fn in (("learned", learned), ("rules", dg.diagnose))
+        for name in split
+    }
+    info = {
+        "data": [os.path.abspath(d) for d, _ in loaded],
+        "window": window,
+        "examples": {k: len(v) for k, v in split.items()},
+        "accuracy": {f"{who}/{name}": v for (who, name), v in scores.items()},
+        # What fm.remediate's unsure threshold would do on the held-out examples.
+        "unsure": unsure_table(learned, split["eval"]),
+    }
+    dg.save_model(model._replace(info=info), out)
+    lines = [
+        "| diagnoser | split | top-1 (macro) | top-3 (macro) | family (macro) | top-1 (micro) "
+        "| confidence (mean) | calibration error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (who, name), v in scores.items():
+        if v.get("examples"):
+            lines.append(
+                f"| {who} | {name} | {v['top1_macro']:.3f} | {v['top3_macro']:.3f} | "
+                f"{v['family_macro']:.3f} | {v['top1_micro']:.3f} | "
+                f"{v['top1_confidence_mean']:.3f} | {v['calibration_error']:.3f} |"
+            )
+    return info, lines

@@ -198,3 +198,46 @@ def plot_onsets(records: Records, out_dir: str, **kwargs) -> list[str]:
     from fm.faultbench import plots  # matplotlib only when drawing
 
     return plots.plot_onsets(records, out_dir, **kwargs)
+
+
+def write(
+    data_dir: str,
+    out: str,
+    detectors: Sequence[str],
+    *,
+    window: int = 50,
+    split: str = "eval",
+    harm_tolerance: float = 0.05,
+) -> str:
+    """`launch.faultbench evaluate`: scores `detectors` on the records of `data_dir` and writes
+    everything into the folder `out` (report.json, report.md, summary.png, plots/<type>.png;
+    pictures only where matplotlib is installed). Returns the Markdown report."""
+    import time
+
+    from fm.faultbench import records as fb_records
+
+    for name in detectors:
+        baselines.get(name)  # names an unknown detector
+    if window < 1:
+        raise ValueError(f"--window must be >= 1 step, got {window}")
+    data = fb_records.load(data_dir)
+    t0 = time.time()
+    result = evaluate(data, detectors, window=window, split=split, harm_tolerance=harm_tolerance)
+    result["data_dir"] = os.path.abspath(data_dir)
+    result["campaign"] = campaign_info(data_dir)
+    result["seconds"] = time.time() - t0
+    pictures = plot_onsets(data, os.path.join(out, "plots"), window=window)
+    result["plots"] = [os.path.join("plots", os.path.basename(p)) for p in pictures]
+    if pictures:
+        from fm.faultbench import plots
+
+        plots.summary_figure(result, os.path.join(out, "summary.png"))
+    text = markdown(result)
+    if pictures:
+        text += f"\n\nPictures in {out}: summary.png, plots/ ({len(pictures)} fault types)."
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return text

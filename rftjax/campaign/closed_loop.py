@@ -237,3 +237,30 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Clean runs under --fm=full: {c['runs']}, with no rollback: "
                   f"{c['no_rollback']:.2f}."]  # fmt: skip
     return "\n".join(lines)
+
+
+def run(
+    campaign: Campaign,
+    out: str,
+    policies: Sequence[str] = POLICIES,
+    *,
+    workers: int = 1,
+    ray_options=None,
+) -> tuple[dict[str, Any], list[Run]]:
+    """`launch.faultbench remediate`: trains every faulted run of `campaign` once per policy
+    (and the clean runs) into `out`, one process at a time on the folder (resumable), and
+    scores them. Returns (the scores, the runs that failed)."""
+    import os
+
+    from rftjax.campaign.generate import exclusive
+    from rftjax.campaign.runs import run_campaign
+    from rftjax.campaign.spec import base_config
+
+    runs = runs_for(campaign, policies)
+    os.makedirs(out, exist_ok=True)
+    with exclusive(out):
+        base = base_config(out, campaign.base)
+        failed = run_campaign(
+            runs, out, base, workers=workers, runs_per_worker=10, ray_options=ray_options
+        )
+    return score(out, runs), failed

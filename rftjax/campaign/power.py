@@ -104,3 +104,38 @@ def power_spec(
         "base": dict(base),
         "grid": grid,
     }
+
+
+def run(
+    base: dict[str, Any],
+    types: Sequence[str],
+    seeds: Sequence[int],
+    detectors: Sequence[str],
+    out: str,
+    *,
+    variants: str = "all",
+    points: int = 6,
+    window: int = 50,
+    budget: float = 0.5,
+    workers: int = 1,
+    ray_options=None,
+) -> tuple[dict[str, Any], list]:
+    """`launch.faultbench power`: generates the sweep of `power_spec` into `out`, scores every
+    detector at one false-alarm budget (`fm.faultbench.power`) and draws a picture per
+    family. Returns (the result, the runs that failed)."""
+    import os
+
+    from fm import taxonomy
+    from fm.faultbench import power as fb_power
+    from fm.faultbench import records as fb_records
+    from rftjax.campaign.generate import generate
+    from rftjax.campaign.spec import resolve
+
+    spec = power_spec(base, list(types), list(seeds), variants=variants, points=points)
+    failed, _ = generate(resolve(spec), out, workers=workers, ray_options=ray_options)
+    result = fb_power.evaluate(
+        fb_records.load(out), list(detectors), strength, window=window, budget=budget
+    )
+    pictures = fb_power.plot(result, taxonomy.family_of, out)
+    result["plots"] = [os.path.basename(p) for p in pictures]
+    return result, failed
