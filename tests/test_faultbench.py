@@ -314,6 +314,22 @@ def test_standard_campaign_sizes_splits_and_balance():
             assert cfg.checkpoint_every < r.fault["fault_onset"] <= cfg.steps - 49
 
 
+def test_builtin_specs_are_data_that_still_fits_the_catalog():
+    # The built-ins are JSON files shipped with the package; what they baked in must still hold
+    # for today's catalog and tasks.
+    from rftjax.tasks import response_slots
+
+    for name in campaign.BUILTINS:
+        c = campaign.resolve(campaign.builtin_spec(name))
+        assert c.runs, name
+    heldout = campaign.resolve(campaign.builtin_spec("heldout"))
+    assert {r.fault["fault"] for r in heldout.runs if not r.clean} == set(faults.SPECS)
+    slots = {json.loads(r.config).get("max_new_tokens") for r in heldout.runs if r.config}
+    assert slots == {response_slots("calc")}  # the tool task's bound, as baked in
+    with pytest.raises(ValueError, match="built-ins: standard, smoke"):
+        campaign.builtin_spec("nope")
+
+
 def test_tool_types_run_on_the_tool_task_and_are_refused_elsewhere():
     c = campaign.resolve(campaign.builtin_spec("standard"))
     for r in c.runs:

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -288,156 +287,24 @@ def base_config(workdir: str, base: dict[str, Any]) -> TrainConfig:
     return apply_overrides(cfg, base)
 
 
+# The built-in specs, shipped as JSON files beside this module (`specs/NAME.json`):
+# `smoke` (a pipeline check: 7 tiny runs), `standard` (every injectable type × 3 severities ×
+# onsets × seeds, a clean twin per seed with two faulted runs forked from it, four on the tool
+# task; train and eval seeds and onsets differ), `heldout` (what `standard` never used: seeds
+# from 5000, onsets 60, 130 and 210, each type's default variant at the two magnitudes between
+# its presets) and `heldout-remedy` (heldout's stronger magnitude of each type and a reference
+# corruption no knob fixes, checkpoints every 10 steps, for `remediate`). Each file's
+# "description" says what it is; tests/test_campaign.py checks that the campaigns still cover
+# the catalog.
+SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
+
+
 def builtin_spec(name: str) -> dict[str, Any]:
-    """`smoke` (7 tiny runs, seconds each) or `standard` (every injectable type × 3 severities
-    × onsets × seeds, each seed a clean run and two faulted ones (four on the tool task), so
-    that clean runs hold more steps than faults are active; train and eval seeds and onsets
-    differ)."""
-    if name == "smoke":
-        return {
-            "name": "smoke",
-            "description": "a pipeline check, not a benchmark: 7 tiny runs (a 1-layer model "
-            "that learns nothing in 12 steps, accuracy 0) that exercise generate and evaluate "
-            "end to end; its scores say nothing about the detectors",
-            "base": {
-                "model_overrides": "num_layers=1,hidden_size=32,intermediate_size=64,"
-                "num_heads=2,num_kv_heads=2",
-                "prompts_per_step": 4,
-                "group_size": 4,
-                "steps": 12,
-                "warmup_steps": 10,
-                "warmup_batch_size": 16,
-                "eval_size": 16,
-                "eval_every": 6,
-                "checkpoint_every": 3,
-                "log_every": 6,
-            },
-            "splits": {"train": [0], "eval": [1]},
-            "runs": [
-                {"seed": 0, "type": "CA1", "severity": "severe", "onset": 7},
-                {"seed": 0, "type": "PG1", "severity": "severe", "onset": 4, "duration": 3},
-                {"seed": 1, "type": "CA1", "severity": "moderate", "onset": 10},
-                {"seed": 1, "type": "PG1", "magnitude": 5.0, "onset": 7},
-                # One update per step: the importance ratio is 1, so no clip ε acts (inert).
-                {"seed": 1, "type": "OD4", "variant": "clip", "magnitude": 0.01, "onset": 7},
-            ],
-        }
-    if name == "standard":
-        per_type = 3 * len(SEVERITIES)  # onsets × severities
-        kinds = len(SPECS) - len(TOOL_TYPES), len(TOOL_TYPES)
-        # The tool task's runs cost ~5× a step of arith's (22 response slots with tool
-        # round-trips against 4) and its accuracy saturates (~0.99) by step 100: they run
-        # 150 steps, onsets at the same fractions of the run, and each clean twin serves four
-        # faulted runs (arith's twins keep the campaign's clean steps above its faulty ones).
-        deals = 2, 4
-        pairs = list(zip(kinds, deals, strict=True))
-        n_train = [-(-k * per_type * 3 // d) for k, d in pairs]  # 3 replicates
-        n_eval = [-(-k * len(SEVERITIES) * 4 // d) for k, d in pairs]  # 2 onsets × 2 durations
-        train = list(range(sum(n_train)))
-        evaluate = list(range(1000, 1000 + sum(n_eval)))
-        # Tool types run on the tool task, on seeds of their own.
-        tool_task = {**_tool_task(), "steps": 150, "checkpoint_every": 25}
-        tool_grids = [
-            {
-                "types": list(TOOL_TYPES),
-                "onsets": [51, 76, 101],
-                "seeds": train[n_train[0] :],
-                "deal": deals[1],
-                "repeat": 3,
-                "shuffle": 2,
-                "overrides": tool_task,
-            },
-            {
-                "types": list(TOOL_TYPES),
-                "onsets": [57, 94],
-                "durations": [-1, 50],
-                "seeds": evaluate[n_eval[0] :],
-                "deal": deals[1],
-                "shuffle": 3,
-                "overrides": tool_task,
-            },
-        ]
-        return {
-            "name": "standard",
-            "description": "every injectable type × 3 severities × onsets × seeds, 300 steps "
-            "(150 on the tool task), a clean twin per seed with two faulted runs forked from it "
-            "(four on the tool task); every run starts RL from one warmed-up model (init_seed "
-            "0), seeds vary the RL data and sampling",
-            "base": dict(_STANDARD_BASE),
-            "splits": {"train": train, "eval": evaluate},
-            "grid": [
-                {
-                    "types": "all",
-                    "onsets": [76, 151, 226],
-                    "seeds": train[: n_train[0]],
-                    "deal": 2,
-                    "repeat": 3,
-                    "shuffle": 0,
-                },
-                {
-                    "types": "all",
-                    "onsets": [113, 188],
-                    "durations": [-1, 50],
-                    "seeds": evaluate[: n_eval[0]],
-                    "deal": 2,
-                    "shuffle": 1,
-                },
-                *(tool_grids if TOOL_TYPES else []),
-            ],
-        }
-    if name == "heldout":
-        return _heldout_spec()
-    if name == "heldout-remedy":
-        # The closed-loop comparison (`remediate`) trains every run from scratch once per
-        # policy: the stronger magnitude of each type (the tool types on the tool task).
-        # Checkpoints every 10 steps: rollback targets must exist before the earliest onset.
-        spec = _heldout_spec()
-        runs = spec["runs"][1::2]
-        # And a fault no knob fixes (a persistently corrupted reference model): a halt.
-        od3 = next(r for r in runs if r["type"] == "OD3")
-        runs.append({**od3, "variant": "reference", "onset": 130})
-        base = {**spec["base"], "checkpoint_every": 10}
-        return {**spec, "name": name, "runs": runs, "splits": {"eval": [r["seed"] for r in runs]},
-                "base": base,
-                "description": "heldout's stronger magnitude of each type, for "
-                "launch.faultbench remediate"}  # fmt: skip
-    raise ValueError(f"no built-in campaign {name!r}; built-ins: {', '.join(BUILTINS)}")
-
-
-def _heldout_spec() -> dict[str, Any]:
-    """`heldout`: what `standard` never used, to check that thresholds and the learned
-    diagnoser were not tuned to it: seeds from 5000, onsets 60, 130 and 210, and each type's
-    default variant at the two magnitudes between its presets (geometric means: between
-    subtle and moderate, and between moderate and severe). Two faulted runs a clean twin, all
-    in the eval split; the tool types on the tool task."""
-    runs, seeds, onsets = [], itertools.count(5000), itertools.cycle([60, 130, 210])
-    for type_id, spec_ in SPECS.items():
-        lo, mid, hi = spec_.presets[0]
-        seed = next(seeds)  # the type's two runs share a clean twin
-        for magnitude in (math.sqrt(lo * mid), math.sqrt(mid * hi)):
-            run = {"seed": seed, "type": type_id, "magnitude": round(magnitude, 6),
-                   "onset": next(onsets)}  # fmt: skip
-            if type_id in TOOL_TYPES:
-                run["overrides"] = _tool_task()
-            runs.append(run)
-    return {
-        "name": "heldout",
-        "description": "every injectable type at two magnitudes between its presets, onsets "
-        "and seeds that standard never used; 300 steps, settings as standard's",
-        "base": dict(_STANDARD_BASE),
-        "splits": {"eval": sorted({r["seed"] for r in runs})},
-        "runs": runs,
-    }
-
-
-# Settings of every run of `standard` and `heldout`: 300 RL steps from one shared warm-up.
-_STANDARD_BASE = {
-    "steps": 300,
-    "checkpoint_every": 75,
-    "eval_every": 100,
-    "log_every": 100,
-    "init_seed": 0,
-}
+    """The built-in spec `name` (one of `BUILTINS`)."""
+    if name not in BUILTINS:
+        raise ValueError(f"no built-in campaign {name!r}; built-ins: {', '.join(BUILTINS)}")
+    with open(os.path.join(SPEC_DIR, f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _tool_task() -> dict[str, Any]:
