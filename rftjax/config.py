@@ -16,6 +16,23 @@ import os
 from typing import Any
 
 import faults
+from rftjax.settings import (  # noqa: F401 - re-exported: the settings' vocabulary
+    ALGO,
+    FAULTS,
+    FM,
+    FORK_FREE,
+    HOW,
+    IDENTITY,
+    MESH,
+    MODEL,
+    ROLES,
+    RUN,
+    RUNNER,
+    SPEC,
+    names,
+    setting,
+    settings,
+)
 
 ALGOS = ("grpo", "ppo")
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -23,86 +40,13 @@ KL_KINDS = ("k1", "k2", "k3")
 FM_MODES = ("off", "detect", "full")
 FM_POLICIES = ("fm", "random", "rollback_skip", "rollback_lr")  # = fm.remediate.PLANNERS
 FM_DIAGNOSERS = ("learned", "rules")
-# Groups of `launch.train --help`.
-RUN, MODEL, ALGO, FAULTS, FM, MESH = (
-    "run",
-    "model & task",
-    "algorithm",
-    "faults",
-    "fm (failure management)",
-    "mesh",
-)
 DEFAULT_WARMUP_STEPS = 300  # supervised warm-up of a preset (random) model; none for checkpoints
-
-# Roles of a setting in a run's identity:
-IDENTITY = "identity"  # recorded in checkpoints: a resume or a fork must match it
-FORK_FREE = "fork_free"  # recorded, a resume must match it; a fork of a clean twin may differ
-HOW = "how"  # how, not what: not recorded, may change on resume (workdir, mesh, ...)
-ROLES = (IDENTITY, FORK_FREE, HOW)
-# Who may set a setting in a FaultBench campaign (beside the fault): its spec or its runners.
-SPEC, RUNNER = "spec", "runner"
-
-
-def setting(
-    default: Any = dataclasses.MISSING,
-    help: str = "",  # noqa: A002 - the flag's help text
-    *,
-    group: str | None = None,
-    role: str = IDENTITY,
-    flag: bool | str = True,
-    flag_default: Any = dataclasses.MISSING,
-    choices: tuple | None = None,
-    campaign: str | None = None,
-    fingerprint: str | None = None,
-    task_option: bool = False,
-    default_factory: Any = dataclasses.MISSING,
-) -> Any:
-    """A config field with its declaration.
-
-    Args:
-      default / default_factory: the dataclass default.
-      help: the flag's help text. group: its `--help` group (None: not in --help).
-      role: IDENTITY, FORK_FREE or HOW (see above).
-      flag: True: a flag of every entry point (`launch.common.define_run_flags`); "entry": each
-        entry point defines its own (workdir, steps, resume); False: no flag.
-      flag_default: the flag's default where it differs from the field's (a sentinel that the
-        entry point resolves, e.g. -1: "a third of --steps").
-      choices: the accepted values (an enum flag; checked by the config).
-      campaign: SPEC or RUNNER: who may set it in a FaultBench campaign (None: nobody).
-      fingerprint: its name in the warm-up cache's fingerprint (None: not part of it).
-      task_option: a keyword of `rftjax.tasks.make_task` (configures the task beside its name).
-    """
-    if role not in ROLES:
-        raise ValueError(f"role={role!r}; accepted: {', '.join(ROLES)}")
-    meta = {
-        "help": help,
-        "group": group,
-        "role": role,
-        "flag": flag,
-        "flag_default": default if flag_default is dataclasses.MISSING else flag_default,
-        "choices": choices,
-        "campaign": campaign,
-        "fingerprint": fingerprint,
-        "task_option": task_option,
-    }
-    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 def task_options(values: Any) -> dict[str, Any]:
     """The settings declared `task_option` (`rftjax.tasks.make_task` keywords beside the task's
     name) of anything that holds them as attributes: a config, parsed flags."""
     return {name: getattr(values, name) for name in names(TrainConfig, task_option=True)}
-
-
-def settings(cls) -> tuple[dataclasses.Field, ...]:
-    """The declared fields of a config class, in declaration order."""
-    return tuple(f for f in dataclasses.fields(cls) if "role" in f.metadata)
-
-
-def names(cls, **where: Any) -> tuple[str, ...]:
-    """Names of the settings of `cls` whose declaration has every `key=value` of `where`,
-    e.g. `names(TrainConfig, role=HOW)`."""
-    return tuple(f.name for f in settings(cls) if all(f.metadata[k] == v for k, v in where.items()))
 
 
 def _check_choice(name: str, value: Any, accepted: tuple) -> None:
