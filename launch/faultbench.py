@@ -10,11 +10,13 @@
       --executor=ray: a Ray task per run, the campaign folder on storage every node sees.
 
   evaluate --data DIR --out REPORT [--detector fm,zscore,...] [--window 50] [--split eval]
-           [--harm_tolerance 0.05]
+           [--harm_tolerance 0.05] [--view full,trl,verl,openrlhf]
       Scores detectors on the records of DIR (event-level, no point adjustment) and writes
       into the folder REPORT: report.json, report.md, summary.png (the report on one page)
       and plots/<type>.png (signals around onset). Faulted runs identical to their clean twin
-      (inert) are not scored; harmful and harmless faults are also scored apart.
+      (inert) are not scored; harmful and harmless faults are also scored apart. --view:
+      fm also scored on the records reduced to each trainer's log-level metrics (detection,
+      delay, diagnosis per view), into REPORT/views.{json,md}.
 
   severity --out DIR [--seeds 0,1,2] [--types RF1,PG2] [--workers 2] [--steps N]
            [any launch.train model / task / algorithm / knob flag]
@@ -76,6 +78,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("detector", "all", "evaluate: comma-separated detectors, or 'all'.")
 flags.DEFINE_integer("window", 50, "evaluate: W, steps after onset in which an alarm detects.")
 flags.DEFINE_enum("split", "eval", ("train", "eval", "all"), "evaluate: runs to score.")
+flags.DEFINE_string(
+    "view",
+    "",
+    "evaluate: also score fm on the records reduced to what each named trainer's logs carry "
+    "(comma-separated: full, trl, verl, openrlhf; fm.logs.evaluate): REPORT/views.{json,md}.",
+)
 flags.DEFINE_float(
     "harm_tolerance",
     0.05,
@@ -246,15 +254,26 @@ def power() -> None:
 
 
 def evaluate() -> None:
+    from fm.logs import evaluate as by_view
+
     if not FLAGS.data:
         raise app.UsageError("--data is required (a folder written by generate)")
     names = list(baselines.BASELINES) if FLAGS.detector == "all" else FLAGS.detector.split(",")
+    views = [v for v in FLAGS.view.split(",") if v]
     common.quiet_libraries()
     try:
         text = fb_report.write(
             FLAGS.data, FLAGS.out, names, window=FLAGS.window, split=FLAGS.split,
             harm_tolerance=FLAGS.harm_tolerance,
         )  # fmt: skip
+        if views:
+            report = by_view.evaluate(FLAGS.data, views, window=FLAGS.window, split=FLAGS.split)
+            table = by_view.markdown(report)
+            with open(os.path.join(FLAGS.out, "views.json"), "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=1)
+            with open(os.path.join(FLAGS.out, "views.md"), "w", encoding="utf-8") as f:
+                f.write(table)
+            text += "\n\nfm on each trainer's log-level view of the records:\n\n" + table
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     print(text)

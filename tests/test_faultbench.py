@@ -473,6 +473,15 @@ def test_generate_smoke_then_evaluate(tmp_path):
     assert expected <= set(result["detectors"])
     assert "| all_faulty |" in (report / "report.md").read_text()
     assert sorted(result["plots"]) == ["plots/CA1.png", "plots/PG1.png"]
+    # fm on log-level views of the same records (what TRL's logs carry, and everything).
+    views = tmp_path / "views"
+    proc = _faultbench("evaluate", f"--data={out}", f"--out={views}", "--window=5",
+                       "--detector=fm", "--view=trl,full")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_view = json.loads((views / "views.json").read_text())
+    assert list(by_view["views"]) == ["trl", "full"] and by_view["runs"] == result["data"]["runs"]
+    assert len(by_view["views"]["trl"]["signals"]) < len(by_view["views"]["full"]["signals"])
+    assert "| trl |" in proc.stdout and "| full |" in proc.stdout
 
 
 def test_generate_refuses_an_unknown_spec(tmp_path):

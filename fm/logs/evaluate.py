@@ -30,8 +30,8 @@ import numpy as np
 
 from fm import detect, taxonomy
 from fm import diagnose as dg
+from fm.faultbench import harm, scoring
 from fm.faultbench import records as rec
-from fm.faultbench import scoring
 from fm.logs import load, mappings, monitor
 
 VIEWS = ("full", "trl", "verl", "openrlhf")
@@ -107,7 +107,11 @@ def evaluate(
         view_signals(view)  # unknown names fail before any work
     present = set(rec.columns_of(os.path.join(data_dir, "steps.parquet")))
     records = rec.load(data_dir, [c for c in FULL if c in present])
-    labels = rec.labels(records.manifest, records.runs, None if split == "all" else split)
+    # Faulted runs identical to their clean twin (inert) are left out, as evaluate does.
+    harms = harm.label_runs(records.manifest, records.steps, records.runs)
+    inert = frozenset(r for r, h in harms.items() if h == harm.INERT)
+    chosen = None if split == "all" else split
+    labels = rec.labels(records.manifest, records.runs, chosen, exclude=inert)
     if not labels:
         raise ValueError(f"{data_dir}: no runs in split {split!r}")
     return {
