@@ -1,6 +1,8 @@
 """Micro-batches (gradient accumulation) and per-layer remat: the plain step's loss, gradients,
 metrics and updated parameters, one compilation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,9 @@ from rftjax.train.setup import to_prompt_batch
 from rftjax.train.step import init_state, make_learner, make_optimizer
 
 MODEL = models.ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2
 )
+DEEPER = dataclasses.replace(MODEL, num_layers=3)  # traced only, not compiled
 GROUPS, G, P, N = 4, 2, 3, 4  # prompts, group size, prompt slots, response slots
 # Loss-mask lengths per row: uneven across micro-batches, and rows that count nothing, so a
 # wrong micro-batch weighting changes the result in every aggregation mode.
@@ -25,14 +28,14 @@ LENGTHS = np.array([4, 1, 0, 2, 3, 3, 4, 0])
 KNOBS = dict(kl_coef=0.3, ent_coef=0.05, vf_coef=0.5, temperature=0.9)
 
 
-def _spec(**rl) -> st.StepSpec:
+def _spec(model=MODEL, **rl) -> st.StepSpec:
     cfg = RLConfig(prompts_per_step=GROUPS, group_size=G, max_new_tokens=N, **rl)
-    graphdef, _ = models.create(MODEL, 0)
+    graphdef, _ = models.create(model, 0)
     return st.StepSpec(graphdef, cfg, make_optimizer(cfg), eos_id=2, pad_id=0, hooks=NO_HOOKS)
 
 
-def _params(algo: str):
-    _, policy = models.create(MODEL, 0)
+def _params(algo: str, model=MODEL):
+    _, policy = models.create(model, 0)
     params = init_state(policy, RLConfig(algo=algo, group_size=G), 0).params
     if algo == "ppo":  # a value head that reads the hidden states (zeros would not)
         key = jax.random.PRNGKey(5)
@@ -40,15 +43,16 @@ def _params(algo: str):
     return params
 
 
-def _minibatch(seed: int = 0) -> dict:
-    """One minibatch as `learn` builds it: B = GROUPS × G rows, a group's prompt shared."""
+def _minibatch(seed: int = 0, targets: bool = False) -> dict:
+    """One minibatch as `learn` builds it: B = GROUPS × G rows, a group's prompt shared; with
+    `targets`, as several updates a step see it (behaviour log-probs and advantages given)."""
     rng = np.random.default_rng(seed)
     b = GROUPS * G
     prompts = np.repeat(rng.integers(3, 64, (GROUPS, P)), G, axis=0)
     prompt_valid = np.repeat(np.arange(P)[None] >= rng.integers(0, 2, (GROUPS, 1)), G, axis=0)
     response_mask = np.arange(N)[None] < np.maximum(LENGTHS, 1)[:, None]  # one token at least
     loss_mask = np.arange(N)[None] < LENGTHS[:, None]
-    return {
+    mb = {
         "tokens": jnp.asarray(np.concatenate([prompts, rng.integers(3, 64, (b, N))], 1), jnp.int32),
         "valid": jnp.asarray(np.concatenate([prompt_valid, response_mask], 1)),
         "mask": jnp.asarray(response_mask, jnp.float32),
@@ -57,6 +61,11 @@ def _minibatch(seed: int = 0) -> dict:
         "ref_logp": jnp.asarray(-rng.uniform(0.5, 5.0, (b, N)), jnp.float32),
         "scores": jnp.asarray(rng.integers(0, 2, b), jnp.float32),
     }
+    if targets:
+        mb["old_logp"] = mb["sampler_logp"] + jnp.asarray(rng.normal(0, 0.1, (b, N)), jnp.float32)
+        mb["adv"] = jnp.asarray(rng.normal(0, 1, (b, N)), jnp.float32) * mb["loss_mask"]
+        mb["old_values"] = mb["returns"] = jnp.zeros((b, N))
+    return mb
 
 
 def _gradients(spec, params, mb):
@@ -89,17 +98,19 @@ def test_micro_weights_by_hand():
 
 
 @pytest.mark.parametrize(
-    "algo, loss_agg, k, remat",
+    "loss_agg, k, remat, epochs",
     [
-        ("grpo", "token_mean", 4, "none"),
-        ("grpo", "seq_mean_token_mean", 2, "layer"),
-        ("ppo", "seq_mean_token_sum_norm", 2, "none"),  # GAE values, whitening, value loss
+        ("token_mean", 4, "none", 1),
+        ("seq_mean_token_mean", 2, "layer", 2),  # several updates: targets come with the data
     ],
 )
-def test_micro_batches_and_remat_give_the_minibatch_gradient_and_metrics(algo, loss_agg, k, remat):
-    params, mb = _params(algo), _minibatch()
-    plain = _gradients(_spec(algo=algo, loss_agg=loss_agg), params, mb)
-    spec = _spec(algo=algo, loss_agg=loss_agg, num_microbatches=k, remat=remat)
+def test_micro_batches_and_remat_give_the_minibatch_gradient_and_metrics(
+    loss_agg, k, remat, epochs
+):
+    algo, rl = "grpo", dict(loss_agg=loss_agg, num_epochs=epochs)
+    params, mb = _params(algo), _minibatch(targets=epochs > 1)
+    plain = _gradients(_spec(algo=algo, **rl), params, mb)
+    spec = _spec(algo=algo, num_microbatches=k, remat=remat, **rl)
     (grads, probed), metrics = _gradients(spec, params, mb)
     _assert_trees_close(grads, plain[0][0])
     # the coefficient probe measures the coefficients applied (fm's regularizer audit)
@@ -111,32 +122,33 @@ def test_micro_batches_and_remat_give_the_minibatch_gradient_and_metrics(algo, l
 
 
 def test_remat_checkpoints_each_layer_of_the_learner_only():
-    params, mb = _params("grpo"), _minibatch()
+    params, mb = _params("grpo", DEEPER), _minibatch()
     knobs = make_knobs(**KNOBS)
 
     def checkpoints(spec):
         jaxpr = jax.make_jaxpr(lambda p: st.gradients(spec, p, mb, knobs, None))(params)
         return str(jaxpr).count("remat")  # jax.checkpoint's primitive
 
-    assert checkpoints(_spec()) == 0
-    assert checkpoints(_spec(remat="layer")) == MODEL.num_layers * 2  # prompt pass, response pass
-    spec = _spec(remat="layer")  # the sampler decodes with the graph it was given
-    assert spec.graphdef == models.create(MODEL, 0)[0]
+    assert checkpoints(_spec(DEEPER)) == 0
+    assert checkpoints(_spec(DEEPER, remat="layer")) == DEEPER.num_layers * 2  # prompt, response
+    spec = _spec(DEEPER, remat="layer")  # the sampler decodes with the graph it was given
+    assert spec.graphdef == models.create(DEEPER, 0)[0]
 
 
 def test_ppo_learner_with_micro_batches_and_remat_matches_the_plain_step():
     task = make_task("arith", seed=0, eval_size=16)
-    # two minibatches of two micro-batches each: targets from the behaviour forward
-    rl = dict(prompts_per_step=GROUPS, group_size=G, max_new_tokens=N, num_minibatches=2)
+    # one update: GAE from the current values, whitened over the minibatch, the value loss
+    rl = dict(prompts_per_step=GROUPS, group_size=G, max_new_tokens=N)
+    rl.update(loss_agg="seq_mean_token_sum_norm", num_microbatches=1)
     plain, micro = (
         make_learner(
             models.create(MODEL, 0)[0],
-            RLConfig(algo="ppo", **rl, **extra),
+            RLConfig(algo="ppo", **{**rl, **extra}),
             eos_id=2,
             pad_id=0,
             reward_fn=task.jnp_reward,
         )
-        for extra in ({}, {"num_microbatches": 2, "remat": "layer"})
+        for extra in ({}, {"num_microbatches": 4, "remat": "layer"})
     )
     _, policy = models.create(MODEL, 0)
     cfg = RLConfig(algo="ppo", group_size=G)
