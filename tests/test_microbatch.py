@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from faults import NO_HOOKS
-from rftjax import models
+from rftjax import config, models
 from rftjax.config import RLConfig
 from rftjax.knobs import make_knobs
+from rftjax.models import transformer
 from rftjax.tasks import make_task
 from rftjax.train import stages as st
 from rftjax.train.setup import to_prompt_batch
@@ -22,9 +23,9 @@ MODEL = models.ModelConfig(
 )
 DEEPER = dataclasses.replace(MODEL, num_layers=3)  # traced only, not compiled
 GROUPS, G, P, N = 4, 2, 3, 4  # prompts, group size, prompt slots, response slots
-# Loss-mask lengths per row: uneven across micro-batches, and rows that count nothing, so a
-# wrong micro-batch weighting changes the result in every aggregation mode.
-LENGTHS = np.array([4, 1, 0, 2, 3, 3, 4, 0])
+# Loss-mask lengths per row: uneven across micro-batches (tokens and rows with a valid token),
+# and a row that counts nothing, so a wrong micro-batch weighting changes the result.
+LENGTHS = np.array([4, 1, 0, 2, 3, 3, 4, 4])
 KNOBS = dict(kl_coef=0.3, ent_coef=0.05, vf_coef=0.5, temperature=0.9)
 
 
@@ -173,3 +174,4 @@ def test_micro_batches_must_hold_whole_groups():
         RLConfig(prompts_per_step=8, group_size=2, num_minibatches=2, num_microbatches=3)
     with pytest.raises(ValueError, match="remat='full'.*accepted: none, layer"):
         RLConfig(remat="full")
+    assert config.REMAT_MODES == transformer.REMAT_MODES  # the config's copy of the model's

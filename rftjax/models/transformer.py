@@ -269,6 +269,8 @@ def with_remat(graphdef: nnx.GraphDef, params: nnx.State, mode: str) -> nnx.Grap
     differentiated). The parameters are unchanged; only the static graph differs."""
     if mode not in REMAT_MODES:
         raise ValueError(f"remat={mode!r} is not supported; accepted: {', '.join(REMAT_MODES)}")
+    if mode == "none":  # every graph is built without remat
+        return graphdef
     # merged with abstract leaves: no traced value is touched (this may run inside a trace)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     model = nnx.merge(graphdef, abstract)
