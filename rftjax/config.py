@@ -40,6 +40,7 @@ KL_KINDS = ("k1", "k2", "k3")
 FM_MODES = ("off", "detect", "full")
 FM_POLICIES = ("fm", "random", "rollback_skip", "rollback_lr")  # = fm.remediate.PLANNERS
 FM_DIAGNOSERS = ("learned", "rules")
+REMAT_MODES = ("none", "layer")  # = rftjax.models.transformer.REMAT_MODES
 DEFAULT_WARMUP_STEPS = 300  # supervised warm-up of a preset (random) model; none for checkpoints
 
 
@@ -82,6 +83,10 @@ class RLConfig:
       kl_in_reward: PPO puts -β·k1 into per-token rewards instead of the loss.
       gamma, lam: GAE γ and λ (PPO). vf_clip: value clip range (PPO).
       whiten_adv: PPO whitens token advantages over the batch.
+      num_microbatches: gradient accumulation: each optimizer update's minibatch runs as this
+        many micro-batches of whole groups, one at a time (less memory, the same update).
+      remat: "layer" recomputes each decoder layer's activations in the learner's backward pass
+        instead of keeping them (less memory, about one more forward); "none" keeps them.
     """
 
     algo: str = setting("grpo", "RL algorithm.", group=ALGO, choices=ALGOS, campaign=SPEC)
@@ -115,6 +120,21 @@ class RLConfig:
     lr_warmup_steps: int = setting(0, "Linear lr warm-up steps.", flag=False, campaign=SPEC)
     adam_b1: float = setting(0.9, "Adam β1.", flag=False, campaign=SPEC)
     adam_b2: float = setting(0.999, "Adam β2.", flag=False, campaign=SPEC)
+    num_microbatches: int = setting(
+        1,
+        "Micro-batches (of whole groups) per optimizer update: gradient accumulation.",
+        group=ALGO,
+        role=HOW,
+        campaign=SPEC,
+    )
+    remat: str = setting(
+        "none",
+        "Learner: recompute each decoder layer in the backward pass (layer) or not (none).",
+        group=MODEL,
+        role=HOW,
+        choices=REMAT_MODES,
+        campaign=SPEC,
+    )
 
     def __post_init__(self):
         _check_choices(self)
@@ -125,6 +145,7 @@ class RLConfig:
             "max_new_tokens",
             "num_epochs",
             "num_minibatches",
+            "num_microbatches",
         )
         if self.algo == "grpo" and self.group_size < 2:
             raise ValueError(
@@ -134,6 +155,14 @@ class RLConfig:
             raise ValueError(
                 f"prompts_per_step={self.prompts_per_step} is not divisible by "
                 f"num_minibatches={self.num_minibatches} (a minibatch holds whole groups)"
+            )
+        groups_per_minibatch = self.prompts_per_step // self.num_minibatches
+        if groups_per_minibatch % self.num_microbatches:
+            raise ValueError(
+                f"a minibatch holds prompts_per_step / num_minibatches = {groups_per_minibatch} "
+                f"groups, not divisible by num_microbatches={self.num_microbatches} (a "
+                "micro-batch holds whole groups); accepted: a divisor of "
+                f"{groups_per_minibatch}"
             )
         if self.kl_in_reward and self.algo != "ppo":
             raise ValueError(

@@ -19,6 +19,11 @@ from flax import nnx
 from rftjax.models.config import ModelConfig
 
 _NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead of NaN
+# Rematerialization of the trunk: "none" keeps every activation for the backward pass;
+# "layer" keeps only each decoder layer's input and recomputes the layer in the backward pass
+# (jax.checkpoint with `nothing_saveable`: saving the matmul outputs instead would keep the
+# attention scores [B, H, S, L], the largest activations of long sequences).
+REMAT_MODES = ("none", "layer")
 
 
 class KVCache(NamedTuple):
@@ -197,6 +202,7 @@ class Transformer(nnx.Module):
             self.lm_head = Linear(
                 config.hidden_size, config.vocab_size, bias=False, config=config, rngs=rngs
             )
+        self.remat = "none"  # one of REMAT_MODES; a learner's graph sets it (`with_remat`)
 
     def trunk(
         self,
@@ -218,7 +224,8 @@ class Transformer(nnx.Module):
         index = None if cache is None else cache.index
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(x, positions, inv_freq, mask, kv, index)
+            call = _remat_layer if self.remat == "layer" else _call_layer
+            x, (k, v) = call(layer, x, positions, inv_freq, mask, kv, index)
             new_keys.append(k)
             new_values.append(v)
         hidden = self.model.norm(x)
@@ -241,6 +248,36 @@ class Transformer(nnx.Module):
         """(logits fp32 [B,S,V], hidden [B,S,hidden], new cache or None); see `trunk`."""
         hidden, cache = self.trunk(tokens, positions, mask, cache)
         return self.head(hidden), hidden, cache
+
+
+def _call_layer(layer, *args):
+    return layer(*args)
+
+
+def _remat_layer(layer, *args):
+    """`layer(*args)` under `jax.checkpoint` (policy `nothing_saveable`): the backward pass keeps
+    the layer's inputs only and recomputes the rest. A layer call mutates nothing, so its state
+    goes in as a plain argument (no graph updates to propagate out of the checkpoint)."""
+    graphdef, state = nnx.split(layer)
+    run = lambda st, *a: nnx.merge(graphdef, st)(*a)  # noqa: E731
+    return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(state, *args)
+
+
+def with_remat(graphdef: nnx.GraphDef, params: nnx.State, mode: str) -> nnx.GraphDef:
+    """The graph of the same model with `mode` (one of REMAT_MODES) rematerialization: what a
+    learner differentiates through. The sampler keeps its own graph (decoding is not
+    differentiated). The parameters are unchanged; only the static graph differs."""
+    if mode not in REMAT_MODES:
+        raise ValueError(f"remat={mode!r} is not supported; accepted: {', '.join(REMAT_MODES)}")
+    if mode == "none":  # every graph is built without remat
+        return graphdef
+    # merged with abstract leaves: no traced value is touched (this may run inside a trace)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    model = nnx.merge(graphdef, abstract)
+    if mode == model.remat:
+        return graphdef
+    model.remat = mode
+    return nnx.split(model)[0]
 
 
 def causal_mask(valid: jax.Array) -> jax.Array:

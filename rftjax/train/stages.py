@@ -23,6 +23,7 @@ from rftjax import algorithms as alg
 from rftjax import parallel
 from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
+from rftjax.models.transformer import with_remat
 from rftjax.sampling import Rollout, SamplingParams, generate, response_logprobs
 from rftjax.train.state import PromptBatch, TrainState, apply_update, remedied
 from rftjax.train.trajectories import row_stats
@@ -224,11 +225,12 @@ def targets(s: StepSpec, old_logp, old_values, data, knobs: Knobs, ctx) -> dict:
 
 
 def policy_forward(s: StepSpec, policy, data, knobs: Knobs):
-    """Log-probs, entropies, hidden states [B, T] of rows whose groups are contiguous."""
+    """Log-probs, entropies, hidden states [B, T] of rows whose groups are contiguous (through
+    the learner's graph: with `cfg.remat`, each decoder layer is recomputed in the backward)."""
     n, g = s.cfg.max_new_tokens, s.cfg.group_size
     prompt_len = data["tokens"].shape[1] - n
     return response_logprobs(
-        s.graphdef,
+        with_remat(s.graphdef, policy, s.cfg.remat),
         policy,
         data["tokens"][::g, :prompt_len],
         data["valid"][::g, :prompt_len],
@@ -254,12 +256,18 @@ def loss_fn(s: StepSpec, params, probe, data, knobs: Knobs, ctx):
     respect to them is the coefficient it applies to each (fm's regularizer audit). Attention
     sees every real token (data["mask"]); the loss, KL, entropy and advantages count the loss
     mask (the policy's actions)."""
-    cfg, mask = s.cfg, data["loss_mask"]
-    agg = dict(agg_mode=cfg.loss_agg, max_len=cfg.max_new_tokens)
     logp, entropy, values = forward(s, params, data, knobs)
-    if cfg.updates_per_step == 1:  # one update: the behaviour policy is the current one
+    if s.cfg.updates_per_step == 1:  # one update: the behaviour policy is the current one
         sg = jax.lax.stop_gradient
         data = {**data, **targets(s, sg(logp), sg(values), data, knobs, ctx)}
+    return loss_terms(s, logp, entropy, values, probe, data, knobs)
+
+
+def loss_terms(s: StepSpec, logp, entropy, values, probe, data, knobs: Knobs):
+    """`loss_fn` from the forward's outputs (logp, entropy, values [B, T]) and `data` with its
+    targets (old_logp, old_values, adv, returns): (loss, metrics)."""
+    cfg, mask = s.cfg, data["loss_mask"]
+    agg = dict(agg_mode=cfg.loss_agg, max_len=cfg.max_new_tokens)
     is_ratio = jnp.exp(jnp.clip(data["old_logp"] - data["sampler_logp"], -20.0, 20.0))
     is_w = jnp.where(knobs.is_cap > 0, jnp.minimum(is_ratio, knobs.is_cap), 1.0)
     pg_loss, pg_m = alg.policy_loss(
@@ -294,6 +302,106 @@ def loss_fn(s: StepSpec, params, probe, data, knobs: Knobs, ctx):
     return loss, metrics
 
 
+# -- 4b. micro-batches (gradient accumulation) ------------------------------------------------
+
+
+def split_micro(tree, k: int):
+    """Every array [B, ...] -> [k, B / k, ...]: k micro-batches of contiguous rows (whole groups
+    when B / k is a multiple of the group size)."""
+    return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
+
+
+def join_micro(tree):
+    """The inverse of `split_micro`: [k, b, ...] -> [k·b, ...]."""
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+
+def micro_map(s: StepSpec, fn, data):
+    """fn(data) computed over `cfg.num_microbatches` micro-batches of `data`'s rows, one after
+    the other (`jax.lax.map`), the outputs joined along the rows: the same values with one
+    micro-batch's activations alive at a time. `fn` must be row-wise over whole groups."""
+    k = s.cfg.num_microbatches
+    if k == 1:
+        return fn(data)
+    return join_micro(jax.lax.map(fn, split_micro(data, k)))
+
+
+def micro_weights(loss_mask, k: int, agg_mode: str) -> jax.Array:
+    """f32[k]: each micro-batch's share of the minibatch's aggregate, so that Σ_i w_i·agg_i over
+    the micro-batches' own aggregates equals the aggregate of the whole minibatch: token_mean by
+    loss-mask weight (valid tokens), seq_mean_token_mean by rows with a valid token,
+    seq_mean_token_sum_norm by rows (all micro-batches alike). loss_mask f32[B, T]. Where the
+    whole minibatch counts nothing (every aggregate 0), 1/k each: the weights always sum to 1,
+    so the coefficient probe still reads the applied coefficients."""
+    m = loss_mask.astype(jnp.float32).reshape(k, -1, loss_mask.shape[-1])
+    if agg_mode == "token_mean":
+        counts = m.sum(axis=(1, 2))
+    elif agg_mode == "seq_mean_token_mean":
+        counts = (m.sum(axis=2) > 0).astype(jnp.float32).sum(axis=1)
+    elif agg_mode == "seq_mean_token_sum_norm":
+        counts = jnp.ones((k,), jnp.float32)
+    else:
+        raise ValueError(f"loss_agg={agg_mode!r} is not supported; accepted: {alg.AGG_MODES}")
+    total = counts.sum()
+    return jnp.where(total > 0, counts / jnp.where(total > 0, total, 1.0), 1.0 / k)
+
+
+def _behaviour(s: StepSpec, data, logp, values):
+    """With one update a step the behaviour policy is the current one (as in `loss_fn`)."""
+    if s.cfg.updates_per_step > 1:
+        return data
+    sg = jax.lax.stop_gradient
+    return {**data, "old_logp": sg(logp), "old_values": sg(values)}
+
+
+def minibatch_targets(s: StepSpec, params, mb, knobs: Knobs, ctx) -> dict:
+    """The targets of a whole minibatch before its micro-batches (one update a step): group
+    statistics, PPO's batch whitening and the advantage hook see the minibatch, as in the plain
+    step. PPO's estimator reads the current values (and log-probs): one more forward, without
+    gradient, in micro-batches; GRPO's reads neither."""
+    if s.cfg.algo == "ppo":
+        old_logp, _, old_values = micro_map(s, lambda d: forward(s, params, d, knobs), mb)
+        old_logp, old_values = jax.lax.stop_gradient((old_logp, old_values))
+    else:
+        old_logp = old_values = jnp.zeros_like(mb["loss_mask"])
+    return targets(s, old_logp, old_values, mb, knobs, ctx)
+
+
+def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
+    """((∂loss/∂params, ∂loss/∂probe), metrics) of one minibatch.
+
+    With `cfg.num_microbatches` = k > 1: the minibatch runs as k micro-batches of whole groups
+    in a `jax.lax.scan`, each one's gradient weighted by `micro_weights` and summed in f32 (the
+    whole minibatch's gradient: every loss term, KL, entropy and value loss, aggregates with the
+    same mask and mode); the metrics are `loss_terms` of the whole minibatch from the
+    micro-batches' joined log-probs, entropies and values (the plain step's values)."""
+    probe = fmm.coefficient_probe()
+    k = s.cfg.num_microbatches
+    if k == 1:
+        grad_fn = jax.grad(lambda p, q: loss_fn(s, p, q, mb, knobs, ctx), (0, 1), has_aux=True)
+        return grad_fn(params, probe)
+    if s.cfg.updates_per_step == 1:
+        mb = {**mb, **minibatch_targets(s, params, mb, knobs, ctx)}
+    weights = micro_weights(mb["loss_mask"], k, s.cfg.loss_agg)
+
+    def weighted_loss(p, q, part, w):
+        logp, entropy, values = forward(s, p, part, knobs)
+        loss, _ = loss_terms(s, logp, entropy, values, q, _behaviour(s, part, logp, values), knobs)
+        return w * loss, (logp, entropy, values)
+
+    def micro(acc, xs):
+        grads, outs = jax.grad(weighted_loss, (0, 1), has_aux=True)(params, probe, *xs)
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        return acc, jax.lax.stop_gradient(outs)
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, probe))
+    summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb, k), weights))
+    grads = jax.tree.map(lambda g, x: g.astype(x.dtype), summed, (params, probe))
+    logp, entropy, values = join_micro(outs)
+    _, metrics = loss_terms(s, logp, entropy, values, probe, _behaviour(s, mb, logp, values), knobs)
+    return grads, metrics
+
+
 def _token_stats(s: StepSpec, logp, entropy, data) -> dict[str, jax.Array]:
     inputs = fmm.StepInputs(
         rewards=data["scores"],
@@ -313,11 +421,11 @@ def _token_stats(s: StepSpec, logp, entropy, data) -> dict[str, jax.Array]:
 
 
 def update(s: StepSpec, carry, mb, knobs: Knobs, lr, ctx):
-    """One optimizer update on a minibatch: gradients (through the gradient hook), clip, Adam,
-    and the optimization statistics. carry = (params, opt_state)."""
+    """One optimizer update on a minibatch: gradients (accumulated over micro-batches with
+    `cfg.num_microbatches` > 1; through the gradient hook), clip, Adam, and the optimization
+    statistics. carry = (params, opt_state)."""
     params, opt_state = carry
-    grad_fn = jax.grad(lambda p, q: loss_fn(s, p, q, mb, knobs, ctx), (0, 1), has_aux=True)
-    (grads, probed), metrics = grad_fn(params, fmm.coefficient_probe())
+    (grads, probed), metrics = gradients(s, params, mb, knobs, ctx)
     if s.monitor is not None:  # the coefficients the loss applied, as measured
         metrics.update(loss_kl_coef=probed["kl_coef"], loss_ent_coef=-probed["ent_coef"])
     grads = s.hooks.gradients(grads, ctx)

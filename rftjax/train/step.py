@@ -169,12 +169,17 @@ def learn(s: StepSpec, state: TrainState, ro: Rollout, rewards: dict, knobs: Kno
         "scores": scored.train_scores,
     }
     ref_params = s.hooks.ref_params(state.ref_params, ctx)
-    data["ref_logp"] = st.policy_forward(s, ref_params, data, knobs)[0]
+    # Forwards without gradient run in micro-batches too (cfg.num_microbatches; row-wise).
+    data["ref_logp"] = st.micro_map(
+        s, lambda d: st.policy_forward(s, ref_params, d, knobs)[0], data
+    )
     read = None
     if s.monitor is not None and s.monitor.audits:  # the weights as this step reads them
         read = s.monitor.read(state.params, state.opt_state, ref_params)
     if s.cfg.updates_per_step > 1:  # advantages from the behaviour policy, before any update
-        old_logp, _, old_values = st.forward(s, state.params, data, knobs)
+        old_logp, _, old_values = st.micro_map(
+            s, lambda d: st.forward(s, state.params, d, knobs), data
+        )
         data.update(st.targets(s, old_logp, old_values, data, knobs, ctx))
     lr_hook = lambda x: s.hooks.learning_rate(x, ctx)  # noqa: E731
     lr = learning_rate(knobs, state.step, s.cfg.lr_warmup_steps, lr_hook)

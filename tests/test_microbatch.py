@@ -1,0 +1,177 @@
+"""Micro-batches (gradient accumulation) and per-layer remat: the plain step's loss, gradients,
+metrics and updated parameters, one compilation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from faults import NO_HOOKS
+from rftjax import config, models
+from rftjax.config import RLConfig
+from rftjax.knobs import make_knobs
+from rftjax.models import transformer
+from rftjax.tasks import make_task
+from rftjax.train import stages as st
+from rftjax.train.setup import to_prompt_batch
+from rftjax.train.step import init_state, make_learner, make_optimizer
+
+MODEL = models.ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2
+)
+DEEPER = dataclasses.replace(MODEL, num_layers=3)  # traced only, not compiled
+GROUPS, G, P, N = 4, 2, 3, 4  # prompts, group size, prompt slots, response slots
+# Loss-mask lengths per row: uneven across micro-batches (tokens and rows with a valid token),
+# and a row that counts nothing, so a wrong micro-batch weighting changes the result.
+LENGTHS = np.array([4, 1, 0, 2, 3, 3, 4, 4])
+KNOBS = dict(kl_coef=0.3, ent_coef=0.05, vf_coef=0.5, temperature=0.9)
+
+
+def _spec(model=MODEL, **rl) -> st.StepSpec:
+    cfg = RLConfig(prompts_per_step=GROUPS, group_size=G, max_new_tokens=N, **rl)
+    graphdef, _ = models.create(model, 0)
+    return st.StepSpec(graphdef, cfg, make_optimizer(cfg), eos_id=2, pad_id=0, hooks=NO_HOOKS)
+
+
+def _params(algo: str, model=MODEL):
+    _, policy = models.create(model, 0)
+    params = init_state(policy, RLConfig(algo=algo, group_size=G), 0).params
+    if algo == "ppo":  # a value head that reads the hidden states (zeros would not)
+        key = jax.random.PRNGKey(5)
+        params["value_head"]["weight"] = 0.3 * jax.random.normal(key, (MODEL.hidden_size,))
+    return params
+
+
+def _minibatch(seed: int = 0, targets: bool = False) -> dict:
+    """One minibatch as `learn` builds it: B = GROUPS × G rows, a group's prompt shared; with
+    `targets`, as several updates a step see it (behaviour log-probs and advantages given)."""
+    rng = np.random.default_rng(seed)
+    b = GROUPS * G
+    prompts = np.repeat(rng.integers(3, 64, (GROUPS, P)), G, axis=0)
+    prompt_valid = np.repeat(np.arange(P)[None] >= rng.integers(0, 2, (GROUPS, 1)), G, axis=0)
+    response_mask = np.arange(N)[None] < np.maximum(LENGTHS, 1)[:, None]  # one token at least
+    loss_mask = np.arange(N)[None] < LENGTHS[:, None]
+    mb = {
+        "tokens": jnp.asarray(np.concatenate([prompts, rng.integers(3, 64, (b, N))], 1), jnp.int32),
+        "valid": jnp.asarray(np.concatenate([prompt_valid, response_mask], 1)),
+        "mask": jnp.asarray(response_mask, jnp.float32),
+        "loss_mask": jnp.asarray(loss_mask, jnp.float32),
+        "sampler_logp": jnp.asarray(-rng.uniform(0.5, 5.0, (b, N)), jnp.float32),
+        "ref_logp": jnp.asarray(-rng.uniform(0.5, 5.0, (b, N)), jnp.float32),
+        "scores": jnp.asarray(rng.integers(0, 2, b), jnp.float32),
+    }
+    if targets:
+        mb["old_logp"] = mb["sampler_logp"] + jnp.asarray(rng.normal(0, 0.1, (b, N)), jnp.float32)
+        mb["adv"] = jnp.asarray(rng.normal(0, 1, (b, N)), jnp.float32) * mb["loss_mask"]
+        mb["old_values"] = mb["returns"] = jnp.zeros((b, N))
+    return mb
+
+
+def _gradients(spec, params, mb):
+    knobs = make_knobs(**KNOBS)
+    return jax.jit(lambda p, d: st.gradients(spec, p, d, knobs, None))(params, mb)
+
+
+def _assert_trees_close(a, b, rtol=2e-4, atol=1e-6):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_metrics_close(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=k)
+
+
+def test_micro_weights_by_hand():
+    # rows of 2 micro-batches: (4, 1 valid tokens | 0, 2) -> tokens 5 | 2, valid rows 2 | 1
+    mask = (np.arange(4)[None] < np.array([4, 1, 0, 2])[:, None]).astype(np.float32)
+    w = lambda mode: np.asarray(st.micro_weights(jnp.asarray(mask), 2, mode))  # noqa: E731
+    np.testing.assert_allclose(w("token_mean"), [5 / 7, 2 / 7], rtol=1e-6)
+    np.testing.assert_allclose(w("seq_mean_token_mean"), [2 / 3, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(w("seq_mean_token_sum_norm"), [0.5, 0.5], rtol=1e-6)
+    empty = np.asarray(st.micro_weights(jnp.zeros((4, 4)), 2, "token_mean"))
+    np.testing.assert_allclose(empty, [0.5, 0.5])  # sums to 1: the probe reads the coefficients
+
+
+@pytest.mark.parametrize(
+    "loss_agg, k, remat, epochs",
+    [
+        ("token_mean", 4, "none", 1),
+        ("seq_mean_token_mean", 2, "layer", 2),  # several updates: targets come with the data
+    ],
+)
+def test_micro_batches_and_remat_give_the_minibatch_gradient_and_metrics(
+    loss_agg, k, remat, epochs
+):
+    algo, rl = "grpo", dict(loss_agg=loss_agg, num_epochs=epochs)
+    params, mb = _params(algo), _minibatch(targets=epochs > 1)
+    plain = _gradients(_spec(algo=algo, **rl), params, mb)
+    spec = _spec(algo=algo, num_microbatches=k, remat=remat, **rl)
+    (grads, probed), metrics = _gradients(spec, params, mb)
+    _assert_trees_close(grads, plain[0][0])
+    # the coefficient probe measures the coefficients applied (fm's regularizer audit)
+    np.testing.assert_allclose(probed["kl_coef"], KNOBS["kl_coef"], rtol=1e-5)
+    np.testing.assert_allclose(probed["ent_coef"], -KNOBS["ent_coef"], rtol=1e-5)
+    _assert_trees_close(probed, plain[0][1])
+    _assert_metrics_close(jax.device_get(metrics), jax.device_get(plain[1]))
+    assert float(jnp.abs(plain[1]["kl_ref"])) > 0 and float(plain[1]["ratio_max"]) > 0
+
+
+def test_remat_checkpoints_each_layer_of_the_learner_only():
+    params, mb = _params("grpo", DEEPER), _minibatch()
+    knobs = make_knobs(**KNOBS)
+
+    def checkpoints(spec):
+        jaxpr = jax.make_jaxpr(lambda p: st.gradients(spec, p, mb, knobs, None))(params)
+        return str(jaxpr).count("remat")  # jax.checkpoint's primitive
+
+    assert checkpoints(_spec(DEEPER)) == 0
+    assert checkpoints(_spec(DEEPER, remat="layer")) == DEEPER.num_layers * 2  # prompt, response
+    spec = _spec(DEEPER, remat="layer")  # the sampler decodes with the graph it was given
+    assert spec.graphdef == models.create(DEEPER, 0)[0]
+
+
+def test_ppo_learner_with_micro_batches_and_remat_matches_the_plain_step():
+    task = make_task("arith", seed=0, eval_size=16)
+    # one update: GAE from the current values, whitened over the minibatch, the value loss
+    rl = dict(prompts_per_step=GROUPS, group_size=G, max_new_tokens=N)
+    rl.update(loss_agg="seq_mean_token_sum_norm", num_microbatches=1)
+    plain, micro = (
+        make_learner(
+            models.create(MODEL, 0)[0],
+            RLConfig(algo="ppo", **{**rl, **extra}),
+            eos_id=2,
+            pad_id=0,
+            reward_fn=task.jnp_reward,
+        )
+        for extra in ({}, {"num_microbatches": 4, "remat": "layer"})
+    )
+    _, policy = models.create(MODEL, 0)
+    cfg = RLConfig(algo="ppo", group_size=G)
+    knobs = make_knobs(lr=1e-3, **KNOBS)
+    state = init_state(policy, cfg, 0)
+    ro = plain.rollout(state, to_prompt_batch(task.train_batch(0, GROUPS)), knobs)
+    rewards = {"reward": jnp.asarray(np.random.default_rng(0).random(GROUPS * G), jnp.float32)}
+    outs = []
+    for learner in (plain, micro):
+        new, metrics = learner.learn(init_state(policy, cfg, 0), ro, rewards, knobs)
+        outs.append((jax.device_get(new.params), jax.device_get(metrics)))
+        learner.learn(new, ro, rewards, knobs)  # a second step: the same program
+        assert learner.learn._cache_size() == 1
+    (params, metrics), (params_m, metrics_m) = outs
+    # Adam turns a gradient into about ±lr per element: 1% of one update as the tolerance
+    _assert_trees_close(params_m, params, rtol=1e-4, atol=1e-5)
+    _assert_metrics_close(metrics_m, metrics)
+
+
+def test_micro_batches_must_hold_whole_groups():
+    with pytest.raises(ValueError, match="num_microbatches=3.*divisor of 4"):
+        RLConfig(prompts_per_step=8, group_size=2, num_minibatches=2, num_microbatches=3)
+    with pytest.raises(ValueError, match="remat='full'.*accepted: none, layer"):
+        RLConfig(remat="full")
+    assert config.REMAT_MODES == transformer.REMAT_MODES  # the config's copy of the model's
