@@ -267,6 +267,20 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         run(_config(tmp_path, 4))  # a finished run's workdir is not silently overwritten
 
 
+def test_memory_settings_may_change_on_resume():
+    # Micro-batches and remat change how a step is computed, not what: a run that ran out of
+    # memory resumes with more micro-batches. Every other RL setting stays part of the record.
+    from rftjax.train.resume import config_record, differences
+
+    cfg = _config("w", 4)
+    more = dataclasses.replace(
+        cfg, rl=dataclasses.replace(cfg.rl, num_microbatches=2, remat="layer")
+    )
+    assert differences(config_record(cfg), config_record(more)) == []
+    other = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, group_size=2))
+    assert differences(config_record(cfg), config_record(other)) == ["rl"]
+
+
 def test_a_field_missing_from_an_older_record_counts_as_its_default():
     # Runs recorded before a TrainConfig field existed still resume and fork.
     from rftjax.train.resume import differences

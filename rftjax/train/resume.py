@@ -50,10 +50,13 @@ def describe_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[st
 
 def config_record(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its run's configuration: every setting but those whose
-    role is HOW (how, not what: e.g. a run may resume on another mesh; Orbax reshards)."""
+    role is HOW (how, not what: e.g. a run may resume on another mesh, Orbax reshards; or with
+    more micro-batches after running out of memory)."""
     record = dataclasses.asdict(cfg)
     for name in config.names(TrainConfig, role=config.HOW):
         record.pop(name)
+    for name in config.names(config.RLConfig, role=config.HOW):  # e.g. micro-batches, remat
+        record["rl"].pop(name)
     return record
 
 
