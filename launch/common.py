@@ -192,8 +192,30 @@ def help_requested(argv) -> bool:
     return any(a in ("-h", "--help", "-?", "--help=true") for a in argv[1:])
 
 
+# --- tfds: tasks (one block) ------------------------------------------------------------------
+# The data folder reaches `rftjax.tasks.TfdsTask` (and campaign worker processes) as
+# TFDS_DATA_DIR, tensorflow-datasets' own variable, so the run configs need no new field.
+flags.DEFINE_string(
+    "tfds_data_dir",
+    None,
+    "--task=tfds:NAME[/CONFIG][:SPLIT]: the folder of prepared TensorFlow Datasets "
+    "(array_record; nothing is downloaded). Default: $TFDS_DATA_DIR, else ~/tensorflow_datasets.",
+)
+HELP_GROUPS["model & task"] += ("tfds_data_dir",)
+
+
+def export_tfds_data_dir(values) -> None:
+    """Sets TFDS_DATA_DIR from --tfds_data_dir, when given."""
+    if getattr(values, "tfds_data_dir", None):
+        os.environ["TFDS_DATA_DIR"] = os.path.abspath(os.path.expanduser(values.tfds_data_dir))
+
+
+# --- end of the tfds: block --------------------------------------------------------------------
+
+
 def task_options(values) -> dict:
     """File-task options of the flags (`rftjax.tasks.make_task` keyword arguments)."""
+    export_tfds_data_dir(values)
     names = ("chat_template", "prompt_field", "answer_field", "answer_format")
     return {name: getattr(values, name) for name in names}
 
