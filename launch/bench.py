@@ -20,6 +20,8 @@ events and final evaluation equal those of a run never interrupted (`rftjax.trai
 local Ray instance, and per trivial task the round trip (submit, wait, fetch), the cost in a
 batch submitted at once, and the wait of a task that depends on another's result (as a
 faulted run on its clean twin). Needs the ray extra.
+`vs_trl`: rftjax against TRL's GRPOTrainer on one configuration, same weights, alternating steps,
+for two thread settings (`rftjax.benchmarks.vs_trl`; needs the trl extra).
 `step`: GRPO throughput of the configured step (completions/s, generated tokens/s, learner
 tokens/s, and the rollout / learn split), its ratio to the established trainers' figure on this
 machine class, and the speed-up of KV-cache decoding over full recompute at 64 new tokens.
@@ -60,6 +62,7 @@ flags.DEFINE_enum(
         "scaling",
         "chaos",
         "ray_overhead",
+        "vs_trl",
     ],
     "Which benchmark to run.",
 )
@@ -530,6 +533,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_libraries()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+    if FLAGS.what == "vs_trl":
+        from rftjax.benchmarks import vs_trl
+
+        config = vs_trl.config_from_flags(FLAGS)
+        results = vs_trl.run(config)
+        print(vs_trl.table(config, results))
+        if FLAGS.json:
+            with open(FLAGS.json, "w", encoding="utf-8") as f:
+                json.dump({"config": dataclasses.asdict(config), "results": results}, f, indent=1)
+        return
     if FLAGS.what == "chaos":
         from rftjax.train import chaos
 

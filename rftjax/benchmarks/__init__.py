@@ -1,0 +1,1 @@
+"""Performance benchmarks (`python -m launch.bench --what=...`): measurements, not tests."""
