@@ -103,29 +103,43 @@ def model_config(config: Config):
     )
 
 
-def step_flops(cfg, *, rows: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
-    """FLOPs of one GRPO step as rftjax computes it (padding after EOS included).
+def forward_flops(cfg, *, prompts: int, group_size: int, prompt_len: int, new_tokens: int):
+    """FLOPs of one forward over a rollout as rftjax computes it: each prompt once, then its
+    ``group_size`` responses against the shared prompt keys (`sampling.response_logprobs`).
 
-    A matmul of ``m × k`` by ``k × n`` is ``2mkn``. Per token, the weight matmuls cost twice
-    the matmul parameters; attention costs ``4 · L · H_q · d · S`` for ``S`` keys (scores and
-    weighted values; the full causal square, as the dense mask computes it). The rollout
-    prefills ``P`` prompt tokens and decodes ``N`` tokens one at a time against a cache of
-    ``P + N`` slots; the reference forward and the policy forward see ``T = P + N`` tokens a
-    row; the backward costs twice the forward. Norms, softmax and Adam are ignored (< 1%).
-
-    Returns:
-      FLOPs of ``rollout``, ``reference``, ``policy`` (forward + backward) and ``total``.
+    A matmul of ``m × k`` by ``k × n`` is ``2mkn``. A token costs twice the weight matmuls'
+    parameters (the output head only for response tokens) and ``4 · L · H_q · d`` per key it
+    attends over (scores and weighted values, over every slot the dense mask covers: ``P``
+    for a prompt token, ``P + N`` for a response token, padding after EOS included).
+    Norms, softmax and activations are left out (a few % at hidden 64, less when wider).
     """
     d = cfg.resolved_head_dim
     per_layer = cfg.hidden_size * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     per_layer += 3 * cfg.hidden_size * cfg.intermediate_size
-    weights = cfg.num_layers * per_layer + cfg.hidden_size * cfg.vocab_size
-    attn_per_key = 4 * cfg.num_layers * cfg.num_heads * d
-    t = prompt_len + new_tokens
-    forward = rows * t * (2 * weights + attn_per_key * t)
-    rollout = rows * (prompt_len * (2 * weights + attn_per_key * prompt_len))
-    rollout += rows * new_tokens * (2 * weights + attn_per_key * t)
-    out = {"rollout": float(rollout), "reference": float(forward), "policy": 3.0 * forward}
+    trunk = cfg.num_layers * per_layer
+    head = cfg.hidden_size * cfg.vocab_size
+    per_key = 4 * cfg.num_layers * cfg.num_heads * d
+    p, n = prompt_len, new_tokens
+    prompt_part = prompts * p * (2 * trunk + per_key * p)
+    response_part = prompts * group_size * n * (2 * (trunk + head) + per_key * (p + n))
+    return float(prompt_part + response_part)
+
+
+def step_flops(cfg, *, prompts: int, group_size: int, prompt_len: int, new_tokens: int):
+    """FLOPs of one rftjax GRPO step (one update), by stage.
+
+    The rollout decodes at most ``N`` tokens one at a time against a cache of ``P + N`` slots
+    after prefilling each prompt once: the same FLOPs as `forward_flops` when no row stops
+    early (an upper bound: the decode loop ends when every row has emitted EOS). The
+    reference model is one forward, the policy a forward and its backward (twice the forward).
+
+    Returns:
+      FLOPs of ``rollout``, ``reference``, ``policy`` (forward + backward) and ``total``.
+    """
+    fwd = forward_flops(
+        cfg, prompts=prompts, group_size=group_size, prompt_len=prompt_len, new_tokens=new_tokens
+    )
+    out = {"rollout": fwd, "reference": fwd, "policy": 3.0 * fwd}
     out["total"] = sum(out.values())
     return out
 
@@ -300,8 +314,13 @@ def measure(config: Config, threads: str) -> dict:
         trainer = trl_trainer(folder, os.path.join(tmp, "trl"), config, rows,
                               _alternating_callback(runner, record))  # fmt: skip
         trainer.train()
-    flops = step_flops(runner.cfg, rows=config.rows, prompt_len=batches[0].prompts.shape[1],
-                       new_tokens=config.new_tokens)  # fmt: skip
+    flops = step_flops(
+        runner.cfg,
+        prompts=config.prompts,
+        group_size=config.group_size,
+        prompt_len=batches[0].prompts.shape[1],
+        new_tokens=config.new_tokens,
+    )
     timed = slice(config.warmup, None)
     out = {"threads": threads, "torch_threads": torch.get_num_threads(), "flops": flops}
     for name, library in (("rftjax", "jax"), ("trl", "torch")):
