@@ -22,6 +22,8 @@ batch submitted at once, and the wait of a task that depends on another's result
 faulted run on its clean twin). Needs the ray extra.
 `vs_trl`: rftjax against TRL's GRPOTrainer on one configuration, same weights, alternating steps,
 for two thread settings (`rftjax.benchmarks.vs_trl`; needs the trl extra).
+`memory`: compiled memory per device of the step for --model=qwen2.5-0.5b|1.5b|7b on --mesh,
+from abstract arrays on simulated CPU devices (`rftjax.benchmarks.memory`; no weights allocated).
 `step`: GRPO throughput of the configured step (completions/s, generated tokens/s, learner
 tokens/s, and the rollout / learn split), its ratio to the established trainers' figure on this
 machine class, and the speed-up of KV-cache decoding over full recompute at 64 new tokens.
@@ -63,6 +65,7 @@ flags.DEFINE_enum(
         "chaos",
         "ray_overhead",
         "vs_trl",
+        "memory",
     ],
     "Which benchmark to run.",
 )
@@ -542,6 +545,16 @@ def main(argv):
         if FLAGS.json:
             with open(FLAGS.json, "w", encoding="utf-8") as f:
                 json.dump({"config": dataclasses.asdict(config), "results": results}, f, indent=1)
+        return
+    if FLAGS.what == "memory":
+        from rftjax.benchmarks import memory
+
+        shape = memory.shape_from_flags(FLAGS)
+        out = memory.run(FLAGS.model, shape, FLAGS.mesh, memory.devices_of(FLAGS.mesh))
+        print(f"{shape}\n" + memory.table([out]))
+        if FLAGS.json:
+            with open(FLAGS.json, "w", encoding="utf-8") as f:
+                json.dump({"shape": dataclasses.asdict(shape), **out}, f, indent=1)
         return
     if FLAGS.what == "chaos":
         from rftjax.train import chaos

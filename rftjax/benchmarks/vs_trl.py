@@ -201,7 +201,7 @@ def prompt_batches(config: Config, count: int):
 class RftjaxRunner:
     """rftjax's compiled GRPO step on the checkpoint's weights; ``step()`` runs one."""
 
-    def __init__(self, folder: str, config: Config, task, batches):
+    def __init__(self, folder: str, config: Config, task, batches, dtype: str = "float32"):
         import jax
 
         from rftjax.config import RLConfig
@@ -209,8 +209,8 @@ class RftjaxRunner:
         from rftjax.models import from_hf_config, hf
         from rftjax.train.step import init_state, make_learner
 
-        self.cfg = from_hf_config(folder)
-        graphdef, params = hf.load(folder, self.cfg)
+        self.cfg = from_hf_config(folder).replace(dtype=dtype)  # compute dtype; fp32 weights
+        self.graphdef, params = hf.load(folder, self.cfg)
         rl = RLConfig(
             prompts_per_step=config.prompts,
             group_size=config.group_size,
@@ -218,7 +218,7 @@ class RftjaxRunner:
         )
         tok = task.tokenizer
         self.learner = make_learner(
-            graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+            self.graphdef, rl, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
             reward_fn=task.jnp_reward,
         )  # fmt: skip
         self.state = init_state(params, rl, config.seed)
