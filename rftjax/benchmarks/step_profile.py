@@ -116,10 +116,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", help="model compute dtype")
     parser.add_argument("--threads", choices=vs_trl.SETTINGS, default="default")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--core", type=int, default=0, help="pinned: the CPU core")
     args = parser.parse_args(argv)
     if args.threads == "pinned":
         os.environ.update(vs_trl.child_env("pinned"))
-        os.sched_setaffinity(0, {0})
+        os.sched_setaffinity(0, {args.core})
     config = vs_trl.Config(**json.loads(args.config))
     print(json.dumps(profile(config, args.dtype, args.repeats), indent=1))
 
