@@ -7,11 +7,15 @@ fm_overhead, fault_overhead, campaign_vmap: what fm and fault injection cost the
 campaign's runs stepped one by one vs vmapped. tools: tool round-trips in the sampler.
 scaling: the step on 1-8 simulated devices and its collectives. chaos: kills and resumes of
 `launch.train` runs compared with an uninterrupted run. ray_overhead: what Ray adds to a run.
+vs_trl: rftjax against TRL's GRPOTrainer on one configuration, same weights, alternating
+steps, two thread settings (needs the trl extra). memory: compiled memory per device of the
+step for --model=qwen2.5-0.5b|1.5b|7b on --mesh, from abstract arrays (no weights allocated).
 This file only parses flags and calls the library.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -29,6 +33,8 @@ BENCHMARKS = (
     "scaling",
     "chaos",
     "ray_overhead",
+    "vs_trl",
+    "memory",
 )
 flags.DEFINE_enum("what", "step", BENCHMARKS, "Which benchmark to run.")
 flags.DEFINE_integer("cycles", 20, "chaos: kills to make (SIGTERM or SIGKILL, at random).")
@@ -52,6 +58,20 @@ def measure(what: str) -> tuple[dict, list[str]]:
     from rftjax.benchmarks import chaos, overhead, ray_overhead, scaling, throughput, tools
 
     reps = FLAGS.repeats
+    if what == "vs_trl":
+        from rftjax.benchmarks import vs_trl
+
+        config = vs_trl.config_from_flags(FLAGS)
+        results = vs_trl.run(config)
+        return {"config": dataclasses.asdict(config), "results": results}, [
+            vs_trl.table(config, results)
+        ]
+    if what == "memory":
+        from rftjax.benchmarks import memory
+
+        shape = memory.shape_from_flags(FLAGS)
+        out = memory.run(FLAGS.model, shape, FLAGS.mesh, memory.devices_of(FLAGS.mesh))
+        return {"shape": dataclasses.asdict(shape), **out}, [f"{shape}", memory.table([out])]
     if what == "chaos":
         out = chaos.run_chaos(FLAGS.chaos_dir, FLAGS.chaos_args.split(), cycles=FLAGS.cycles)
         return {"chaos": out}, chaos.report(out)

@@ -265,6 +265,15 @@ class TrainConfig:
         group=MODEL,
         task_option=True,
     )
+    tfds_data_dir: str | None = setting(
+        None,
+        "--task=tfds:NAME[/CONFIG][:SPLIT]: the folder of prepared TensorFlow Datasets "
+        "(array_record; nothing is downloaded). Default: $TFDS_DATA_DIR, else "
+        "~/tensorflow_datasets.",
+        group=MODEL,
+        role=HOW,
+        task_option=True,
+    )
     # Seed of the model's initialization and warm-up (None: `seed`). Runs that share it start
     # RL from one warmed-up checkpoint, as fine-tuning runs share a starting checkpoint; `seed`
     # still sets the RL data and sampling. (The fingerprint holds `model_seed`.)

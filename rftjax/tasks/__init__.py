@@ -10,6 +10,7 @@ from rftjax.tasks.calc import CalcTask
 from rftjax.tasks.jsonl import FILE_FORMATS, JsonlTask
 from rftjax.tasks.sort import SortTask
 from rftjax.tasks.text import CHAT_TEMPLATE_MODES
+from rftjax.tasks.tfds import TFDS_PREFIX, TfdsTask
 from rftjax.tasks.verify import ANSWER_FORMATS
 from rftjax.tokenizer import char_tokenizer, same_vocab
 
@@ -23,6 +24,7 @@ __all__ = [
     "SortTask",
     "TASK_NAMES",
     "Task",
+    "TfdsTask",
     "encode_answers",
     "encode_prompts",
     "make_task",
@@ -35,9 +37,15 @@ TASK_NAMES: tuple[str, ...] = (
     "calc",
     f"{JSONL_PREFIX}/path/to/file.jsonl",
     "parquet:/path/to/file_or_folder.parquet",
+    f"{TFDS_PREFIX}NAME[/CONFIG][:SPLIT]",
 )
 _BUILT_IN = {"arith": ArithTask, "sort": SortTask, "calc": CalcTask}
-_FILE_DEFAULTS = {"prompt_field": "prompt", "answer_field": "answer", "answer_format": "auto"}
+_FILE_DEFAULTS = {
+    "prompt_field": "prompt",
+    "answer_field": "answer",
+    "answer_format": "auto",
+    "tfds_data_dir": None,
+}
 
 
 def make_task(
@@ -50,12 +58,28 @@ def make_task(
     ``tokenizer`` (default: the character tokenizer; a Hugging Face checkpoint's own tokenizer
     for a real model), ``chat_template`` (``auto`` applies the tokenizer's template if it has
     one, ``none``), ``prompt_field``, ``answer_field`` and ``answer_format`` (`JsonlTask`).
+    ``tfds:NAME[/CONFIG][:SPLIT]`` reads a prepared TensorFlow Datasets dataset from
+    ``tfds_data_dir`` (default ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``) with the same
+    options (`TfdsTask`).
 
     Raises:
       ValueError: for an unknown name, listing the accepted names; for a built-in task given
         a tokenizer of another vocabulary, or file options.
     """
     file_format, _, path = name.partition(":")
+    if f"{file_format}:" == TFDS_PREFIX and path:
+        data_dir = kwargs.pop("tfds_data_dir", None)
+        return TfdsTask(
+            path,
+            tokenizer=tokenizer or char_tokenizer(),
+            seed=seed,
+            data_dir=data_dir,
+            chat_template=chat_template,
+            **kwargs,
+        )
+    if file_format in FILE_FORMATS and kwargs.get("tfds_data_dir") is not None:
+        raise ValueError(f"tfds_data_dir applies to tfds: tasks, not {name!r}")
+    kwargs.pop("tfds_data_dir", None)
     if file_format in FILE_FORMATS and path:
         return JsonlTask(
             path,

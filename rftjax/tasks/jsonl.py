@@ -145,6 +145,36 @@ class JsonlTask(Task):
         heldout = split_rows(prompts, eval_fraction, split_seed)
         self.name = f"{file_format}:{path}"
         self.path = Path(path)
+        self._setup(
+            prompts,
+            answers,
+            heldout,
+            tokenizer=tokenizer,
+            seed=seed,
+            answer_format=answer_format,
+            chat_template=chat_template,
+            eval_size=eval_size,
+            prompt_len=prompt_len,
+            answer_len=answer_len,
+            max_new_tokens=max_new_tokens,
+        )
+
+    def _setup(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        heldout: np.ndarray,
+        *,
+        tokenizer,
+        seed: int,
+        answer_format: str,
+        chat_template: str,
+        eval_size: int,
+        prompt_len: int | None,
+        answer_len: int | None,
+        max_new_tokens: int,
+    ) -> None:
+        """Renders and sizes rows; ``heldout`` (bool ``[R]``) marks the evaluation rows."""
         self.tokenizer = tokenizer
         self.seed = seed
         if answer_format == "auto":
