@@ -39,6 +39,8 @@ class Shape:
     prompt_len: int = 512
     new_tokens: int = 1024
     answer_len: int = 8
+    num_microbatches: int = 1  # gradient accumulation (RLConfig.num_microbatches)
+    remat: str = "none"  # "layer": recompute each decoder layer in the backward (RLConfig.remat)
 
 
 def model_config(name: str, **overrides):
@@ -123,7 +125,8 @@ def _rl(shape: Shape):
     from rftjax.config import RLConfig
 
     return RLConfig(prompts_per_step=shape.prompts, group_size=shape.group_size,
-                    max_new_tokens=shape.new_tokens)  # fmt: skip
+                    max_new_tokens=shape.new_tokens, num_microbatches=shape.num_microbatches,
+                    remat=shape.remat)  # fmt: skip
 
 
 def compiled_step(cfg, shape: Shape, mesh_spec: str):
@@ -164,10 +167,11 @@ def devices_of(mesh_spec: str) -> int:
 
 
 def shape_from_flags(values) -> Shape:
-    """`Shape` defaults, with ``--prompts_per_step``, ``--group_size`` and ``--max_new_tokens``
-    where given on the command line."""
+    """`Shape` defaults, with ``--prompts_per_step``, ``--group_size``, ``--max_new_tokens``,
+    ``--num_microbatches`` and ``--remat`` where given on the command line."""
     given = {"prompts_per_step": "prompts", "group_size": "group_size",
-             "max_new_tokens": "new_tokens"}  # fmt: skip
+             "max_new_tokens": "new_tokens", "num_microbatches": "num_microbatches",
+             "remat": "remat"}  # fmt: skip
     return Shape(**{f: getattr(values, k) for k, f in given.items() if values[k].present})
 
 
