@@ -15,6 +15,7 @@ from rftjax.knobs import make_knobs
 from rftjax.models import transformer
 from rftjax.tasks import make_task
 from rftjax.train import stages as st
+from rftjax.train import update as up
 from rftjax.train.setup import to_prompt_batch
 from rftjax.train.step import init_state, make_learner, make_optimizer
 
@@ -71,7 +72,7 @@ def _minibatch(seed: int = 0, targets: bool = False) -> dict:
 
 def _gradients(spec, params, mb):
     knobs = make_knobs(**KNOBS)
-    return jax.jit(lambda p, d: st.gradients(spec, p, d, knobs, None))(params, mb)
+    return jax.jit(lambda p, d: up.gradients(spec, p, d, knobs, None))(params, mb)
 
 
 def _assert_trees_close(a, b, rtol=2e-4, atol=1e-6):
@@ -90,11 +91,11 @@ def _assert_metrics_close(a: dict, b: dict):
 def test_micro_weights_by_hand():
     # rows of 2 micro-batches: (4, 1 valid tokens | 0, 2) -> tokens 5 | 2, valid rows 2 | 1
     mask = (np.arange(4)[None] < np.array([4, 1, 0, 2])[:, None]).astype(np.float32)
-    w = lambda mode: np.asarray(st.micro_weights(jnp.asarray(mask), 2, mode))  # noqa: E731
+    w = lambda mode: np.asarray(up.micro_weights(jnp.asarray(mask), 2, mode))  # noqa: E731
     np.testing.assert_allclose(w("token_mean"), [5 / 7, 2 / 7], rtol=1e-6)
     np.testing.assert_allclose(w("seq_mean_token_mean"), [2 / 3, 1 / 3], rtol=1e-6)
     np.testing.assert_allclose(w("seq_mean_token_sum_norm"), [0.5, 0.5], rtol=1e-6)
-    empty = np.asarray(st.micro_weights(jnp.zeros((4, 4)), 2, "token_mean"))
+    empty = np.asarray(up.micro_weights(jnp.zeros((4, 4)), 2, "token_mean"))
     np.testing.assert_allclose(empty, [0.5, 0.5])  # sums to 1: the probe reads the coefficients
 
 
@@ -127,7 +128,7 @@ def test_remat_checkpoints_each_layer_of_the_learner_only():
     knobs = make_knobs(**KNOBS)
 
     def checkpoints(spec):
-        jaxpr = jax.make_jaxpr(lambda p: st.gradients(spec, p, mb, knobs, None))(params)
+        jaxpr = jax.make_jaxpr(lambda p: up.gradients(spec, p, mb, knobs, None))(params)
         return str(jaxpr).count("remat")  # jax.checkpoint's primitive
 
     assert checkpoints(_spec(DEEPER)) == 0

@@ -23,6 +23,7 @@ from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
 from rftjax.sampling import Rollout, repeat_rows
 from rftjax.train import stages as st
+from rftjax.train import update as up
 from rftjax.train.stages import ADVANTAGE_ESTIMATORS, StepSpec, gae_advantages, grpo_advantages
 from rftjax.train.state import (
     PromptBatch,
@@ -170,14 +171,14 @@ def learn(s: StepSpec, state: TrainState, ro: Rollout, rewards: dict, knobs: Kno
     }
     ref_params = s.hooks.ref_params(state.ref_params, ctx)
     # Forwards without gradient run in micro-batches too (cfg.num_microbatches; row-wise).
-    data["ref_logp"] = st.micro_map(
+    data["ref_logp"] = up.micro_map(
         s, lambda d: st.policy_forward(s, ref_params, d, knobs)[0], data
     )
     read = None
     if s.monitor is not None and s.monitor.audits:  # the weights as this step reads them
         read = s.monitor.read(state.params, state.opt_state, ref_params)
     if s.cfg.updates_per_step > 1:  # advantages from the behaviour policy, before any update
-        old_logp, _, old_values = st.micro_map(
+        old_logp, _, old_values = up.micro_map(
             s, lambda d: st.forward(s, state.params, d, knobs), data
         )
         data.update(st.targets(s, old_logp, old_values, data, knobs, ctx))
@@ -211,7 +212,7 @@ def _updates(s: StepSpec, state: TrainState, data, knobs: Knobs, lr, ctx):
     (maxima stay maxima, everything else averaged over updates), rows of the one update or
     None)."""
     cfg = s.cfg
-    mbs = st.minibatches(
+    mbs = up.minibatches(
         data,
         st.shuffle_key(state),
         cfg.num_epochs,
@@ -220,7 +221,7 @@ def _updates(s: StepSpec, state: TrainState, data, knobs: Knobs, lr, ctx):
         cfg.group_size,
     )
     carry, per_update = jax.lax.scan(
-        lambda c, mb: st.update(s, c, mb, knobs, lr, ctx), (state.params, state.opt_state), mbs
+        lambda c, mb: up.update(s, c, mb, knobs, lr, ctx), (state.params, state.opt_state), mbs
     )
     rows = per_update.pop("trajectories", None)
     if rows is not None:

@@ -1,0 +1,146 @@
+"""The optimizer-update stage of the step: micro-batches (gradient accumulation over whole
+groups) and one optimizer update per minibatch, over epochs × minibatches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fm import monitor as fmm
+from rftjax import algorithms as alg
+from rftjax.knobs import Knobs
+from rftjax.train.stages import StepSpec, forward, loss_fn, loss_terms, targets
+from rftjax.train.state import apply_update
+
+# -- 4b. micro-batches (gradient accumulation) ------------------------------------------------
+
+
+def split_micro(tree, k: int):
+    """Every array [B, ...] -> [k, B / k, ...]: k micro-batches of contiguous rows (whole groups
+    when B / k is a multiple of the group size)."""
+    return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
+
+
+def join_micro(tree):
+    """The inverse of `split_micro`: [k, b, ...] -> [k·b, ...]."""
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+
+def micro_map(s: StepSpec, fn, data):
+    """fn(data) computed over `cfg.num_microbatches` micro-batches of `data`'s rows, one after
+    the other (`jax.lax.map`), the outputs joined along the rows: the same values with one
+    micro-batch's activations alive at a time. `fn` must be row-wise over whole groups."""
+    k = s.cfg.num_microbatches
+    if k == 1:
+        return fn(data)
+    return join_micro(jax.lax.map(fn, split_micro(data, k)))
+
+
+def micro_weights(loss_mask, k: int, agg_mode: str) -> jax.Array:
+    """f32[k]: each micro-batch's share of the minibatch's aggregate, so that Σ_i w_i·agg_i over
+    the micro-batches' own aggregates equals the aggregate of the whole minibatch: token_mean by
+    loss-mask weight (valid tokens), seq_mean_token_mean by rows with a valid token,
+    seq_mean_token_sum_norm by rows (all micro-batches alike). loss_mask f32[B, T]. Where the
+    whole minibatch counts nothing (every aggregate 0), 1/k each: the weights always sum to 1,
+    so the coefficient probe still reads the applied coefficients."""
+    m = loss_mask.astype(jnp.float32).reshape(k, -1, loss_mask.shape[-1])
+    if agg_mode == "token_mean":
+        counts = m.sum(axis=(1, 2))
+    elif agg_mode == "seq_mean_token_mean":
+        counts = (m.sum(axis=2) > 0).astype(jnp.float32).sum(axis=1)
+    elif agg_mode == "seq_mean_token_sum_norm":
+        counts = jnp.ones((k,), jnp.float32)
+    else:
+        raise ValueError(f"loss_agg={agg_mode!r} is not supported; accepted: {alg.AGG_MODES}")
+    total = counts.sum()
+    return jnp.where(total > 0, counts / jnp.where(total > 0, total, 1.0), 1.0 / k)
+
+
+def _behaviour(s: StepSpec, data, logp, values):
+    """With one update a step the behaviour policy is the current one (as in `loss_fn`)."""
+    if s.cfg.updates_per_step > 1:
+        return data
+    sg = jax.lax.stop_gradient
+    return {**data, "old_logp": sg(logp), "old_values": sg(values)}
+
+
+def minibatch_targets(s: StepSpec, params, mb, knobs: Knobs, ctx) -> dict:
+    """The targets of a whole minibatch before its micro-batches (one update a step): group
+    statistics, PPO's batch whitening and the advantage hook see the minibatch, as in the plain
+    step. PPO's estimator reads the current values (and log-probs): one more forward, without
+    gradient, in micro-batches; GRPO's reads neither."""
+    if s.cfg.algo == "ppo":
+        old_logp, _, old_values = micro_map(s, lambda d: forward(s, params, d, knobs), mb)
+        old_logp, old_values = jax.lax.stop_gradient((old_logp, old_values))
+    else:
+        old_logp = old_values = jnp.zeros_like(mb["loss_mask"])
+    return targets(s, old_logp, old_values, mb, knobs, ctx)
+
+
+def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
+    """((∂loss/∂params, ∂loss/∂probe), metrics) of one minibatch.
+
+    With `cfg.num_microbatches` = k > 1: the minibatch runs as k micro-batches of whole groups
+    in a `jax.lax.scan`, each one's gradient weighted by `micro_weights` and summed in f32 (the
+    whole minibatch's gradient: every loss term, KL, entropy and value loss, aggregates with the
+    same mask and mode); the metrics are `loss_terms` of the whole minibatch from the
+    micro-batches' joined log-probs, entropies and values (the plain step's values)."""
+    probe = fmm.coefficient_probe()
+    k = s.cfg.num_microbatches
+    if k == 1:
+        grad_fn = jax.grad(lambda p, q: loss_fn(s, p, q, mb, knobs, ctx), (0, 1), has_aux=True)
+        return grad_fn(params, probe)
+    if s.cfg.updates_per_step == 1:
+        mb = {**mb, **minibatch_targets(s, params, mb, knobs, ctx)}
+    weights = micro_weights(mb["loss_mask"], k, s.cfg.loss_agg)
+
+    def weighted_loss(p, q, part, w):
+        logp, entropy, values = forward(s, p, part, knobs)
+        loss, _ = loss_terms(s, logp, entropy, values, q, _behaviour(s, part, logp, values), knobs)
+        return w * loss, (logp, entropy, values)
+
+    def micro(acc, xs):
+        grads, outs = jax.grad(weighted_loss, (0, 1), has_aux=True)(params, probe, *xs)
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        return acc, jax.lax.stop_gradient(outs)
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, probe))
+    summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb, k), weights))
+    grads = jax.tree.map(lambda g, x: g.astype(x.dtype), summed, (params, probe))
+    logp, entropy, values = join_micro(outs)
+    _, metrics = loss_terms(s, logp, entropy, values, probe, _behaviour(s, mb, logp, values), knobs)
+    return grads, metrics
+
+
+# -- 5. update --------------------------------------------------------------------------------
+
+
+def update(s: StepSpec, carry, mb, knobs: Knobs, lr, ctx):
+    """One optimizer update on a minibatch: gradients (accumulated over micro-batches with
+    `cfg.num_microbatches` > 1; through the gradient hook), clip, Adam, and the optimization
+    statistics. carry = (params, opt_state)."""
+    params, opt_state = carry
+    (grads, probed), metrics = gradients(s, params, mb, knobs, ctx)
+    if s.monitor is not None:  # the coefficients the loss applied, as measured
+        metrics.update(loss_kl_coef=probed["kl_coef"], loss_ent_coef=-probed["ent_coef"])
+    grads = s.hooks.gradients(grads, ctx)
+    new_params, opt_state, updates, _ = apply_update(
+        params, opt_state, grads, knobs, lr, s.optimizer, norms=False
+    )
+    inputs = fmm.StepInputs(grads=grads, updates=updates, params=params, lr=lr)
+    stats = fmm.optimization_statistics(inputs)
+    stats.pop("lr")  # the step reports its learning rate once
+    metrics.update(s.stats(stats))
+    return (new_params, opt_state), metrics
+
+
+def minibatches(data, key, epochs: int, num_mb: int, num_groups: int, group_size: int):
+    """Stacks epochs × minibatches along a new leading axis, shuffling whole groups (a group's
+    completions stay together and contiguous, as the shared-prompt forward needs)."""
+    if epochs * num_mb == 1:
+        return jax.tree.map(lambda x: x[None], data)
+    perms = jnp.stack(
+        [jax.random.permutation(jax.random.fold_in(key, e), num_groups) for e in range(epochs)]
+    ).reshape(epochs * num_mb, num_groups // num_mb)
+    rows = (perms[..., None] * group_size + jnp.arange(group_size)).reshape(epochs * num_mb, -1)
+    return jax.tree.map(lambda x: x[rows], data)
