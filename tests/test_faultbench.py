@@ -14,7 +14,7 @@ import pytest
 import faults
 from fm.faultbench import baselines, plots, records, schema, scoring
 from rftjax import campaign
-from rftjax.campaign import generate as campaign_records
+from rftjax.campaign import dataset as campaign_records
 from rftjax.train.logs import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -314,14 +314,14 @@ def test_the_run_controller_refuses_a_corrupt_rollback_target(tmp_path):
 
 def test_a_second_generate_on_the_same_folder_is_refused(tmp_path):
     # The first holds the lock (a child process that waits); the second must refuse at once.
-    from rftjax.campaign import generate as records
+    from rftjax.campaign import dataset as records
 
     hold = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from rftjax.campaign import generate as records\n"
+            "from rftjax.campaign import dataset as records\n"
             f"with records.exclusive({str(tmp_path)!r}):\n"
             "    print('locked', flush=True); time.sleep(60)\n",
         ],

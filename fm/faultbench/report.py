@@ -122,9 +122,9 @@ def markdown(report: dict[str, Any]) -> str:
     data = report["data"]
     w = report["window"]
     campaign = report.get("campaign") or {}
-    lines = [f"Campaign `{campaign['name']}`: {campaign.get('description', '')}", ""] * bool(
-        campaign.get("name")
-    )
+    lines = []
+    if campaign.get("name"):
+        lines += [f"Campaign `{campaign['name']}`: {campaign.get('description', '')}", ""]
     lines += [
         f"Split `{report['split']}`: {data['runs']} runs ({data['faulted_runs']} faulted, "
         f"{data['clean_runs']} clean), {data['steps']} steps. Event-level, no point adjustment: "

@@ -1,6 +1,6 @@
 """Compiled memory per device of the GRPO step at real model sizes, without allocating weights.
 
-The fused step (`make_learner(...)["step"]`) is lowered and compiled ahead of time for
+The fused step (`make_learner(...).step`) is lowered and compiled ahead of time for
 abstract arguments (`jax.ShapeDtypeStruct` with the mesh's shardings; the state's shapes come
 from `jax.eval_shape`) on simulated CPU devices, and XLA's `memory_analysis()` of the
 per-device program is read: arguments, outputs, temporaries, and the donated state that
@@ -118,7 +118,7 @@ def _learner_step(cfg, shape: Shape, mesh):
 
     graphdef, _ = hf.abstract_params(cfg)
     learner = make_learner(graphdef, _rl(shape), eos_id=2, pad_id=0, reward_fn=_reward, mesh=mesh)
-    return learner["step"]
+    return learner.step
 
 
 def _rl(shape: Shape):

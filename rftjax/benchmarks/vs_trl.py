@@ -233,7 +233,7 @@ class RftjaxRunner:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         t0 = time.perf_counter()
-        self.state, metrics = self.learner["step"](self.state, batch, self.knobs)
+        self.state, metrics = self.learner.step(self.state, batch, self.knobs)
         length = float(jax.device_get(metrics["length_mean"]))
         return time.perf_counter() - t0, length * self.rows
 

@@ -6,7 +6,7 @@ the built-in `smoke` and `standard` campaigns. `records`: `generate` and the Par
 `on_ray`: the Ray executor (each run a Ray task; needs the `ray` extra).
 """
 
-from rftjax.campaign.generate import assemble, dataset_card, generate
+from rftjax.campaign.dataset import assemble, dataset_card, generate
 from rftjax.campaign.runs import (
     OVERRIDE_KEYS,
     Run,

@@ -252,7 +252,7 @@ def run(
     scores them. Returns (the scores, the runs that failed)."""
     import os
 
-    from rftjax.campaign.generate import exclusive
+    from rftjax.campaign.dataset import exclusive
     from rftjax.campaign.runs import run_campaign
     from rftjax.campaign.spec import base_config
 

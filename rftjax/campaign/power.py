@@ -128,7 +128,7 @@ def run(
     from fm import taxonomy
     from fm.faultbench import power as fb_power
     from fm.faultbench import records as fb_records
-    from rftjax.campaign.generate import generate
+    from rftjax.campaign.dataset import generate
     from rftjax.campaign.spec import resolve
 
     spec = power_spec(base, list(types), list(seeds), variants=variants, points=points)
