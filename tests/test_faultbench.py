@@ -473,7 +473,8 @@ def test_generate_smoke_then_evaluate(tmp_path):
         assert any("scikit-learn" in n or "sklearn" in n for n in result["notes"])
     assert expected <= set(result["detectors"])
     assert "| all_faulty |" in (report / "report.md").read_text()
-    assert sorted(result["plots"]) == ["plots/CA1.png", "plots/PG1.png"]
+    # Signals around onset for every fault type in the records (inert ones too: not scored).
+    assert sorted(result["plots"]) == ["plots/CA1.png", "plots/OD4.png", "plots/PG1.png"]
     # fm on log-level views of the same records (what TRL's logs carry, and everything).
     views = tmp_path / "views"
     proc = _faultbench("evaluate", f"--data={out}", f"--out={views}", "--window=5",
