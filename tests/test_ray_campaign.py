@@ -93,9 +93,12 @@ def _faultbench(*args):
 
 
 def _start(*args):
+    """The driver, with Ctrl-C's default disposition: a test suite started in the background
+    of a non-interactive shell inherits SIGINT ignored, and so would the driver."""
     cmd = [sys.executable, "-m", "launch.faultbench", *args]
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=default_sigint)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
