@@ -86,10 +86,9 @@ def learning_rate(
     return jnp.minimum(schedule_hook(knobs.lr * knobs.lr_scale * warm), knobs.lr_cap)
 
 
-def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer, *, norms: bool = True):
-    """Clip (knob), Adam direction, scale by -lr. Returns params, opt_state, updates, stats:
-    the gradient norm and, with `norms`, the update and parameter norms (fm's optimization
-    statistics hold them too: a monitored step leaves them to fm, saving two passes)."""
+def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer):
+    """Clip (knob), Adam direction, scale by -lr. Returns (params, opt_state, updates); the
+    step's norms are fm's optimization statistics of these."""
     grad_norm = optax.tree.norm(grads)
     scale = jnp.where(
         knobs.grad_clip > 0, jnp.minimum(1.0, knobs.grad_clip / (grad_norm + 1e-6)), 1.0
@@ -97,14 +96,11 @@ def apply_update(params, opt_state, grads, knobs: Knobs, lr, optimizer, *, norms
     grads = jax.tree.map(lambda g: g * scale, grads)
     direction, new_opt_state = optimizer.update(grads, opt_state, params)
     updates = jax.tree.map(lambda d: -lr * d, direction)
-    stats = {"grad_norm": grad_norm}
-    if norms:
-        stats.update(update_norm=optax.tree.norm(updates), param_norm=optax.tree.norm(params))
     # skip_nonfinite (remedy switch): a step whose gradients are not finite changes nothing,
     # as the skip-step guards of large-scale trainers do.
     skip = (knobs.skip_nonfinite > 0) & ~jnp.isfinite(grad_norm)
     new_params = remedied(skip, params, optax.apply_updates(params, updates))
-    return new_params, remedied(skip, opt_state, new_opt_state), updates, stats
+    return new_params, remedied(skip, opt_state, new_opt_state), updates
 
 
 def remedied(on: jax.Array, configured, piped):

@@ -81,6 +81,7 @@ class Supervisor:
         timings so far, kept in each checkpoint."""
         self.run, self.cfg, self.logs = run, run.cfg, logs
         self.seconds = seconds
+        self.record = config_record(run.cfg)  # what every checkpoint records of the config
         self.knobs = knobs  # placed; replaced by the controller's after a remedy
         self.initial = begun.evals["initial"]
         self.final, self.final_step = begun.evals["last"], begun.evals["last_step"]
@@ -253,7 +254,7 @@ class Supervisor:
         if run.mesh is not None:
             check_replicas(run, state, step, self.logs.events)
         meta = {
-            "config": config_record(self.cfg),
+            "config": self.record,
             "knobs": knobs_to_dict(self.knobs),
             "eval_initial": self.initial,
             "eval_last": self.final,

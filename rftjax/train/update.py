@@ -124,9 +124,7 @@ def update(s: StepSpec, carry, mb, knobs: Knobs, lr, ctx):
     if s.monitor is not None:  # the coefficients the loss applied, as measured
         metrics.update(loss_kl_coef=probed["kl_coef"], loss_ent_coef=-probed["ent_coef"])
     grads = s.hooks.gradients(grads, ctx)
-    new_params, opt_state, updates, _ = apply_update(
-        params, opt_state, grads, knobs, lr, s.optimizer, norms=False
-    )
+    new_params, opt_state, updates = apply_update(params, opt_state, grads, knobs, lr, s.optimizer)
     inputs = fmm.StepInputs(grads=grads, updates=updates, params=params, lr=lr)
     stats = fmm.optimization_statistics(inputs)
     stats.pop("lr")  # the step reports its learning rate once
