@@ -167,11 +167,11 @@ def batch_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
 
 
 def cache_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """KV cache keys/values [B, L, K, D]: rows on the batch axes, kv heads on tensor."""
+    """KV cache keys/values [B, K, L, D]: rows on the batch axes, kv heads on tensor."""
     rows = batch_spec(shape, mesh)
     spec = [*rows, *([None] * (len(shape) - len(rows)))]
-    if len(shape) == 4 and mesh.shape["tensor"] > 1 and shape[2] % mesh.shape["tensor"] == 0:
-        spec[2] = "tensor"
+    if len(shape) == 4 and mesh.shape["tensor"] > 1 and shape[1] % mesh.shape["tensor"] == 0:
+        spec[1] = "tensor"
     return _spec(spec)
 
 

@@ -151,7 +151,7 @@ def test_grouped_query_attention_equals_repeated_heads():
     k = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
     mask = models.causal_mask(jnp.ones((2, 5), bool))
-    got = tf.attention(q, k, v, mask)
+    got = tf.attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)  # [B,K,L,D]
     # Reference: plain multi-head attention with each kv head repeated for its 2 query heads.
     kr, vr = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
     scores = np.einsum("bshd,blhd->bhsl", q, kr) / np.sqrt(8)

@@ -79,13 +79,13 @@ def profile(config, dtype: str = "float32", repeats: int = 5) -> dict:
     state = runner.state
     times = {"step": _median_seconds(runner.step, repeats)}
     state = runner.state
-    times["rollout"] = _median_seconds(lambda: learner["rollout"](state, batch, knobs), repeats)
-    ro = learner["rollout"](state, batch, knobs)
+    times["rollout"] = _median_seconds(lambda: learner.rollout(state, batch, knobs), repeats)
+    ro = learner.rollout(state, batch, knobs)
     answers = jnp.repeat(batch.answers, config.group_size, 0)
     rewards = {"reward": task.jnp_reward(ro.response, answers)["reward"]}
     copies = [jax.tree.map(jnp.copy, state) for _ in range(repeats + 1)]
     times["learn"] = _median_seconds(
-        lambda: learner["learn"](copies.pop(), ro, rewards, knobs)[1], repeats
+        lambda: learner.learn(copies.pop(), ro, rewards, knobs)[1], repeats
     )
     for name, fn in _pieces(runner.graphdef, state, batch, ro).items():
         times[name] = _median_seconds(fn, repeats)

@@ -27,7 +27,9 @@ REMAT_MODES = ("none", "layer")
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values [B, L, K, D], which slots hold a real token [B, L], next write slot."""
+    """Per-layer keys/values [B, K, L, D] (heads before slots: the layout attention's batched
+    matmuls read, so a decode step never transposes the cache), which slots hold a real token
+    [B, L], next write slot."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -36,7 +38,7 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
-    shape = (batch, length, config.num_kv_heads, config.resolved_head_dim)
+    shape = (batch, config.num_kv_heads, length, config.resolved_head_dim)
     dtype = jnp.dtype(config.dtype)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(
@@ -110,14 +112,14 @@ class RMSNorm(nnx.Module):
 
 
 def attention(q, k, v, mask):
-    """Grouped-query attention. q [B,S,H,D], k/v [B,L,K,D], mask bool [B,S,L] -> [B,S,H,D]."""
+    """Grouped-query attention. q [B,S,H,D], k/v [B,K,L,D], mask bool [B,S,L] -> [B,S,H,D]."""
     b, s, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("bskgd,blkd->bkgsl", q, k).astype(jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("bskgd,bkld->bkgsl", q, k).astype(jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgsl,blkd->bskgd", probs, v)
+    out = jnp.einsum("bkgsl,bkld->bskgd", probs, v)
     return out.reshape(b, s, h, d)
 
 
@@ -132,19 +134,20 @@ class Attention(nnx.Module):
         self.shape = (h, k, d)
 
     def __call__(self, x, positions, inv_freq, mask, cache_kv=None, index=None):
-        """x [B,S,hidden]; with cache_kv=(k [B,L,K,D], v), writes this chunk at slot `index`."""
+        """x [B,S,hidden]; with cache_kv=(k [B,K,L,D], v), writes this chunk at slot `index`."""
         h, kh, d = self.shape
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, s, h, d), positions, inv_freq)
         k = apply_rope(self.k_proj(x).reshape(b, s, kh, d), positions, inv_freq)
         v = self.v_proj(x).reshape(b, s, kh, d)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
         if cache_kv is not None:
             zero = jnp.zeros((), jnp.int32)
             k = jax.lax.dynamic_update_slice(
-                cache_kv[0], k.astype(cache_kv[0].dtype), (zero, index, zero, zero)
+                cache_kv[0], k.astype(cache_kv[0].dtype), (zero, zero, index, zero)
             )
             v = jax.lax.dynamic_update_slice(
-                cache_kv[1], v.astype(cache_kv[1].dtype), (zero, index, zero, zero)
+                cache_kv[1], v.astype(cache_kv[1].dtype), (zero, zero, index, zero)
             )
         out = attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, s, h * d)), (k, v)
