@@ -9,9 +9,11 @@ in-step). Each run is then replayed through `fm.logs.monitor.Monitor` — the de
 view's signals and the rules diagnoser over the fault types the view can show — exactly as
 `fm.analyze` reads a log, and scored like `launch.faultbench evaluate` (`fm.faultbench.scoring`,
 event-level, no point adjustment): detection F1, precision, recall, delay, false alarms per
-1,000 clean steps; and the first diagnosis of each event detected within the window: top-1 and
-family accuracy, macro over the types with such an event (as `fm.faultbench.diagnosis` scores
-diagnosers: conditional on detection, so read it next to recall).
+1,000 clean steps; and the first diagnosis of each event detected within the window: top-1,
+top-3 and family accuracy, macro over the types with such an event (as `fm.faultbench.diagnosis`
+scores diagnosers: conditional on detection, so read it next to recall), of the rules and of
+the view's learned diagnoser (`fm.logs.learned`) cross-validated leave one seed out on the same
+events. `train` fits and writes the per-view learned diagnosers.
 
 The records hold fm's own statistics, so a view stands for "the trainer logged these
 statistics", not for the trainer's exact estimators (TRL's `kl` is a k3 estimate where the

@@ -7,10 +7,13 @@ and is trained only on fault types the view can see (`fm.logs.views`). Its examp
 windows a `fm.logs.monitor.Monitor` over the view's signals diagnoses, replayed over
 FaultBench records (`fm.logs.evaluate`), so training and use see the same alarm and window.
 
-Artifacts: `fm/artifacts/diagnoser_<view>.json` (`save`; `python -m launch.faultbench
-train-diagnoser --view trl,verl,openrlhf --data DIR --out fm/artifacts`). `pick(view)`
-returns the model a monitor diagnoses with, or None (rules) with the reason: no artifact for
-that trainer (tensorboard of an unknown trainer, rftjax), or one trained on other features.
+Artifacts: `fm/artifacts/diagnoser_<view>.json` (`fit`, `fm.logs.evaluate.train`; `python -m
+launch.faultbench train-diagnoser --view trl,verl,openrlhf --data DIR --out fm/artifacts`),
+with the campaign and their leave-one-seed-out scores against the rules in `info`.
+`pick(view, prefer)` returns the model a monitor diagnoses with, or None (the rules) with the
+reason: asked for the rules, no artifact for that trainer (tensorboard tags of no known
+table, rftjax's own log), one trained on other features, or ("auto") one that held out worse
+than the rules.
 """
 
 from __future__ import annotations
