@@ -1,11 +1,14 @@
 """Failure analysis of a finished run from its logs: TRL, verl, OpenRLHF, TensorBoard, rftjax.
 
   python -m fm.analyze LOG... [--format auto|trl|verl|openrlhf|tensorboard|rftjax] [--out DIR]
+                      [--diagnoser auto|learned|rules]
 
 reads the run's log files, maps the trainer's metric names to fm's signals with that trainer's
 declared table (`fm.logs.mappings`), replays fm's detector over the logged values step by step
-and diagnoses each alarm with fm's rules diagnoser, restricted to the fault types the log can
-show (`fm.logs.views`). It writes into DIR (default: `fm_analysis` beside the first log):
+and diagnoses each alarm, ranking only the fault types the log can show (`fm.logs.views`):
+with the learned diagnoser of that trainer's view where one is shipped (`fm.logs.learned`;
+"auto": only where it held out at least as well as the rules), else with fm's rules. It
+writes into DIR (default: `fm_analysis` beside the first log):
 
   events.jsonl   alarms (flagged signals, their scores and values) and diagnoses (ranking,
                  evidence in words, the types the log cannot tell apart from the top one)
@@ -27,8 +30,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from fm import detect, report
+from fm.logs import learned, monitor, readers
 from fm.logs import load as load_mod
-from fm.logs import monitor, readers
 from fm.logs.readers import LogError
 
 
@@ -39,12 +42,16 @@ class Analysis(NamedTuple):
 
 
 def analyze(
-    paths: Sequence[str], fmt: str = "auto", config: detect.DetectConfig | None = None
+    paths: Sequence[str],
+    fmt: str = "auto",
+    config: detect.DetectConfig | None = None,
+    diagnoser: str = "auto",
 ) -> Analysis:
-    """Detection and diagnosis over a run's logs (no files written)."""
+    """Detection and diagnosis over a run's logs (no files written). `diagnoser`: "auto",
+    "learned" or "rules" (`fm.logs.learned.pick`)."""
     run = load_mod.load(list(paths), fmt)
     try:
-        mon = monitor.Monitor(run.signals, config=config)
+        mon = monitor.Monitor(run.signals, config=config, trainer=run.format, diagnoser=diagnoser)
     except ValueError as e:
         raise LogError(f"{', '.join(run.files)}: {e}") from None
     events = []
@@ -73,6 +80,7 @@ def _summary(run: load_mod.Run, mon: monitor.Monitor, events: list[dict]) -> dic
         "unknown_metrics": list(run.mapped.unknown),
         "text_metrics": list(run.text),
         "view": mon.view.as_json(),
+        "diagnoser": mon.choice.as_json(),
         "alarms": len(alarms),
         "alarm_steps": [e["step"] for e in alarms],
         "diagnoses": [
@@ -121,6 +129,8 @@ def markdown(analysis: Analysis, picture: str | None) -> str:
         "",
         f"**{s['alarms']} alarm step(s)**, {len(s['diagnoses'])} diagnosis(es).",
         "",
+        f"Diagnoser: **{s['diagnoser']['diagnoser']}** ({s['diagnoser']['why']}).",
+        "",
     ]
     for d in s["diagnoses"]:
         ranking = ", ".join(f"{t} {p:.0%}" for t, p in d["ranking"])
@@ -161,9 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", default="auto", choices=("auto", *readers.FORMATS))
     parser.add_argument("--out", default=None, help="output folder (default: fm_analysis/ beside "
                         "the first log)")  # fmt: skip
+    parser.add_argument("--diagnoser", default="auto", choices=learned.CHOICES,
+                        help="auto: the trainer's learned diagnoser where it held out at least "
+                        "as well as the rules; learned: it wherever shipped; rules")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        analysis = analyze(args.logs, args.format)
+        analysis = analyze(args.logs, args.format, diagnoser=args.diagnoser)
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -174,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = analysis.summary
     print(f"{s['format']} ({s['table']}): {s['steps']} steps, {len(s['monitored'])} signals "
           f"monitored, {s['alarms']} alarm step(s)")  # fmt: skip
+    print(f"  diagnoser: {s['diagnoser']['diagnoser']} ({s['diagnoser']['why']})")
     for d in s["diagnoses"]:
         print(f"  step {d['alarm_step']}: {d['top']} ({d['family']}) {'; '.join(d['evidence'])}")
     if s["unknown_metrics"]:

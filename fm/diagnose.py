@@ -201,13 +201,16 @@ FEATURES: tuple[str, ...] = tuple(
 )
 
 
-def features(records: Sequence[Mapping[str, float]], alarm_index: int) -> np.ndarray:
-    """f64[len(FEATURES)]: each statistic's shift since the alarm (robust z against the steps
-    before it, with the detector's floors), squashed to ±50; 0 for a statistic not logged."""
+def features(
+    records: Sequence[Mapping[str, float]], alarm_index: int, names: Sequence[str] = FEATURES
+) -> np.ndarray:
+    """f64[len(names)]: each statistic's shift since the alarm (robust z against the steps
+    before it, with the detector's floors), squashed to ±50; 0 for a statistic not logged.
+    `names`: the statistics to read (default `FEATURES`; a log-level view reads its subset)."""
     floors = _floors()
     before, after = records[:alarm_index], records[alarm_index:]
-    out = np.zeros(len(FEATURES))
-    for j, name in enumerate(FEATURES):
+    out = np.zeros(len(names))
+    for j, name in enumerate(names):
         b, a = _series(before, name), _series(after, name)
         if not np.isfinite(b).any() and not np.isfinite(a).any():
             continue
@@ -262,14 +265,18 @@ def save_model(model: Model, path: str) -> None:
         json.dump(record, f, indent=1)
 
 
-def load_model(path: str = DEFAULT_MODEL) -> Model:
-    """Reads a model written by `save_model`; refuses another version or feature set."""
+def load_model(path: str = DEFAULT_MODEL, features: Sequence[str] = FEATURES) -> Model:
+    """Reads a model written by `save_model`; refuses another version or another feature set
+    than `features` (default `FEATURES`; a per-view model's are its view's)."""
     with open(path, encoding="utf-8") as f:
         r = json.load(f)
     if r.get("version") != MODEL_VERSION:
         raise ValueError(f"{path}: diagnoser version {r.get('version')}, need {MODEL_VERSION}")
-    if tuple(r["features"]) != FEATURES:
-        raise ValueError(f"{path}: trained on other features than this fm's {len(FEATURES)}")
+    if tuple(r["features"]) != tuple(features):
+        raise ValueError(
+            f"{path}: trained on other features ({len(r['features'])}) than the "
+            f"{len(features)} expected: {', '.join(features)}"
+        )
     arr = lambda k: np.asarray(r[k], np.float64)
     return Model(
         r["version"], tuple(r["features"]), tuple(r["classes"]), arr("mean"), arr("scale"),
@@ -285,9 +292,12 @@ def fit(
     steps: int = 3000,
     lr: float = 0.5,
     info: dict | None = None,
+    names: Sequence[str] = FEATURES,
 ) -> Model:
     """Multinomial logistic regression by full-batch gradient descent (deterministic, numpy
-    only): x [N, F] from `features`, labels [N] type ids."""
+    only): x [N, F] from `features(..., names)`, labels [N] type ids."""
+    if x.shape[1:] != (len(names),):
+        raise ValueError(f"x has {x.shape[1:]} features a row; `names` has {len(names)}")
     classes = tuple(sorted(set(labels)))
     y = np.array([classes.index(t) for t in labels])
     mean = x.mean(0)
@@ -304,7 +314,7 @@ def fit(
         err = (p - onehot) / len(y)
         coef -= lr * (err.T @ xs + l2 * coef)
         intercept -= lr * err.sum(0)
-    return Model(MODEL_VERSION, FEATURES, classes, mean, scale, coef, intercept, info or {})
+    return Model(MODEL_VERSION, tuple(names), classes, mean, scale, coef, intercept, info or {})
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -349,7 +359,7 @@ class Learned:
             values = _series(after, name)
             if np.any(values[np.isfinite(values)] > 0):
                 return diagnose(records, alarm_index, flagged=flagged, types=types)
-        p = self.model.probabilities(features(records, alarm_index))
+        p = self.model.probabilities(features(records, alarm_index, self.model.features))
         ids = [t.id for t in taxonomy.CATALOG] if types is None else list(types)
         conf = {t: c for t, c in zip(self.model.classes, p.tolist(), strict=True) if t in ids}
         total = sum(conf.values())

@@ -16,7 +16,8 @@
       and plots/<type>.png (signals around onset). Faulted runs identical to their clean twin
       (inert) are not scored; harmful and harmless faults are also scored apart. --view:
       fm also scored on the records reduced to each trainer's log-level metrics (detection,
-      delay, diagnosis per view), into REPORT/views.{json,md}.
+      delay, diagnosis per view: the rules, and each view's learned diagnoser by
+      leave-one-seed-out cross-validation), into REPORT/views.{json,md}.
 
   severity --out DIR [--seeds 0,1,2] [--types RF1,PG2] [--workers 2] [--steps N]
            [any launch.train model / task / algorithm / knob flag]
@@ -37,6 +38,10 @@
       their first alarm within the window, scores it and the rule diagnoser on the eval split
       (held out: other seeds) and on the train split, and writes the model (JSON, read with
       numpy alone; the package ships one at fm/artifacts/diagnoser.json).
+  train-diagnoser --data DIR --out FOLDER --view trl,verl,openrlhf [--window 50]
+      One learned diagnoser per trainer's log-level view (fm.logs.learned), fit on every run
+      of DIR reduced to that view, its leave-one-seed-out scores against the rules in its
+      `info`: FOLDER/diagnoser_<view>.json (fm.analyze reads fm/artifacts/).
 
   power --out DIR [--spec standard|smoke|FILE] [--types all] [--seeds 0,1,2] [--points 6]
         [--variants all|first] [--budget 0.5] [--window 50] [--detector all] [--workers 2]
@@ -282,6 +287,19 @@ def evaluate() -> None:
 def train_diagnoser() -> None:
     if not FLAGS.data:
         raise app.UsageError("--data is required (folders written by generate, comma-separated)")
+    if FLAGS.view:  # a learned diagnoser per log-level view, into the folder --out
+        from fm.logs import evaluate as by_view
+
+        try:
+            infos = by_view.train(FLAGS.data, FLAGS.view.split(","), FLAGS.out, window=FLAGS.window)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        for view, info in infos.items():
+            cv = info["cross_validation"]
+            print(f"{view}: {sum(info['examples'].values())} examples, {cv['folds']}: learned "
+                  f"top-1 {cv['learned'].get('top1_macro', 0):.2f}, rules "
+                  f"{cv['rules'].get('top1_macro', 0):.2f}; wrote {FLAGS.out}")  # fmt: skip
+        return
     try:
         info, table = fb_diagnosis.train_on(FLAGS.data.split(","), FLAGS.out, window=FLAGS.window)
     except (ValueError, FileNotFoundError) as e:

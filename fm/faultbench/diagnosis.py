@@ -85,10 +85,15 @@ def calibration_error(confidence: Sequence[float], correct: Sequence[bool], bins
 def accuracy(diagnoser: Callable[..., dg.Diagnosis], data: Sequence[Example]) -> dict:
     """Top-1, top-3 and family accuracy, macro over types (and micro), with per-type counts;
     the mean top-1 confidence and its expected calibration error (micro)."""
+    return score([(ex, diagnoser(ex.window, ex.alarm_index, flagged=ex.flagged)) for ex in data])
+
+
+def score(diagnosed: Sequence[tuple[Example, dg.Diagnosis]]) -> dict:
+    """`accuracy` of given (example, its diagnosis) pairs: the diagnoses may come from
+    several models (cross-validation folds)."""
     per: dict[str, list[tuple[bool, bool, bool]]] = {}
     confidence = []
-    for ex in data:
-        d = diagnoser(ex.window, ex.alarm_index, flagged=ex.flagged)
+    for ex, d in diagnosed:
         family = taxonomy.get(ex.type).family
         per.setdefault(ex.type, []).append(
             (d.top == ex.type, ex.type in d.top_k(3), d.family == family)
@@ -142,13 +147,18 @@ def unsure_table(
     return rows
 
 
-def train(data: Sequence[Example], *, folds: int = 5, **fit_options) -> dg.Model:
+def train(
+    data: Sequence[Example], *, folds: int = 5, names: Sequence[str] = dg.FEATURES, **fit_options
+) -> dg.Model:
     """The learned diagnoser fit on `data`, its temperature fitted on out-of-fold logits
-    (`folds` folds by run, so no run's example calibrates a model that saw it; 1: none)."""
+    (`folds` folds by run, so no run's example calibrates a model that saw it; 1: none).
+    `names`: the statistics it reads (default: every one fm computes in-step; a log-level
+    view's model reads those its trainer logs)."""
     if not data:
         raise ValueError("no training examples: no faulted run alarmed within the window")
-    x = np.stack([dg.features(ex.window, ex.alarm_index) for ex in data])
+    x = np.stack([dg.features(ex.window, ex.alarm_index, names) for ex in data])
     labels = [ex.type for ex in data]
+    fit_options["names"] = names
     model = dg.fit(x, labels, **fit_options)
     if folds < 2:
         return model
@@ -167,6 +177,30 @@ def train(data: Sequence[Example], *, folds: int = 5, **fit_options) -> dg.Model
     y = np.array([model.classes.index(t) for t in labels])
     ok = np.isfinite(logits[np.arange(len(y)), y])
     return model._replace(temperature=dg.fit_temperature(logits[ok], y[ok]))
+
+
+def cross_validate(
+    data: Sequence[Example],
+    group_of: Callable[[Example], object],
+    *,
+    names: Sequence[str] = dg.FEATURES,
+    types: Sequence[str] | None = None,
+    **train_options,
+) -> list[tuple[Example, dg.Diagnosis]]:
+    """Leave-one-group-out diagnoses: each example diagnosed by the learned diagnoser trained
+    (`train`, reading `names`) on the examples of `types` (default: all) of every other group
+    (`group_of`: e.g. the run's seed), ranking `types`. A group whose rest holds no such
+    example is left out. Score the pairs with `score`."""
+    out = []
+    for group in sorted({group_of(ex) for ex in data}, key=str):
+        rest = [ex for ex in data
+                if group_of(ex) != group and (types is None or ex.type in types)]  # fmt: skip
+        if not rest:
+            continue
+        learned = dg.Learned(train(rest, names=names, **train_options))
+        out += [(ex, learned(ex.window, ex.alarm_index, flagged=ex.flagged, types=types))
+                for ex in data if group_of(ex) == group]  # fmt: skip
+    return out
 
 
 def train_on(folders: Sequence[str], out: str, *, window: int = 50) -> tuple[dict, list[str]]:

@@ -114,11 +114,12 @@ class FMCallback(TrainerCallback):
         if not used:  # the end-of-training summary, or a log without training metrics
             return
         if self.monitor is None:
-            self.monitor = monitor.Monitor(tuple(used), config=self.config)
+            self.monitor = monitor.Monitor(tuple(used), config=self.config, trainer="trl")
             self.unknown = mappings.resolve(self.table, names).unknown
             self._emit({"step": state.global_step, "event": "start", "table": self.table.tag,
                         "monitored": list(self.monitor.watched), "unknown": list(self.unknown),
-                        "cannot_see": list(self.monitor.view.invisible)})  # fmt: skip
+                        "cannot_see": list(self.monitor.view.invisible),
+                        **self.monitor.choice.as_json()})  # fmt: skip
         step = state.global_step
         values = {s: logs.get(name) for s, name in used.items()}
         for event in self.monitor.observe(step, values):

@@ -5,6 +5,7 @@
   load      records + table -> fm signals per step, with every metric name accounted for
   views     which fault types a log's signals can show and tell apart
   monitor   fm's detector and diagnoser fed one logged step at a time (offline and online)
+  learned   the learned diagnoser per view: what it reads, its artifacts, which one a log gets
   evaluate  FaultBench records reduced to each trainer's view, scored (`python -m
             fm.logs.evaluate`)
 

@@ -3,9 +3,10 @@
 `Monitor` is what `fm.analyze` replays over a finished log and what an online integration (the
 TRL callback) calls at each logging step: the same `fm.detect` detector as in a JAX train step
 (its default signals, restricted to those the log carries, and its default configuration),
-jitted once and fed the logged values; then, `evidence_steps` after an alarm, the rules
-diagnoser of `fm.diagnose` over the records around it, ranking only the fault types the log can
-show (`fm.logs.views`).
+jitted once and fed the logged values; then, `evidence_steps` after an alarm, a diagnoser over
+the records around it, ranking only the fault types the log can show (`fm.logs.views`): the
+learned diagnoser of the trainer's view (`fm.logs.learned`) where one is shipped, else the rules
+of `fm.diagnose`. Each diagnosis event names the diagnoser that made it.
 
 An episode starts at an alarm while none is open and ends after `quiet` steps without one; each
 episode gets one diagnosis. Events are dicts with `step` and `event` ("alarm", "diagnosis"),
@@ -17,14 +18,23 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from fm import detect, taxonomy
 from fm import diagnose as dg
-from fm.logs import views
+from fm.logs import learned, views
+
+
+class Case(NamedTuple):
+    """What one diagnosis was made from (the `fm.diagnose` inputs)."""
+
+    alarm_step: int
+    records: list[dict[str, float]]  # the step records around the alarm, oldest first
+    index: int  # the alarm's index in `records`
+    flagged: tuple[str, ...]  # the signals the detector flagged at the alarm
 
 
 def detector_signals(available: Sequence[str]) -> tuple[detect.Signal, ...]:
@@ -52,9 +62,13 @@ class Monitor:
         evidence_steps: int = 2,
         quiet: int = 10,
         history: int = 64,
+        trainer: str | None = None,
+        diagnoser: str = "auto",
     ) -> None:
         """`signals`: the fm statistics the log carries at every step (the detector watches
-        those of its defaults among them; all of them go to the diagnoser)."""
+        those of its defaults among them; all of them go to the diagnoser). `trainer`: whose
+        log it is (a view of `fm.logs.learned`); `diagnoser`: "auto", "learned" or "rules"
+        (`fm.logs.learned.pick`: the rules where no learned model is shipped for `trainer`)."""
         watched = detector_signals(signals)
         if not watched:
             names = ", ".join(s.name for s in detect.default_signals())
@@ -73,6 +87,9 @@ class Monitor:
         self.episode: dict[str, Any] | None = None  # alarm_step, flagged, last_alarm, diagnosed
         self.alarms = 0
         self.diagnoses: list[dict[str, Any]] = []
+        self.cases: list[Case] = []
+        self.choice = learned.pick(trainer, diagnoser)
+        self._learned = dg.Learned(self.choice.model) if self.choice.model else None
 
     @property
     def watched(self) -> tuple[str, ...]:
@@ -121,12 +138,15 @@ class Monitor:
         if index == 0:  # an alarm with no baseline before it: the evidence is its own baseline
             records.insert(0, dict(records[0]))
             index = 1
-        d = dg.diagnose(records, index, flagged=ep["flagged"], types=self.view.visible)
+        diagnoser = self._learned or dg.diagnose
+        d = diagnoser(records, index, flagged=ep["flagged"], types=self.view.visible)
         ep["diagnosed"] = True
+        self.cases.append(Case(ep["alarm_step"], records, index, tuple(ep["flagged"])))
         event = {
             "step": step,
             "event": "diagnosis",
             "alarm_step": ep["alarm_step"],
+            "diagnoser": self.choice.name,
             "top": d.top,
             "name": taxonomy.get(d.top).name,
             "family": d.family,
