@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 from absl import logging as absl_logging
@@ -136,6 +137,22 @@ def test_the_bar_renders_step_total_rate_and_eta():
     # Under a step a second, seconds a step; 1497 steps at 0.25/s are 5988 s = 1 h 39 min 48 s.
     assert bar_line(3, 1500, 0.25, 5988.0, width=63).endswith("| 4.0 s/step, ETA 1h39m")
     assert bar_line(0, 1500, None, None, width=63).endswith("| measuring speed")
+
+
+def test_pace_counts_dispatched_steps_after_the_first_rollbacks_included(monkeypatch):
+    from rftjax.train import supervisor
+
+    clock = iter([10.0, 12.0, 13.0])  # the first step's dispatch, then two readings
+    monkeypatch.setattr(supervisor, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    pace = supervisor.Pace()
+    pace.stepped(1)  # its call compiled: the clock starts here
+    assert pace.rate(1, 10) == (None, None) and pace.describe(1, 10) == "measuring speed"
+    for step in (2, 3, 4, 5):
+        pace.stepped(step)
+    assert pace.rate(5, 10) == (2.0, 2.5)  # 4 steps in 2 s; 5 left
+    for step in (3, 4):  # a rollback to 2 replays steps 3 and 4: 6 steps in 3 s
+        pace.stepped(step)
+    assert pace.describe(4, 10) == "2.0 steps/s, ETA 0m03s"
 
 
 def _noise(level, path, message):
