@@ -173,17 +173,10 @@ def train_config(values, *, workdir: str, steps: int, resume: bool) -> TrainConf
     )
 
 
-class _DropLibraryInfo:
-    """absl-handler filter: hide the INFO chatter of Orbax (it logs every save) and of jax's
-    backend probe (a missing TPU runtime on every CPU start), but keep their warnings."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(
-            name in record.pathname for name in ("orbax", "xla_bridge")
-        )
-
-
 def quiet_libraries() -> None:
+    """Keeps library chatter off absl's console handler (entry points without a `Console`)."""
     from absl import logging
 
-    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+    from rftjax.train.console import LibraryNoise
+
+    logging.get_absl_handler().addFilter(LibraryNoise())

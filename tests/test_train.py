@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,22 @@ def test_launch_train_writes_the_promised_outputs(tmp_path):
         for n in os.listdir(os.path.join(workdir, "tensorboard"))
     )
     assert "warm-up" in proc.stderr and "held-out accuracy" in proc.stderr
+    # The console (a pipe here): plain lines, progress every --log_every steps, no "\r", no
+    # absl prefix, no JSON. The full log, prefixes and library chatter included, is train.log.
+    prefix = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] ")
+    console = proc.stderr.splitlines()
+    assert "\r" not in proc.stderr and not any(prefix.match(line) for line in console)
+    assert not any(line.lstrip().startswith("{") for line in console)
+    assert [line.split(" reward")[0] for line in console if " reward " in line] == [
+        "step 2/6", "step 4/6", "step 6/6"
+    ]  # fmt: skip
+    with open(os.path.join(workdir, "train.log"), encoding="utf-8") as f:
+        logged = f.read().splitlines()
+    assert all(prefix.match(line) for line in logged if line[:1] in "IWEF")
+    for line in console:  # every console line is in the log
+        assert sum(line in entry for entry in logged) >= 1, line
+    hidden = [e for e in logged if re.search(r" \S*(checkpoint|xla_bridge)\S*\.py:", e)]
+    assert hidden and not any(prefix.sub("", e) in proc.stderr for e in hidden)
 
 
 _config = small_shapes.run_config

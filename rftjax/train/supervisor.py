@@ -20,7 +20,7 @@ from fm import detect as fm_detect
 from fm import report as fm_report
 from rftjax import parallel
 from rftjax.knobs import knobs_to_dict
-from rftjax.train import manage
+from rftjax.train import console, manage
 from rftjax.train.logs import JsonlLog, MetricsWriter
 from rftjax.train.resume import Start, config_record
 from rftjax.train.setup import Run
@@ -52,6 +52,7 @@ def open_logs(run: Run, begun: Start, start: int) -> Logs:
     if jax.process_index() != 0:
         return Logs(_Quiet(), _Quiet())
     cfg, workdir = run.cfg, run.workdir
+    console.open_run_log(workdir, append=start > 0)  # the run holds its workdir now
     metrics = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.tensorboard)
     kept = (begun.meta or {}).get("events_written")
     events = JsonlLog(os.path.join(workdir, "events.jsonl"), resume_step=start, keep=kept)
@@ -199,6 +200,8 @@ class Supervisor:
                 self.event(alarm_event(step, values))
             if self.manager is not None:
                 self.observe(step, values)
+            rate, eta = self.pace.rate(step, self.cfg.steps)
+            console.progress(step, self.cfg.steps, rate, eta, f"reward {values['reward_mean']:.3f}")
             if step % self.cfg.log_every == 0 or step == self.cfg.steps:
                 self.progress(step, values)
 
@@ -215,7 +218,7 @@ class Supervisor:
     def event(self, event: dict[str, Any]) -> None:
         """JSON in events.jsonl, a sentence on the console."""
         self.logs.events.write(event)
-        logging.warning("%s", fm_report.describe(event))
+        logging.warning("%s", fm_report.describe(event), extra=console.STORY)
 
     def progress(self, step: int, values: dict[str, float]) -> None:
         logging.info(
@@ -227,6 +230,7 @@ class Supervisor:
             values["entropy"],
             values["length_mean"],
             self.pace.describe(step, self.cfg.steps),
+            extra=console.PROGRESS,  # on a terminal the bar shows it
         )
 
     def fm_failed(self, step: int, where: str, error: Exception) -> None:
@@ -279,24 +283,31 @@ class Supervisor:
 
 
 class Pace:
-    """Steady-state speed and ETA: timed from the end of the first step of this process, so
-    compilation does not count (evaluations and checkpoints between do)."""
+    """Steady-state speed and ETA: steps dispatched since the first step of this process
+    (whose call compiles, so compilation does not count; evaluations and checkpoints between
+    do), replayed steps after a rollback included."""
 
     def __init__(self) -> None:
         self.first = True
-        self.since: tuple[int, float] | None = None
+        self.since = 0.0
+        self.steps = 0  # dispatched after the first
 
     def stepped(self, step: int) -> None:
+        del step
         if self.first:
-            self.first = False
-            self.since = (step, time.time())
+            self.first, self.since = False, time.time()
+        else:
+            self.steps += 1
+
+    def rate(self, step: int, total: int) -> tuple[float | None, float | None]:
+        """(steps/s, seconds left to `total` from `step`), or (None, None) before a measure."""
+        if not self.steps:
+            return None, None
+        rate = self.steps / max(time.time() - self.since, 1e-9)
+        return rate, (total - step) / rate
 
     def describe(self, step: int, total: int) -> str:
-        if self.since is None or step <= self.since[0]:
-            return "measuring speed"
-        rate = (step - self.since[0]) / max(time.time() - self.since[1], 1e-9)
-        left = (total - step) / rate
-        return f"{rate:.1f} steps/s, ETA {int(left // 60)}m{int(left % 60):02d}s"
+        return console.pace_text(*self.rate(step, total))
 
 
 def check_replicas(run: Run, state, step: int, events) -> None:
