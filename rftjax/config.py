@@ -87,6 +87,10 @@ class RLConfig:
         many micro-batches of whole groups, one at a time (less memory, the same update).
       remat: "layer" recomputes each decoder layer's activations in the learner's backward pass
         instead of keeping them (less memory, about one more forward); "none" keeps them.
+      length_buckets: the learner sorts each minibatch's rows by response length into this many
+        micro-batches and computes each only up to its longest row (the padding after EOS is
+        not computed; one compiled forward and backward per bucket size, ⌈N·i/k⌉); 1 computes
+        every row at max_new_tokens.
     """
 
     algo: str = setting("grpo", "RL algorithm.", group=ALGO, choices=ALGOS, campaign=SPEC)
@@ -135,6 +139,14 @@ class RLConfig:
         choices=REMAT_MODES,
         campaign=SPEC,
     )
+    length_buckets: int = setting(
+        1,
+        "Learner: rows sorted by length into this many chunks, each computed up to its "
+        "longest row (1: every row at full length).",
+        group=MODEL,
+        role=HOW,
+        campaign=SPEC,
+    )
 
     def __post_init__(self):
         _check_choices(self)
@@ -146,6 +158,7 @@ class RLConfig:
             "num_epochs",
             "num_minibatches",
             "num_microbatches",
+            "length_buckets",
         )
         if self.algo == "grpo" and self.group_size < 2:
             raise ValueError(
@@ -163,6 +176,17 @@ class RLConfig:
                 f"groups, not divisible by num_microbatches={self.num_microbatches} (a "
                 "micro-batch holds whole groups); accepted: a divisor of "
                 f"{groups_per_minibatch}"
+            )
+        if self.length_buckets > 1 and self.num_microbatches > 1:
+            raise ValueError(
+                f"length_buckets={self.length_buckets} already runs each minibatch as that many "
+                "micro-batches (of rows sorted by length); set num_microbatches=1"
+            )
+        rows = groups_per_minibatch * self.group_size
+        if rows % self.length_buckets:
+            raise ValueError(
+                f"a minibatch holds {rows} rows, not divisible by length_buckets="
+                f"{self.length_buckets}; accepted: a divisor of {rows}"
             )
         if self.kl_in_reward and self.algo != "ppo":
             raise ValueError(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from faults import NO_HOOKS
-from rftjax import config, models
+from rftjax import config, models, sampling
 from rftjax.config import RLConfig
 from rftjax.knobs import make_knobs
 from rftjax.models import transformer
@@ -100,19 +100,22 @@ def test_micro_weights_by_hand():
 
 
 @pytest.mark.parametrize(
-    "loss_agg, k, remat, epochs",
+    "loss_agg, k, remat, epochs, buckets",
     [
-        ("token_mean", 4, "none", 1),
-        ("seq_mean_token_mean", 2, "layer", 2),  # several updates: targets come with the data
+        ("token_mean", 4, "none", 1, 1),
+        ("seq_mean_token_mean", 2, "layer", 2, 1),  # several updates: targets come with the data
+        ("token_mean", 1, "none", 1, 4),  # rows by length: chunks at sizes 1, 3, 4, 4
+        ("seq_mean_token_sum_norm", 1, "layer", 1, 2),
+        ("token_mean", 1, "none", 2, 4),  # several updates: targets come with the data
     ],
 )
 def test_micro_batches_and_remat_give_the_minibatch_gradient_and_metrics(
-    loss_agg, k, remat, epochs
+    loss_agg, k, remat, epochs, buckets
 ):
     algo, rl = "grpo", dict(loss_agg=loss_agg, num_epochs=epochs)
     params, mb = _params(algo), _minibatch(targets=epochs > 1)
     plain = _gradients(_spec(algo=algo, **rl), params, mb)
-    spec = _spec(algo=algo, num_microbatches=k, remat=remat, **rl)
+    spec = _spec(algo=algo, num_microbatches=k, remat=remat, length_buckets=buckets, **rl)
     (grads, probed), metrics = _gradients(spec, params, mb)
     _assert_trees_close(grads, plain[0][0])
     # the coefficient probe measures the coefficients applied (fm's regularizer audit)
@@ -121,6 +124,28 @@ def test_micro_batches_and_remat_give_the_minibatch_gradient_and_metrics(
     _assert_trees_close(probed, plain[0][1])
     _assert_metrics_close(jax.device_get(metrics), jax.device_get(plain[1]))
     assert float(jnp.abs(plain[1]["kl_ref"])) > 0 and float(plain[1]["ratio_max"]) > 0
+
+
+def test_bucketed_forward_equals_the_padded_one_up_to_each_rows_end():
+    spec, params, mb = _spec(), _params("grpo"), _minibatch()
+    prompts, valid = mb["tokens"][::G, :P], mb["valid"][::G, :P]
+    args = (prompts, valid, mb["tokens"][:, P:], mb["valid"][:, P:], jnp.float32(0.9))
+    policy = params["policy"]
+    plain = sampling.response_logprobs(spec.graphdef, policy, *args)
+    bucketed = jax.jit(
+        lambda p: sampling.bucketed_response_logprobs(spec.graphdef, p, *args, buckets=4)
+    )(policy)
+    # rows' last real slots 4 1 1 2 3 3 4 4; sorted (stable) in chunks of 2 rows:
+    # (1, 2) ends 1 1 -> size 1, (3, 4) ends 2 3 -> 3, (5, 0) ends 3 4 -> 4, (6, 7) -> 4
+    assert sampling.bucket_sizes(N, 4) == (1, 2, 3, 4)
+    sizes = [4, 1, 1, 3, 3, 4, 4, 4]  # each row's chunk's size, by hand
+    for row, end in enumerate(np.maximum(LENGTHS, 1)):
+        for got, want in zip(bucketed, plain, strict=True):
+            np.testing.assert_allclose(got[row, :end], want[row, :end], rtol=2e-5, atol=2e-6)
+            assert not np.any(np.asarray(got[row, sizes[row] :]))  # never computed
+            assert np.all(np.asarray(got[row, : sizes[row]]) != 0)  # computed
+    with pytest.raises(ValueError, match="8 rows cannot be split into 3"):
+        sampling.bucketed_response_logprobs(spec.graphdef, policy, *args, buckets=3)
 
 
 def test_remat_checkpoints_each_layer_of_the_learner_only():
@@ -142,7 +167,7 @@ def test_ppo_learner_with_micro_batches_and_remat_matches_the_plain_step():
     # one update: GAE from the current values, whitened over the minibatch, the value loss
     rl = dict(prompts_per_step=GROUPS, group_size=G, max_new_tokens=N)
     rl.update(loss_agg="seq_mean_token_sum_norm", num_microbatches=1)
-    plain, micro = (
+    learners = [
         make_learner(
             models.create(MODEL, 0)[0],
             RLConfig(algo="ppo", **{**rl, **extra}),
@@ -150,29 +175,34 @@ def test_ppo_learner_with_micro_batches_and_remat_matches_the_plain_step():
             pad_id=0,
             reward_fn=task.jnp_reward,
         )
-        for extra in ({}, {"num_microbatches": 4, "remat": "layer"})
-    )
+        for extra in ({}, {"num_microbatches": 4, "remat": "layer"}, {"length_buckets": 4})
+    ]
     _, policy = models.create(MODEL, 0)
     cfg = RLConfig(algo="ppo", group_size=G)
     knobs = make_knobs(lr=1e-3, **KNOBS)
     state = init_state(policy, cfg, 0)
-    ro = plain.rollout(state, to_prompt_batch(task.train_batch(0, GROUPS)), knobs)
+    ro = learners[0].rollout(state, to_prompt_batch(task.train_batch(0, GROUPS)), knobs)
     rewards = {"reward": jnp.asarray(np.random.default_rng(0).random(GROUPS * G), jnp.float32)}
     outs = []
-    for learner in (plain, micro):
+    for learner in learners:
         new, metrics = learner.learn(init_state(policy, cfg, 0), ro, rewards, knobs)
         outs.append((jax.device_get(new.params), jax.device_get(metrics)))
         learner.learn(new, ro, rewards, knobs)  # a second step: the same program
         assert learner.learn._cache_size() == 1
-    (params, metrics), (params_m, metrics_m) = outs
-    # Adam turns a gradient into about ±lr per element: 1% of one update as the tolerance
-    _assert_trees_close(params_m, params, rtol=1e-4, atol=1e-5)
-    _assert_metrics_close(metrics_m, metrics)
+    (params, metrics), *others = outs
+    for params_m, metrics_m in others:
+        # Adam turns a gradient into about ±lr per element: 1% of one update as the tolerance
+        _assert_trees_close(params_m, params, rtol=1e-4, atol=1e-5)
+        _assert_metrics_close(metrics_m, metrics)
 
 
 def test_micro_batches_must_hold_whole_groups():
     with pytest.raises(ValueError, match="num_microbatches=3.*divisor of 4"):
         RLConfig(prompts_per_step=8, group_size=2, num_minibatches=2, num_microbatches=3)
+    with pytest.raises(ValueError, match="holds 8 rows.*length_buckets=3; accepted: a divisor"):
+        RLConfig(prompts_per_step=4, group_size=2, length_buckets=3)
+    with pytest.raises(ValueError, match="length_buckets=2 already runs.*num_microbatches=1"):
+        RLConfig(prompts_per_step=4, group_size=2, num_microbatches=2, length_buckets=2)
     with pytest.raises(ValueError, match="remat='full'.*accepted: none, layer"):
         RLConfig(remat="full")
     assert config.REMAT_MODES == transformer.REMAT_MODES  # the config's copy of the model's

@@ -50,6 +50,7 @@ class Config:
     seed: int = 0
     warmup: int = 2
     steps: int = 6
+    length_buckets: int = 1  # rftjax's learner only (`RLConfig.length_buckets`)
 
     def __post_init__(self):
         for name in ("prompts", "group_size", "new_tokens", "steps"):
@@ -81,6 +82,7 @@ def config_from_flags(values) -> Config:
     given = {
         "prompts_per_step": "prompts", "group_size": "group_size", "max_new_tokens": "new_tokens",
         "kl_coef": "beta", "lr": "lr", "seed": "seed", "repeats": "steps",
+        "length_buckets": "length_buckets",
     }  # fmt: skip
     for flag, field in given.items():
         if values[flag].present:
@@ -215,6 +217,7 @@ class RftjaxRunner:
             prompts_per_step=config.prompts,
             group_size=config.group_size,
             max_new_tokens=config.new_tokens,
+            length_buckets=config.length_buckets,
         )
         tok = task.tokenizer
         self.learner = make_learner(

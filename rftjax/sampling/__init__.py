@@ -3,6 +3,8 @@
 from rftjax.sampling.sampler import (
     Rollout,
     SamplingParams,
+    bucket_sizes,
+    bucketed_response_logprobs,
     generate,
     generate_recompute,
     log_probs,
@@ -16,6 +18,8 @@ from rftjax.sampling.sampler import (
 __all__ = [
     "Rollout",
     "SamplingParams",
+    "bucket_sizes",
+    "bucketed_response_logprobs",
     "generate",
     "generate_recompute",
     "log_probs",

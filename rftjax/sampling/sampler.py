@@ -430,3 +430,65 @@ def response_logprobs(
     logp = jnp.take_along_axis(logp_all, response[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     return logp, entropy, hidden
+
+
+def bucket_sizes(n: int, buckets: int) -> tuple[int, ...]:
+    """The response lengths a bucketed forward compiles: ⌈n·i / buckets⌉ for i = 1..buckets."""
+    return tuple(-(-n * i // buckets) for i in range(1, buckets + 1))
+
+
+def bucketed_response_logprobs(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: jax.Array,
+    prompt_mask: jax.Array,
+    response: jax.Array,
+    response_mask: jax.Array,
+    temperature: jax.Array,
+    *,
+    buckets: int,
+):
+    """`response_logprobs` without computing the padding after each row's last real token.
+
+    The B rows are sorted by length (their last real slot, `response_mask`) into `buckets`
+    chunks of B / buckets rows, computed one after another (`jax.lax.scan`); each chunk runs at
+    the smallest of `bucket_sizes(N, buckets)` that holds its longest row (`jax.lax.switch`:
+    one compiled forward per size). Outputs come back in the rows' own order, shaped as
+    `response_logprobs`'s; slots past a chunk's size are 0. On every slot up to a row's last
+    real token the values are `response_logprobs`'s (up to float rounding). The prompt is run
+    once per row here, not once per group (rows of a group land in different chunks), which
+    costs P tokens a row: worth it when responses are long and their lengths spread.
+
+    prompts [Bp, P] (unique, left-padded), response / response_mask [B, N], B = Bp × G with a
+    group's rows contiguous; B must be divisible by `buckets`.
+    """
+    (bp, _), (b, n) = prompts.shape, response.shape
+    if b % buckets:
+        raise ValueError(f"{b} rows cannot be split into {buckets} equal length buckets")
+    sizes = bucket_sizes(n, buckets)
+    needed = jnp.max(jnp.where(response_mask > 0, jnp.arange(1, n + 1), 0), axis=1)  # [B]
+    order = jnp.argsort(needed, stable=True)
+    by_row = order // (b // bp)  # each sorted row's prompt
+
+    def chunks(x):
+        return x.reshape(buckets, b // buckets, *x.shape[1:])
+
+    def at(t: int):
+        def run(pr, pm, resp, rmask):
+            out = response_logprobs(
+                graphdef, params, pr, pm, resp[:, :t], rmask[:, :t], temperature
+            )
+            return tuple(jnp.pad(x, [(0, 0), (0, n - t)] + [(0, 0)] * (x.ndim - 2)) for x in out)
+
+        return run
+
+    def chunk(_, xs):
+        *arrays, longest = xs
+        index = jnp.searchsorted(jnp.asarray(sizes), longest)  # the first size >= longest
+        return None, jax.lax.switch(index, [at(t) for t in sizes], *arrays)
+
+    xs = (prompts[by_row], prompt_mask[by_row], response[order], response_mask[order])
+    xs = (*map(chunks, xs), chunks(needed[order]).max(axis=1))
+    _, outs = jax.lax.scan(chunk, None, xs)
+    inverse = jnp.argsort(order)
+    return tuple(x.reshape(b, *x.shape[2:])[inverse] for x in outs)

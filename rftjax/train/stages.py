@@ -10,6 +10,7 @@ statistics watch what the step then uses.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -25,7 +26,13 @@ from rftjax import parallel
 from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
 from rftjax.models.transformer import with_remat
-from rftjax.sampling import Rollout, SamplingParams, generate, response_logprobs
+from rftjax.sampling import (
+    Rollout,
+    SamplingParams,
+    bucketed_response_logprobs,
+    generate,
+    response_logprobs,
+)
 from rftjax.train.state import PromptBatch, TrainState, remedied
 from rftjax.train.trajectories import row_stats
 
@@ -225,12 +232,21 @@ def targets(s: StepSpec, old_logp, old_values, data, knobs: Knobs, ctx) -> dict:
 # -- 4. loss ----------------------------------------------------------------------------------
 
 
-def policy_forward(s: StepSpec, policy, data, knobs: Knobs):
+def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = False):
     """Log-probs, entropies, hidden states [B, T] of rows whose groups are contiguous (through
-    the learner's graph: with `cfg.remat`, each decoder layer is recomputed in the backward)."""
-    n, g = s.cfg.max_new_tokens, s.cfg.group_size
+    the learner's graph: with `cfg.remat`, each decoder layer is recomputed in the backward).
+
+    Without gradient, `cfg.length_buckets` > 1 sorts the rows by length and skips the padding
+    after EOS (`bucketed_response_logprobs`). `per_row`: rows in any order, each with its own
+    prompt (the length-sorted micro-batches of `update.gradients`), T = data's response slots.
+    """
+    n = data["mask"].shape[1]
     prompt_len = data["tokens"].shape[1] - n
-    return response_logprobs(
+    g = 1 if per_row else s.cfg.group_size
+    run = response_logprobs
+    if s.cfg.length_buckets > 1 and not per_row:
+        run = functools.partial(bucketed_response_logprobs, buckets=s.cfg.length_buckets)
+    return run(
         with_remat(s.graphdef, policy, s.cfg.remat),
         policy,
         data["tokens"][::g, :prompt_len],
@@ -241,9 +257,9 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs):
     )
 
 
-def forward(s: StepSpec, params, data, knobs: Knobs):
+def forward(s: StepSpec, params, data, knobs: Knobs, *, per_row: bool = False):
     """(logp, entropy, values) [B, T]; values are zeros without a value head (GRPO)."""
-    logp, entropy, hidden = policy_forward(s, params["policy"], data, knobs)
+    logp, entropy, hidden = policy_forward(s, params["policy"], data, knobs, per_row=per_row)
     if s.cfg.algo != "ppo":
         return logp, entropy, jnp.zeros_like(logp)
     head = params["value_head"]
@@ -264,9 +280,10 @@ def loss_fn(s: StepSpec, params, probe, data, knobs: Knobs, ctx):
     return loss_terms(s, logp, entropy, values, probe, data, knobs)
 
 
-def loss_terms(s: StepSpec, logp, entropy, values, probe, data, knobs: Knobs):
+def loss_terms(s: StepSpec, logp, entropy, values, probe, data, knobs: Knobs, stats: bool = True):
     """`loss_fn` from the forward's outputs (logp, entropy, values [B, T]) and `data` with its
-    targets (old_logp, old_values, adv, returns): (loss, metrics)."""
+    targets (old_logp, old_values, adv, returns): (loss, metrics). `stats=False` leaves fm's
+    token statistics out (a micro-batch's loss, whose metrics are not reported)."""
     cfg, mask = s.cfg, data["loss_mask"]
     agg = dict(agg_mode=cfg.loss_agg, max_len=cfg.max_new_tokens)
     is_ratio = jnp.exp(jnp.clip(data["old_logp"] - data["sampler_logp"], -20.0, 20.0))
@@ -295,6 +312,8 @@ def loss_terms(s: StepSpec, logp, entropy, values, probe, data, knobs: Knobs):
         loss = loss + knobs.vf_coef * v_loss
         metrics.update(v_m, vf_loss=v_loss)
     metrics["loss"] = loss
+    if not stats:
+        return loss, metrics
     metrics.update(s.stats(_token_stats(s, logp, entropy, data)))
     if s.trajectories and cfg.updates_per_step == 1:  # else taken before the updates
         sampled = data["mask"]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from fm import monitor as fmm
 from rftjax import algorithms as alg
 from rftjax.knobs import Knobs
+from rftjax.sampling import bucket_sizes
 from rftjax.train.stages import StepSpec, forward, loss_fn, loss_terms, targets
 from rftjax.train.state import apply_update
 
@@ -84,32 +85,88 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     in a `jax.lax.scan`, each one's gradient weighted by `micro_weights` and summed in f32 (the
     whole minibatch's gradient: every loss term, KL, entropy and value loss, aggregates with the
     same mask and mode); the metrics are `loss_terms` of the whole minibatch from the
-    micro-batches' joined log-probs, entropies and values (the plain step's values)."""
+    micro-batches' joined log-probs, entropies and values (the plain step's values).
+
+    With `cfg.length_buckets` = k > 1: the same, over k micro-batches of rows sorted by length,
+    each computed only up to its longest row (`length_buckets`)."""
     probe = fmm.coefficient_probe()
-    k = s.cfg.num_microbatches
-    if k == 1:
+    k, buckets = s.cfg.num_microbatches, s.cfg.length_buckets
+    if k == 1 and buckets == 1:
         grad_fn = jax.grad(lambda p, q: loss_fn(s, p, q, mb, knobs, ctx), (0, 1), has_aux=True)
         return grad_fn(params, probe)
     if s.cfg.updates_per_step == 1:
         mb = {**mb, **minibatch_targets(s, params, mb, knobs, ctx)}
-    weights = micro_weights(mb["loss_mask"], k, s.cfg.loss_agg)
+    order = None
+    if buckets > 1:
+        k, order = buckets, length_order(mb)
+        mb_in = jax.tree.map(lambda x: x[order], mb)
+    else:
+        mb_in = mb
+    weights = micro_weights(mb_in["loss_mask"], k, s.cfg.loss_agg)
+    per_row = buckets > 1
 
     def weighted_loss(p, q, part, w):
-        logp, entropy, values = forward(s, p, part, knobs)
-        loss, _ = loss_terms(s, logp, entropy, values, q, _behaviour(s, part, logp, values), knobs)
+        logp, entropy, values = forward(s, p, part, knobs, per_row=per_row)
+        behaviour = _behaviour(s, part, logp, values)
+        loss, _ = loss_terms(s, logp, entropy, values, q, behaviour, knobs, stats=False)
         return w * loss, (logp, entropy, values)
 
+    grad_fn = jax.grad(weighted_loss, (0, 1), has_aux=True)
+
     def micro(acc, xs):
-        grads, outs = jax.grad(weighted_loss, (0, 1), has_aux=True)(params, probe, *xs)
+        part, w = xs
+        if buckets > 1:
+            grads, outs = _at_length(lambda d: grad_fn(params, probe, d, w), part, buckets)
+        else:
+            grads, outs = grad_fn(params, probe, part, w)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
         return acc, jax.lax.stop_gradient(outs)
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, probe))
-    summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb, k), weights))
+    summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb_in, k), weights))
     grads = jax.tree.map(lambda g, x: g.astype(x.dtype), summed, (params, probe))
-    logp, entropy, values = join_micro(outs)
+    outs = join_micro(outs)
+    if order is not None:  # back to the minibatch's own row order
+        outs = jax.tree.map(lambda x: x[jnp.argsort(order)], outs)
+    logp, entropy, values = outs
     _, metrics = loss_terms(s, logp, entropy, values, probe, _behaviour(s, mb, logp, values), knobs)
     return grads, metrics
+
+
+# -- 4c. length buckets -----------------------------------------------------------------------
+
+_CONTEXT = ("tokens", "valid")  # [B, P + N]; every other per-token array is [B, N]
+
+
+def length_order(data) -> jax.Array:
+    """i32[B]: the rows sorted by their last real response slot (stable)."""
+    n = data["mask"].shape[1]
+    real = data["valid"][:, -n:]
+    return jnp.argsort(jnp.max(jnp.where(real, jnp.arange(1, n + 1), 0), axis=1), stable=True)
+
+
+def _at_length(fn, part, buckets: int):
+    """fn(part cut to the smallest of `bucket_sizes(N, buckets)` that holds its longest row):
+    (grads, outputs [b, t, ...] padded back to N with zeros). One `jax.lax.switch` branch per
+    size: the gradient is taken inside each branch, never through the switch."""
+    n = part["mask"].shape[1]
+    sizes = bucket_sizes(n, buckets)
+    longest = jnp.max(jnp.where(part["valid"][:, -n:], jnp.arange(1, n + 1), 0))
+
+    def at(t: int):
+        def run(d):
+            cut = {
+                k: x[:, : x.shape[1] - n + t] if k in _CONTEXT else (x[:, :t] if x.ndim > 1 else x)
+                for k, x in d.items()
+            }
+            grads, outs = fn(cut)
+            pad = lambda x: jnp.pad(x, [(0, 0), (0, n - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+            return grads, jax.tree.map(pad, outs)
+
+        return run
+
+    index = jnp.searchsorted(jnp.asarray(sizes), longest)  # the first size >= longest
+    return jax.lax.switch(index, [at(t) for t in sizes], part)
 
 
 # -- 5. update --------------------------------------------------------------------------------
