@@ -10,9 +10,11 @@ from rftjax.sampling.sampler import (
     log_probs,
     prefill,
     repeat_rows,
+    response_ends,
     response_logprobs,
     sample_token,
     sampling_params,
+    switch_on_length,
 )
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "log_probs",
     "prefill",
     "repeat_rows",
+    "response_ends",
     "response_logprobs",
     "sample_token",
     "sampling_params",
+    "switch_on_length",
 ]

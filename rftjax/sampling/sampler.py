@@ -437,6 +437,19 @@ def bucket_sizes(n: int, buckets: int) -> tuple[int, ...]:
     return tuple(-(-n * i // buckets) for i in range(1, buckets + 1))
 
 
+def response_ends(real: jax.Array) -> jax.Array:
+    """i32[B]: one past each row's last real slot of real bool[B, N] (0 for an empty row)."""
+    return jnp.max(jnp.where(real, jnp.arange(1, real.shape[1] + 1), 0), axis=1)
+
+
+def switch_on_length(branches: dict, longest: jax.Array, *args):
+    """`branches[t](*args)` for the smallest size t (the dict's keys, ascending) >= `longest`
+    (`jax.lax.switch`: every branch is compiled, one runs)."""
+    sizes = sorted(branches)
+    index = jnp.searchsorted(jnp.asarray(sizes), longest)
+    return jax.lax.switch(index, [branches[t] for t in sizes], *args)
+
+
 def bucketed_response_logprobs(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -465,8 +478,7 @@ def bucketed_response_logprobs(
     (bp, _), (b, n) = prompts.shape, response.shape
     if b % buckets:
         raise ValueError(f"{b} rows cannot be split into {buckets} equal length buckets")
-    sizes = bucket_sizes(n, buckets)
-    needed = jnp.max(jnp.where(response_mask > 0, jnp.arange(1, n + 1), 0), axis=1)  # [B]
+    needed = response_ends(response_mask > 0)
     order = jnp.argsort(needed, stable=True)
     by_row = order // (b // bp)  # each sorted row's prompt
 
@@ -484,8 +496,8 @@ def bucketed_response_logprobs(
 
     def chunk(_, xs):
         *arrays, longest = xs
-        index = jnp.searchsorted(jnp.asarray(sizes), longest)  # the first size >= longest
-        return None, jax.lax.switch(index, [at(t) for t in sizes], *arrays)
+        branches = {t: at(t) for t in bucket_sizes(n, buckets)}
+        return None, switch_on_length(branches, longest, *arrays)
 
     xs = (prompts[by_row], prompt_mask[by_row], response[order], response_mask[order])
     xs = (*map(chunks, xs), chunks(needed[order]).max(axis=1))

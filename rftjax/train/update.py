@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from fm import monitor as fmm
 from rftjax import algorithms as alg
 from rftjax.knobs import Knobs
-from rftjax.sampling import bucket_sizes
+from rftjax.sampling import bucket_sizes, response_ends, switch_on_length
 from rftjax.train.stages import StepSpec, forward, loss_fn, loss_terms, targets
 from rftjax.train.state import apply_update
 
@@ -140,9 +140,7 @@ _CONTEXT = ("tokens", "valid")  # [B, P + N]; every other per-token array is [B,
 
 def length_order(data) -> jax.Array:
     """i32[B]: the rows sorted by their last real response slot (stable)."""
-    n = data["mask"].shape[1]
-    real = data["valid"][:, -n:]
-    return jnp.argsort(jnp.max(jnp.where(real, jnp.arange(1, n + 1), 0), axis=1), stable=True)
+    return jnp.argsort(response_ends(data["valid"][:, -data["mask"].shape[1] :]), stable=True)
 
 
 def _at_length(fn, part, buckets: int):
@@ -150,8 +148,7 @@ def _at_length(fn, part, buckets: int):
     (grads, outputs [b, t, ...] padded back to N with zeros). One `jax.lax.switch` branch per
     size: the gradient is taken inside each branch, never through the switch."""
     n = part["mask"].shape[1]
-    sizes = bucket_sizes(n, buckets)
-    longest = jnp.max(jnp.where(part["valid"][:, -n:], jnp.arange(1, n + 1), 0))
+    longest = jnp.max(response_ends(part["valid"][:, -n:]))
 
     def at(t: int):
         def run(d):
@@ -165,8 +162,7 @@ def _at_length(fn, part, buckets: int):
 
         return run
 
-    index = jnp.searchsorted(jnp.asarray(sizes), longest)  # the first size >= longest
-    return jax.lax.switch(index, [at(t) for t in sizes], part)
+    return switch_on_length({t: at(t) for t in bucket_sizes(n, buckets)}, longest, part)
 
 
 # -- 5. update --------------------------------------------------------------------------------
