@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import small_shapes
@@ -80,3 +82,26 @@ def test_jsonl_task_trains_through_host_rewards(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all("reward_format" in r and np.isfinite(r["loss"]) for r in records)
+
+
+def test_cached_warm_up_gives_every_run_the_same_arrays(tmp_path, task):
+    # The run that computes the warm-up and the runs that read it from the cache get the same
+    # values and placement, so a step compiled for one serves the others (one compile).
+    from rftjax.train.warm_start import run_warmup
+
+    cfg = TrainConfig(
+        workdir=str(tmp_path),
+        warmup_steps=2,
+        warmup_batch_size=4,
+        model_overrides=small_shapes.OVERRIDES,  # = MODEL
+    )
+    graphdef, params = models.create(MODEL, 0)
+    computed, seconds = run_warmup(cfg, graphdef, params, task)
+    cached, cached_seconds = run_warmup(cfg, graphdef, params, task)
+    assert seconds > 0 and cached_seconds == 0.0  # the second call read the cache
+    norm = jax.jit(lambda p: sum(jnp.sum(x * x) for x in jax.tree.leaves(p)))
+    assert float(norm(computed)) == float(norm(cached))
+    assert norm._cache_size() == 1
+    for a, b in zip(jax.tree.leaves(computed), jax.tree.leaves(cached), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert (a.sharding, a.committed) == (b.sharding, b.committed)

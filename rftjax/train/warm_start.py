@@ -43,10 +43,10 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
     # With several processes each one computes the same warm-up (its arrays are local to it,
     # which Orbax's multi-host path does not save); the cache is for one process.
     cache = jax.process_count() == 1
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
     with ocp.StandardCheckpointer() as checkpointer:
         if cache and os.path.exists(os.path.join(directory, "fingerprint.json")):
             logging.info("warm-up: reusing cached weights from %s", directory)
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
             return checkpointer.restore(os.path.join(directory, "params"), abstract), 0.0
         t0 = time.time()
         if cfg.model_seed != task.seed:  # demonstrations follow the warm-up's seed
@@ -89,4 +89,7 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
             os.rename(tmp, directory)
         except OSError:  # another process published the same warm-up first
             shutil.rmtree(tmp, ignore_errors=True)
-        return state.params, time.time() - t0
+        # Every run starts from the cached copy, the one that computed it too: the same arrays
+        # (placement included) in every run, so runs in one process share compiled steps.
+        params = checkpointer.restore(os.path.join(directory, "params"), abstract)
+        return params, time.time() - t0
