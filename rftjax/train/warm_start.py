@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -47,7 +48,7 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
     with ocp.StandardCheckpointer() as checkpointer:
         if cache and os.path.exists(os.path.join(directory, "fingerprint.json")):
             logging.info("warm-up: reusing cached weights from %s", directory)
-            return checkpointer.restore(os.path.join(directory, "params"), abstract), 0.0
+            return _restore(checkpointer, directory, abstract), 0.0
         t0 = time.time()
         if cfg.model_seed != task.seed:  # demonstrations follow the warm-up's seed
             task = make_task(
@@ -91,5 +92,13 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
             shutil.rmtree(tmp, ignore_errors=True)
         # Every run starts from the cached copy, the one that computed it too: the same arrays
         # (placement included) in every run, so runs in one process share compiled steps.
-        params = checkpointer.restore(os.path.join(directory, "params"), abstract)
-        return params, time.time() - t0
+        return _restore(checkpointer, directory, abstract), time.time() - t0
+
+
+def _restore(checkpointer, directory: str, abstract):
+    """The cached weights as uncommitted arrays, like the freshly initialized ones: Orbax
+    returns arrays committed to their device, and runs starting from those ran their RL steps
+    about 20% slower (default run, 500 RL steps, same machine: 37.0 and 38.5 s against
+    29.5-30.7 s from uncommitted weights, 32.1 and 34.5 s with this copy)."""
+    restored = checkpointer.restore(os.path.join(directory, "params"), abstract)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x)), restored)
