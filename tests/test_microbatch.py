@@ -132,9 +132,9 @@ def test_bucketed_forward_equals_the_padded_one_up_to_each_rows_end():
     args = (prompts, valid, mb["tokens"][:, P:], mb["valid"][:, P:], jnp.float32(0.9))
     policy = params["policy"]
     plain = sampling.response_logprobs(spec.graphdef, policy, *args)
-    bucketed = jax.jit(
-        lambda p: sampling.bucketed_response_logprobs(spec.graphdef, p, *args, buckets=4)
-    )(policy)
+    bucketed = jax.jit(lambda p: sampling.response_logprobs(spec.graphdef, p, *args, buckets=4))(
+        policy
+    )
     # rows' last real slots 4 1 1 2 3 3 4 4; sorted (stable) in chunks of 2 rows:
     # (1, 2) ends 1 1 -> size 1, (3, 4) ends 2 3 -> 3, (5, 0) ends 3 4 -> 4, (6, 7) -> 4
     assert sampling.bucket_sizes(N, 4) == (1, 2, 3, 4)
@@ -145,7 +145,7 @@ def test_bucketed_forward_equals_the_padded_one_up_to_each_rows_end():
             assert not np.any(np.asarray(got[row, sizes[row] :]))  # never computed
             assert np.all(np.asarray(got[row, : sizes[row]]) != 0)  # computed
     with pytest.raises(ValueError, match="8 rows cannot be split into 3"):
-        sampling.bucketed_response_logprobs(spec.graphdef, policy, *args, buckets=3)
+        sampling.response_logprobs(spec.graphdef, policy, *args, buckets=3)
 
 
 def test_remat_checkpoints_each_layer_of_the_learner_only():

@@ -400,6 +400,8 @@ def response_logprobs(
     response: jax.Array,
     response_mask: jax.Array,
     temperature: jax.Array,
+    *,
+    buckets: int = 1,
 ):
     """The trainer's view of a rollout, with the prompt computed once per group.
 
@@ -411,7 +413,20 @@ def response_logprobs(
     Returns per-token log-probs [B, N] of the response tokens, entropies [B, N] of the same
     (tempered) distributions, and the hidden states [B, N, E] that predicted them (for a value
     head: V(s_t) is read from the state before token t is emitted).
+
+    With `buckets` > 1, the padding after each row's last real token is not computed: the B
+    rows are sorted by length (their last real slot, `response_mask`) into `buckets` chunks of
+    B / buckets rows, computed one after another (`jax.lax.scan`); each chunk runs at the
+    smallest of `bucket_sizes(N, buckets)` that holds its longest row (`jax.lax.switch`: one
+    compiled forward per size). Outputs come back in the rows' own order; slots past a chunk's
+    size are 0, every slot up to a row's last real token is the same (up to float rounding).
+    The prompt then runs once per row, not once per group (rows of a group land in different
+    chunks), which costs P tokens a row: worth it when responses are long and their lengths
+    spread. B must be divisible by `buckets`.
     """
+    if buckets > 1:
+        return _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask,
+                         temperature, buckets)  # fmt: skip
     model = nnx.merge(graphdef, params)
     (bp, p), (b, n) = prompts.shape, response.shape
     group_size = b // bp
@@ -450,31 +465,13 @@ def switch_on_length(branches: dict, longest: jax.Array, *args):
     return jax.lax.switch(index, [branches[t] for t in sizes], *args)
 
 
-def bucketed_response_logprobs(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    prompts: jax.Array,
-    prompt_mask: jax.Array,
-    response: jax.Array,
-    response_mask: jax.Array,
-    temperature: jax.Array,
-    *,
-    buckets: int,
-):
-    """`response_logprobs` without computing the padding after each row's last real token.
+def pad_slots(x: jax.Array, n: int) -> jax.Array:
+    """[B, t, ...] -> [B, n, ...]: zeros after the first t slots."""
+    return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
-    The B rows are sorted by length (their last real slot, `response_mask`) into `buckets`
-    chunks of B / buckets rows, computed one after another (`jax.lax.scan`); each chunk runs at
-    the smallest of `bucket_sizes(N, buckets)` that holds its longest row (`jax.lax.switch`:
-    one compiled forward per size). Outputs come back in the rows' own order, shaped as
-    `response_logprobs`'s; slots past a chunk's size are 0. On every slot up to a row's last
-    real token the values are `response_logprobs`'s (up to float rounding). The prompt is run
-    once per row here, not once per group (rows of a group land in different chunks), which
-    costs P tokens a row: worth it when responses are long and their lengths spread.
 
-    prompts [Bp, P] (unique, left-padded), response / response_mask [B, N], B = Bp × G with a
-    group's rows contiguous; B must be divisible by `buckets`.
-    """
+def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, temp, buckets):
+    """`response_logprobs` with `buckets` > 1 (see there)."""
     (bp, _), (b, n) = prompts.shape, response.shape
     if b % buckets:
         raise ValueError(f"{b} rows cannot be split into {buckets} equal length buckets")
@@ -487,10 +484,8 @@ def bucketed_response_logprobs(
 
     def at(t: int):
         def run(pr, pm, resp, rmask):
-            out = response_logprobs(
-                graphdef, params, pr, pm, resp[:, :t], rmask[:, :t], temperature
-            )
-            return tuple(jnp.pad(x, [(0, 0), (0, n - t)] + [(0, 0)] * (x.ndim - 2)) for x in out)
+            out = response_logprobs(graphdef, params, pr, pm, resp[:, :t], rmask[:, :t], temp)
+            return tuple(pad_slots(x, n) for x in out)
 
         return run
 

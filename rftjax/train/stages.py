@@ -10,7 +10,6 @@ statistics watch what the step then uses.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -29,7 +28,6 @@ from rftjax.models.transformer import with_remat
 from rftjax.sampling import (
     Rollout,
     SamplingParams,
-    bucketed_response_logprobs,
     generate,
     response_logprobs,
 )
@@ -237,16 +235,13 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
     the learner's graph: with `cfg.remat`, each decoder layer is recomputed in the backward).
 
     Without gradient, `cfg.length_buckets` > 1 sorts the rows by length and skips the padding
-    after EOS (`bucketed_response_logprobs`). `per_row`: rows in any order, each with its own
+    after EOS (`response_logprobs`' buckets). `per_row`: rows in any order, each with its own
     prompt (the length-sorted micro-batches of `update.gradients`), T = data's response slots.
     """
     n = data["mask"].shape[1]
     prompt_len = data["tokens"].shape[1] - n
     g = 1 if per_row else s.cfg.group_size
-    run = response_logprobs
-    if s.cfg.length_buckets > 1 and not per_row:
-        run = functools.partial(bucketed_response_logprobs, buckets=s.cfg.length_buckets)
-    return run(
+    return response_logprobs(
         with_remat(s.graphdef, policy, s.cfg.remat),
         policy,
         data["tokens"][::g, :prompt_len],
@@ -254,6 +249,7 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
         data["tokens"][:, prompt_len:],
         data["valid"][:, prompt_len:],  # sampled and observation tokens
         knobs.temperature,
+        buckets=1 if per_row else s.cfg.length_buckets,
     )
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from fm import monitor as fmm
 from rftjax import algorithms as alg
 from rftjax.knobs import Knobs
-from rftjax.sampling import bucket_sizes, response_ends, switch_on_length
+from rftjax.sampling import bucket_sizes, pad_slots, response_ends, switch_on_length
 from rftjax.train.stages import StepSpec, forward, loss_fn, loss_terms, targets
 from rftjax.train.state import apply_update
 
@@ -157,8 +157,7 @@ def _at_length(fn, part, buckets: int):
                 for k, x in d.items()
             }
             grads, outs = fn(cut)
-            pad = lambda x: jnp.pad(x, [(0, 0), (0, n - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-            return grads, jax.tree.map(pad, outs)
+            return grads, jax.tree.map(lambda x: pad_slots(x, n), outs)
 
         return run
 

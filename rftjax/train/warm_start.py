@@ -45,11 +45,12 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
     # With several processes each one computes the same warm-up (its arrays are local to it,
     # which Orbax's multi-host path does not save); the cache is for one process.
     cache = jax.process_count() == 1
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
     with ocp.StandardCheckpointer() as checkpointer:
         if cache and os.path.exists(os.path.join(directory, "fingerprint.json")):
             logging.info("warm-up: reusing cached weights from %s", directory)
-            return _restore(checkpointer, directory, abstract), 0.0
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+            restored = checkpointer.restore(os.path.join(directory, "params"), abstract)
+            return _fresh(restored), 0.0
         t0 = time.time()
         if cfg.model_seed != task.seed:  # demonstrations follow the warm-up's seed
             task = make_task(
@@ -91,17 +92,16 @@ def run_warmup(cfg: TrainConfig, graphdef, params, task: Task, stop=None):
             os.rename(tmp, directory)
         except OSError:  # another process published the same warm-up first
             shutil.rmtree(tmp, ignore_errors=True)
-        # Every run starts from the cached copy, the one that computed it too: the same arrays
-        # (placement included) in every run, so runs in one process share compiled steps.
-        return _restore(checkpointer, directory, abstract), time.time() - t0
+        # The run that computed it gets what the cache's readers get: the same values in
+        # arrays of the same kind, so runs in one process share compiled steps.
+        return _fresh(state.params), time.time() - t0
 
 
-def _restore(checkpointer, directory: str, abstract):
-    """The cached weights in fresh, uncommitted arrays, like freshly initialized ones. Orbax's
-    restored arrays (committed, over buffers of its own) made every later RL step about 20%
-    slower, and so did uncommitted arrays aliasing those buffers (`jax.device_put` of
-    `np.asarray`); a host copy does not (default run, 500 RL steps, same machine: 37.0 and
-    38.5 s as restored, 32.1 and 34.5 s aliased, 29.3 and 27.3 s copied, against 29.5-30.7 s
-    from fresh weights)."""
-    restored = checkpointer.restore(os.path.join(directory, "params"), abstract)
-    return jax.tree.map(lambda x: jnp.array(np.array(x)), restored)
+def _fresh(params):
+    """The weights in fresh, uncommitted arrays (a host copy), whether computed here or read
+    from the cache. Orbax's restored arrays (committed, over buffers of its own) made every
+    later RL step about 20% slower, and so did uncommitted arrays aliasing those buffers
+    (`jax.device_put` of `np.asarray`); a host copy does not (default run, 500 RL steps, same
+    machine: 37.0 and 38.5 s as restored, 32.1 and 34.5 s aliased, 29.3 and 27.3 s copied,
+    against 29.5-30.7 s from fresh weights)."""
+    return jax.tree.map(lambda x: jnp.array(np.array(x)), params)
