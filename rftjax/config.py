@@ -91,6 +91,9 @@ class RLConfig:
         micro-batches and computes each only up to its longest row (the padding after EOS is
         not computed; one compiled forward and backward per bucket size, ⌈N·i/k⌉); 1 computes
         every row at max_new_tokens.
+      logits_chunk: the learner computes the vocabulary logits (and their softmax) this many
+        tokens at a time and recomputes them in the backward pass, so a step never holds all
+        B·N·V of them (the same values); 0 computes them all at once.
     """
 
     algo: str = setting("grpo", "RL algorithm.", group=ALGO, choices=ALGOS, campaign=SPEC)
@@ -147,6 +150,14 @@ class RLConfig:
         role=HOW,
         campaign=SPEC,
     )
+    logits_chunk: int = setting(
+        0,
+        "Learner: vocabulary logits computed this many tokens at a time and recomputed in "
+        "the backward pass (0: all at once).",
+        group=MODEL,
+        role=HOW,
+        campaign=SPEC,
+    )
 
     def __post_init__(self):
         _check_choices(self)
@@ -195,6 +206,8 @@ class RLConfig:
             )
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be >= 0 (0: all at once), got {self.logits_chunk}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
 

@@ -100,22 +100,23 @@ def test_micro_weights_by_hand():
 
 
 @pytest.mark.parametrize(
-    "loss_agg, k, remat, epochs, buckets",
+    "loss_agg, k, remat, epochs, buckets, chunk",
     [
-        ("token_mean", 4, "none", 1, 1),
-        ("seq_mean_token_mean", 2, "layer", 2, 1),  # several updates: targets come with the data
-        ("token_mean", 1, "none", 1, 4),  # rows by length: chunks at sizes 1, 3, 4, 4
-        ("seq_mean_token_sum_norm", 1, "layer", 1, 2),
-        ("token_mean", 1, "none", 2, 4),  # several updates: targets come with the data
+        ("token_mean", 4, "none", 1, 1, 0),
+        ("seq_mean_token_mean", 2, "layer", 2, 1, 5),  # several updates: targets with the data
+        ("token_mean", 1, "none", 1, 4, 3),  # rows by length: chunks at sizes 1, 3, 4, 4
+        ("seq_mean_token_sum_norm", 1, "layer", 1, 2, 0),
+        ("token_mean", 1, "none", 2, 4, 0),  # several updates: targets come with the data
     ],
 )
 def test_micro_batches_and_remat_give_the_minibatch_gradient_and_metrics(
-    loss_agg, k, remat, epochs, buckets
+    loss_agg, k, remat, epochs, buckets, chunk
 ):
     algo, rl = "grpo", dict(loss_agg=loss_agg, num_epochs=epochs)
     params, mb = _params(algo), _minibatch(targets=epochs > 1)
     plain = _gradients(_spec(algo=algo, **rl), params, mb)
-    spec = _spec(algo=algo, num_microbatches=k, remat=remat, length_buckets=buckets, **rl)
+    spec = _spec(algo=algo, num_microbatches=k, remat=remat, length_buckets=buckets,
+                 logits_chunk=chunk, **rl)  # fmt: skip
     (grads, probed), metrics = _gradients(spec, params, mb)
     _assert_trees_close(grads, plain[0][0])
     # the coefficient probe measures the coefficients applied (fm's regularizer audit)
@@ -148,6 +149,30 @@ def test_bucketed_forward_equals_the_padded_one_up_to_each_rows_end():
         sampling.response_logprobs(spec.graphdef, policy, *args, buckets=3)
 
 
+def test_chunked_logits_give_the_same_values_and_gradients_with_less_memory():
+    rng = np.random.default_rng(0)
+    b, n, e, v = 4, 127, 16, 2048  # 508 tokens: 32 chunks of 16, the last with 4 of padding
+    w = jnp.asarray(rng.normal(0, 0.3, (v, e)), jnp.float32)
+    h = jnp.asarray(rng.normal(0, 1, (b, n, e)), jnp.float32)
+    tok = jnp.asarray(rng.integers(0, v, (b, n)), jnp.int32)
+    cw = jnp.asarray(rng.normal(0, 1, (2, b, n)), jnp.float32)  # a loss that reads every slot
+
+    def grad_fn(chunk):
+        def loss(w, h):
+            logp, entropy = sampling.token_logprobs(w, h, tok, jnp.float32(0.7), chunk)
+            return jnp.sum(cw[0] * logp) + jnp.sum(cw[1] * entropy), (logp, entropy)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+    (want, want_grads), (got, got_grads) = (grad_fn(c)(w, h) for c in (0, 16))
+    _assert_trees_close(got, want, rtol=1e-5)
+    _assert_trees_close(got_grads, want_grads, rtol=1e-4, atol=1e-5)
+    assert float(jnp.max(want[1][1])) > 1.0  # entropies of real distributions, not zeros
+    # The whole logits [b·n, v] fp32 (4 MiB) against a few chunks' [16, v] (128 KiB each)
+    temp = [grad_fn(c).lower(w, h).compile().memory_analysis().temp_size_in_bytes for c in (0, 16)]
+    assert temp[0] >= b * n * v * 4 and temp[1] < b * n * v * 4 / 4
+
+
 def test_remat_checkpoints_each_layer_of_the_learner_only():
     params, mb = _params("grpo", DEEPER), _minibatch()
     knobs = make_knobs(**KNOBS)
@@ -175,7 +200,11 @@ def test_ppo_learner_with_micro_batches_and_remat_matches_the_plain_step():
             pad_id=0,
             reward_fn=task.jnp_reward,
         )
-        for extra in ({}, {"num_microbatches": 4, "remat": "layer"}, {"length_buckets": 4})
+        for extra in (
+            {},
+            {"num_microbatches": 4, "remat": "layer", "logits_chunk": 3},
+            {"length_buckets": 4},
+        )
     ]
     _, policy = models.create(MODEL, 0)
     cfg = RLConfig(algo="ppo", group_size=G)

@@ -41,6 +41,7 @@ class Shape:
     answer_len: int = 8
     num_microbatches: int = 1  # gradient accumulation (RLConfig.num_microbatches)
     remat: str = "none"  # "layer": recompute each decoder layer in the backward (RLConfig.remat)
+    logits_chunk: int = 0  # vocabulary logits this many tokens at a time (RLConfig.logits_chunk)
 
 
 def model_config(name: str, **overrides):
@@ -126,7 +127,7 @@ def _rl(shape: Shape):
 
     return RLConfig(prompts_per_step=shape.prompts, group_size=shape.group_size,
                     max_new_tokens=shape.new_tokens, num_microbatches=shape.num_microbatches,
-                    remat=shape.remat)  # fmt: skip
+                    remat=shape.remat, logits_chunk=shape.logits_chunk)  # fmt: skip
 
 
 def compiled_step(cfg, shape: Shape, mesh_spec: str):
@@ -144,13 +145,21 @@ def run(model: str, shape: Shape, mesh_spec: str, devices: int, overrides: dict 
     cmd = [sys.executable, "-m", "rftjax.benchmarks.memory", f"--model={model}",
            f"--mesh={mesh_spec}", f"--shape={json.dumps(dataclasses.asdict(shape))}",
            f"--overrides={json.dumps(overrides or {})}"]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": " ".join(xla_flags(devices)), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(_MARK)]
     if proc.returncode or not lines:
         raise RuntimeError(f"memory {model} {mesh_spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len(_MARK) :])
+
+
+def xla_flags(devices: int) -> list[str]:
+    """The compiler flags of a point: ``devices`` simulated CPU devices, and XLA:CPU's
+    memory-minimizing scheduler instead of its default concurrency-optimized one (which keeps
+    rematerialized and micro-batched work alive together: see BUILD_NOTES, "[scale] remat and
+    micro-batches"); GPU and TPU compilers schedule for memory by default."""
+    return [f"--xla_force_host_platform_device_count={devices}",
+            "--xla_cpu_enable_concurrency_optimized_scheduler=false"]  # fmt: skip
 
 
 def devices_of(mesh_spec: str) -> int:
@@ -168,21 +177,25 @@ def devices_of(mesh_spec: str) -> int:
 
 def shape_from_flags(values) -> Shape:
     """`Shape` defaults, with ``--prompts_per_step``, ``--group_size``, ``--max_new_tokens``,
-    ``--num_microbatches`` and ``--remat`` where given on the command line."""
+    ``--num_microbatches``, ``--remat`` and ``--logits_chunk`` where given on the command
+    line."""
     given = {"prompts_per_step": "prompts", "group_size": "group_size",
              "max_new_tokens": "new_tokens", "num_microbatches": "num_microbatches",
-             "remat": "remat"}  # fmt: skip
+             "remat": "remat", "logits_chunk": "logits_chunk"}  # fmt: skip
     return Shape(**{f: getattr(values, k) for k, f in given.items() if values[k].present})
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown rows: model, mesh and GiB per device (total, temporaries, arguments)."""
+    """Markdown rows: model, mesh, the memory levers, and GiB per device (total, temporaries,
+    arguments)."""
     gib = 2.0**30
-    lines = ["| model | mesh | GiB per device | temporaries | arguments |", "|---|---|---|---|---|"]
+    lines = ["| model | mesh | remat | micro-batches | logits chunk | GiB per device | "
+             "temporaries | arguments |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
+        levers = " | ".join(str(r[k]) for k in ("remat", "num_microbatches", "logits_chunk"))
         sizes = [r[k] / gib for k in ("total_bytes", "temp_bytes", "argument_bytes")]
         cells = " | ".join(f"{v:.2f}" for v in sizes)
-        lines.append(f"| {r['model']} | {r['mesh'] or 'one device'} | {cells} |")
+        lines.append(f"| {r['model']} | {r['mesh'] or 'one device'} | {levers} | {cells} |")
     return "\n".join(lines)
 
 
@@ -194,8 +207,10 @@ def main(argv=None) -> None:
     parser.add_argument("--overrides", default="{}", help="ModelConfig overrides as JSON")
     args = parser.parse_args(argv)
     cfg = model_config(args.model, **json.loads(args.overrides))
-    compiled, _ = compiled_step(cfg, Shape(**json.loads(args.shape)), args.mesh)
-    out = {"model": args.model, "mesh": args.mesh, **memory_figures(compiled)}
+    shape = Shape(**json.loads(args.shape))
+    compiled, _ = compiled_step(cfg, shape, args.mesh)
+    levers = {k: getattr(shape, k) for k in ("remat", "num_microbatches", "logits_chunk")}
+    out = {"model": args.model, "mesh": args.mesh, **levers, **memory_figures(compiled)}
     print(_MARK + json.dumps(out), flush=True)
 
 

@@ -238,19 +238,26 @@ class Transformer(nnx.Module):
             tuple(new_keys), tuple(new_values), cache.valid, cache.index + tokens.shape[1]
         )
 
+    def head_weight(self) -> jax.Array:
+        """The output projection [V, hidden] (the embedding when the two are tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
+
     def head(self, hidden: jax.Array) -> jax.Array:
         """Logits in fp32 [..., V]: log-probs and the RL loss are sensitive to bf16 rounding."""
-        if self.config.tie_word_embeddings:
-            w = self.model.embed_tokens.weight[...]
-        else:
-            w = self.lm_head.weight[...]
-        flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
-        return jnp.dot(flat, w.astype(jnp.float32).T).reshape(*hidden.shape[:-1], w.shape[0])
+        return head_logits(self.head_weight(), hidden)
 
     def __call__(self, tokens, positions, mask, cache=None):
         """(logits fp32 [B,S,V], hidden [B,S,hidden], new cache or None); see `trunk`."""
         hidden, cache = self.trunk(tokens, positions, mask, cache)
         return self.head(hidden), hidden, cache
+
+
+def head_logits(weight: jax.Array, hidden: jax.Array) -> jax.Array:
+    """fp32 logits [..., V] of hidden [..., E] through an output projection weight [V, E]."""
+    flat = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
+    return jnp.dot(flat, weight.astype(jnp.float32).T).reshape(*hidden.shape[:-1], weight.shape[0])
 
 
 def _call_layer(layer, *args):

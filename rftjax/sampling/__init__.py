@@ -15,6 +15,7 @@ from rftjax.sampling.sampler import (
     sample_token,
     sampling_params,
     switch_on_length,
+    token_logprobs,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "sample_token",
     "sampling_params",
     "switch_on_length",
+    "token_logprobs",
 ]

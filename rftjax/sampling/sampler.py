@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rftjax.models import full_forward, init_cache, positions_from_valid
+from rftjax.models import full_forward, head_logits, init_cache, positions_from_valid
 from rftjax.parallel import constrain_cache
 from rftjax.tools.protocol import LIMIT, TIMEOUT, TOOL_ERROR, ToolResult
 
@@ -402,6 +402,7 @@ def response_logprobs(
     temperature: jax.Array,
     *,
     buckets: int = 1,
+    logits_chunk: int = 0,
 ):
     """The trainer's view of a rollout, with the prompt computed once per group.
 
@@ -423,10 +424,14 @@ def response_logprobs(
     The prompt then runs once per row, not once per group (rows of a group land in different
     chunks), which costs P tokens a row: worth it when responses are long and their lengths
     spread. B must be divisible by `buckets`.
+
+    With `logits_chunk` > 0, the vocabulary logits are computed that many tokens at a time and
+    recomputed in the backward pass (`token_logprobs`): the same values, with B·N·V floats of
+    logits never held at once.
     """
     if buckets > 1:
         return _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask,
-                         temperature, buckets)  # fmt: skip
+                         temperature, buckets, logits_chunk)  # fmt: skip
     model = nnx.merge(graphdef, params)
     (bp, p), (b, n) = prompts.shape, response.shape
     group_size = b // bp
@@ -441,10 +446,37 @@ def response_logprobs(
     hidden_r, _ = model.trunk(response, positions, causal[None] & valid[:, None, :], cache)
     # Token t is predicted by the state before it: the prompt's last state for t = 0.
     hidden = jnp.concatenate([repeat_rows(last_hidden, group_size)[:, None], hidden_r[:, :-1]], 1)
-    logp_all = log_probs(model.head(hidden), temperature)
-    logp = jnp.take_along_axis(logp_all, response[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    logp, entropy = token_logprobs(model.head_weight(), hidden, response, temperature,
+                                   logits_chunk)  # fmt: skip
     return logp, entropy, hidden
+
+
+def _token_terms(weight, hidden, tokens, temperature):
+    logp_all = log_probs(head_logits(weight, hidden), temperature)
+    logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
+    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+def token_logprobs(weight, hidden, tokens, temperature, chunk: int = 0):
+    """Log-probs of `tokens` [B, N] and the entropies of their (tempered) distributions, from
+    the states that predicted them (hidden [B, N, E]) through the output projection weight
+    [V, E].
+
+    `chunk` > 0: the B·N tokens run `chunk` at a time (`jax.lax.map`), each chunk's logits
+    under `jax.checkpoint`, so neither the forward nor the backward holds more than about
+    chunk × V floats of logits and softmax (the backward recomputes them) instead of B·N·V —
+    at a 151,936-token vocabulary, 64 × 1,024 response tokens of fp32 logits are 37 GiB.
+    """
+    b, n = tokens.shape
+    if not chunk or chunk >= b * n:
+        return _token_terms(weight, hidden, tokens, temperature)
+    m = -(-b * n // chunk)
+    pad = m * chunk - b * n
+    flat_h = jnp.pad(hidden.reshape(b * n, -1), [(0, pad), (0, 0)]).reshape(m, chunk, -1)
+    flat_t = jnp.pad(tokens.reshape(b * n), [(0, pad)]).reshape(m, chunk)
+    terms = jax.checkpoint(_token_terms, policy=jax.checkpoint_policies.nothing_saveable)
+    logp, entropy = jax.lax.map(lambda x: terms(weight, *x, temperature), (flat_h, flat_t))
+    return tuple(x.reshape(m * chunk)[: b * n].reshape(b, n) for x in (logp, entropy))
 
 
 def bucket_sizes(n: int, buckets: int) -> tuple[int, ...]:
@@ -470,7 +502,8 @@ def pad_slots(x: jax.Array, n: int) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, temp, buckets):
+def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, temp, buckets,
+              logits_chunk):  # fmt: skip
     """`response_logprobs` with `buckets` > 1 (see there)."""
     (bp, _), (b, n) = prompts.shape, response.shape
     if b % buckets:
@@ -484,7 +517,8 @@ def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, t
 
     def at(t: int):
         def run(pr, pm, resp, rmask):
-            out = response_logprobs(graphdef, params, pr, pm, resp[:, :t], rmask[:, :t], temp)
+            out = response_logprobs(graphdef, params, pr, pm, resp[:, :t], rmask[:, :t], temp,
+                                    logits_chunk=logits_chunk)  # fmt: skip
             return tuple(pad_slots(x, n) for x in out)
 
         return run

@@ -235,7 +235,8 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
     the learner's graph: with `cfg.remat`, each decoder layer is recomputed in the backward).
 
     Without gradient, `cfg.length_buckets` > 1 sorts the rows by length and skips the padding
-    after EOS (`response_logprobs`' buckets). `per_row`: rows in any order, each with its own
+    after EOS (`response_logprobs`' buckets); `cfg.logits_chunk` bounds the logits held at
+    once. `per_row`: rows in any order, each with its own
     prompt (the length-sorted micro-batches of `update.gradients`), T = data's response slots.
     """
     n = data["mask"].shape[1]
@@ -250,6 +251,7 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
         data["valid"][:, prompt_len:],  # sampled and observation tokens
         knobs.temperature,
         buckets=1 if per_row else s.cfg.length_buckets,
+        logits_chunk=s.cfg.logits_chunk,
     )
 
 
