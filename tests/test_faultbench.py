@@ -1,5 +1,5 @@
 """FaultBench: event-level scoring worked by hand, the baselines' rules on hand-made series,
-campaign spec validation, the built-in campaigns' sizes, and `generate --spec smoke` followed
+campaign spec validation, the built-in campaigns' sizes, and `generate --spec pipeline` followed
 by `evaluate` end to end."""
 
 import json
@@ -379,13 +379,13 @@ def _faultbench(*args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def test_generate_smoke_then_evaluate(tmp_path):
-    out = tmp_path / "smoke"
-    proc = _faultbench("generate", "--spec=smoke", f"--out={out}", "--workers=1")
+def test_generate_pipeline_then_evaluate(tmp_path):
+    out = tmp_path / "pipeline"
+    proc = _faultbench("generate", "--spec=pipeline", f"--out={out}", "--workers=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "a pipeline check, not a benchmark" in proc.stdout.splitlines()[0]
+    assert "pipeline check, not a benchmark" in proc.stdout.splitlines()[0]
     assert not (out / ".generate.lock").exists()  # removed when generate is done
-    c = campaign.resolve(campaign.builtin_spec("smoke"))
+    c = campaign.resolve(campaign.builtin_spec("pipeline"))
     base = campaign.base_config(str(out), c.base)
     per_step = base.rl.prompts_per_step * base.rl.group_size
     manifest = records.read(str(out / "manifest.parquet"))
@@ -441,7 +441,7 @@ def test_generate_smoke_then_evaluate(tmp_path):
     card = (out / "README.md").read_text()
     assert "| trajectories.parquet (completions) | 1344 |" in card and "`prompt_id`" in card
 
-    again = _faultbench("generate", "--spec=smoke", f"--out={out}", "--workers=1")
+    again = _faultbench("generate", "--spec=pipeline", f"--out={out}", "--workers=1")
     assert again.returncode == 0 and "7 of 7 runs already finished; 0 to go" in again.stdout
     assert len(records.read(str(out / "steps.parquet"))["step"]) == 84
 
@@ -452,7 +452,7 @@ def test_generate_smoke_then_evaluate(tmp_path):
     assert sorted(os.listdir(report)) == ["plots", "report.json", "report.md", "summary.png"]
     assert "fm: scored" in proc.stdout and "fm: F1" not in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr[-3000:]
-    assert "Campaign `smoke`: a pipeline check, not a benchmark" in proc.stdout
+    assert "Campaign `pipeline`: the tests' pipeline check, not a benchmark" in proc.stdout
     result = json.loads((report / "report.json").read_text())
     # The inert runs of the eval split (CA1, OD4) are not scored: clean 12 steps, and PG1
     # with onset 7 (6 steps before).
@@ -486,10 +486,26 @@ def test_generate_smoke_then_evaluate(tmp_path):
     assert "| trl |" in proc.stdout and "| full |" in proc.stdout
 
 
+@pytest.mark.slow
+def test_smoke_runs_start_from_one_warm_up_that_answers(tmp_path):
+    """`--spec smoke`, the users' pipeline check (about 2 minutes): every run starts from the
+    same warm-up, above zero held-out accuracy; the clean twins still answer at the end."""
+    out = tmp_path / "smoke"
+    proc = _faultbench("generate", "--spec=smoke", f"--out={out}", "--workers=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = records.read(str(out / "manifest.parquet"))
+    initial = set(manifest["eval_accuracy_initial"])
+    assert len(initial) == 1 and min(initial) > 0, initial  # one shared warm-up, learned
+    finals = dict(zip(manifest["run_id"], manifest["eval_accuracy_final"], strict=True))
+    assert finals["s0/clean"] > 0 and finals["s1/clean"] > 0
+
+
 def test_generate_refuses_an_unknown_spec(tmp_path):
     proc = _faultbench("generate", "--spec=nonesuch", f"--out={tmp_path}")
     assert proc.returncode == 2
-    assert "neither a built-in (standard, smoke, heldout, heldout-remedy) nor a file" in proc.stderr
+    assert "neither a built-in (standard, smoke, heldout, heldout-remedy, pipeline) nor a file" in (
+        proc.stderr
+    )
 
 
 def test_learned_baselines_flag_steps_far_from_the_training_clean_steps():

@@ -1,5 +1,5 @@
 """Power curves: the magnitude ladder, debouncing to a false-alarm budget, the curves on
-hand-made runs, and `launch.faultbench power` on a smoke-sized sweep."""
+hand-made runs, and `launch.faultbench power` on a pipeline-sized sweep."""
 
 from __future__ import annotations
 
@@ -94,9 +94,9 @@ def test_curves_and_minimal_detectable_magnitude_by_hand():
     assert power.minimal_detectable(later) == 3  # detectable from 3 on, not from 1
 
 
-def test_power_command_on_a_smoke_sized_sweep(tmp_path):
+def test_power_command_on_a_pipeline_sized_sweep(tmp_path):
     out = tmp_path / "power"
-    cmd = [sys.executable, "-m", "launch.faultbench", "power", "--spec=smoke", "--types=OD1",
+    cmd = [sys.executable, "-m", "launch.faultbench", "power", "--spec=pipeline", "--types=OD1",
            "--variants=first", "--points=2", "--seeds=0", "--window=5", "--workers=1",
            "--detector=fm,zscore,rules", f"--out={out}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -42,7 +42,7 @@ _GRID_KEYS = (
     "shuffle",
 )
 _RUN_KEYS = ("seed", "type", "severity", "variant", "magnitude", "onset", "duration", "overrides")
-BUILTINS = ("standard", "smoke", "heldout", "heldout-remedy")
+BUILTINS = ("standard", "smoke", "heldout", "heldout-remedy", "pipeline")
 
 
 class Campaign(NamedTuple):
@@ -288,14 +288,15 @@ def base_config(workdir: str, base: dict[str, Any]) -> TrainConfig:
 
 
 # The built-in specs, shipped as JSON files beside this module (`specs/NAME.json`):
-# `smoke` (a pipeline check: 7 tiny runs), `standard` (every injectable type × 3 severities ×
-# onsets × seeds, a clean twin per seed with two faulted runs forked from it, four on the tool
-# task; train and eval seeds and onsets differ), `heldout` (what `standard` never used: seeds
-# from 5000, onsets 60, 130 and 210, each type's default variant at the two magnitudes between
-# its presets) and `heldout-remedy` (heldout's stronger magnitude of each type and a reference
-# corruption no knob fixes, checkpoints every 10 steps, for `remediate`). Each file's
-# "description" says what it is; tests/test_campaign.py checks that the campaigns still cover
-# the catalog.
+# `smoke` (a pipeline check: 7 small runs from one shared warm-up, about 2 minutes),
+# `pipeline` (the tests' smoke: 7 tiny runs that learn nothing, about a minute), `standard`
+# (every injectable type × 3 severities × onsets × seeds, a clean twin per seed with two faulted
+# runs forked from it, four on the tool task; train and eval seeds and onsets differ),
+# `heldout` (what `standard` never used: seeds from 5000, onsets 60, 130 and 210, each type's
+# default variant at the two magnitudes between its presets) and `heldout-remedy` (heldout's
+# stronger magnitude of each type and a reference corruption no knob fixes, checkpoints every
+# 10 steps, for `remediate`). Each file's "description" says what it is;
+# tests/test_campaign.py checks that the campaigns still cover the catalog.
 SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
 
 
