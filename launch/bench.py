@@ -68,9 +68,11 @@ def measure(what: str) -> tuple[dict, list[str]]:
         ]
     if what == "memory":
         from rftjax.benchmarks import memory
+        from rftjax.models import parse_overrides
 
         shape = memory.shape_from_flags(FLAGS)
-        out = memory.run(FLAGS.model, shape, FLAGS.mesh, memory.devices_of(FLAGS.mesh))
+        overrides = parse_overrides(FLAGS.model_overrides or "")  # e.g. num_layers=2
+        out = memory.run(FLAGS.model, shape, FLAGS.mesh, memory.devices_of(FLAGS.mesh), overrides)
         return {"shape": dataclasses.asdict(shape), **out}, [f"{shape}", memory.table([out])]
     if what == "chaos":
         out = chaos.run_chaos(FLAGS.chaos_dir, FLAGS.chaos_args.split(), cycles=FLAGS.cycles)

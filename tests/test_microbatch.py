@@ -89,14 +89,29 @@ def _assert_metrics_close(a: dict, b: dict):
 
 
 def test_micro_weights_by_hand():
-    # rows of 2 micro-batches: (4, 1 valid tokens | 0, 2) -> tokens 5 | 2, valid rows 2 | 1
-    mask = (np.arange(4)[None] < np.array([4, 1, 0, 2])[:, None]).astype(np.float32)
-    w = lambda mode: np.asarray(up.micro_weights(jnp.asarray(mask), 2, mode))  # noqa: E731
+    # contiguous rows (length buckets): (4, 1 valid tokens | 0, 2) -> tokens 5 | 2, rows 2 | 1
+    mask = jnp.asarray(np.arange(4)[None] < np.array([4, 1, 0, 2])[:, None], jnp.float32)
+    w = lambda mode, g=None: np.asarray(up.micro_weights(mask, 2, mode, g))  # noqa: E731
     np.testing.assert_allclose(w("token_mean"), [5 / 7, 2 / 7], rtol=1e-6)
     np.testing.assert_allclose(w("seq_mean_token_mean"), [2 / 3, 1 / 3], rtol=1e-6)
     np.testing.assert_allclose(w("seq_mean_token_sum_norm"), [0.5, 0.5], rtol=1e-6)
+    # groups of one row, interleaved: (4, 0 | 1, 2) -> tokens 4 | 3, rows 1 | 2
+    np.testing.assert_allclose(w("token_mean", 1), [4 / 7, 3 / 7], rtol=1e-6)
+    np.testing.assert_allclose(w("seq_mean_token_mean", 1), [1 / 3, 2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(w("token_mean", 2), [5 / 7, 2 / 7], rtol=1e-6)  # 2 groups of 2
     empty = np.asarray(up.micro_weights(jnp.zeros((4, 4)), 2, "token_mean"))
     np.testing.assert_allclose(empty, [0.5, 0.5])  # sums to 1: the probe reads the coefficients
+
+
+def test_micro_batches_take_whole_groups_from_every_devices_block():
+    rows = jnp.arange(48)  # 12 groups of 4 rows; a batch over 3 devices: 16 rows (4 groups) each
+    parts = up.split_micro(rows, 2, 4)
+    for part in np.asarray(parts):
+        groups = part.reshape(-1, 4)
+        assert all(list(g) == list(range(g[0], g[0] + 4)) for g in groups)  # whole groups
+        assert np.bincount(part // 16, minlength=3).tolist() == [8, 8, 8]  # every device
+    np.testing.assert_array_equal(up.join_micro(parts, 4), rows)
+    np.testing.assert_array_equal(up.join_micro(up.split_micro(rows, 3), None), rows)
 
 
 @pytest.mark.parametrize(

@@ -47,13 +47,16 @@ class Shape:
 def model_config(name: str, **overrides):
     """The `ModelConfig` of a `QWEN25` name (Qwen2: QKV bias, vocab 151,936), bf16 compute."""
     from rftjax.models import ModelConfig
+    from rftjax.train.setup import check_master_weights
 
     if name not in QWEN25:
         raise ValueError(f"model {name!r}; accepted: {sorted(QWEN25)}")
     kw = dict(vocab_size=151936, qkv_bias=True, rope_theta=1e6, max_position_embeddings=32768,
               model_type="qwen2", dtype="bfloat16", **QWEN25[name])  # fmt: skip
     kw.update(overrides)
-    return ModelConfig(**kw)
+    cfg = ModelConfig(**kw)
+    check_master_weights(cfg)  # as launch.train: what it measures must be a trainable setup
+    return cfg
 
 
 def abstract_arguments(cfg, rl, shape: Shape, mesh):

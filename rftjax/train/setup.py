@@ -46,6 +46,16 @@ class CompileCache:
 SHARED = CompileCache()
 
 
+def check_master_weights(model_cfg: models.ModelConfig) -> None:
+    """Refuses weights (and so Adam moments) in anything but float32."""
+    if model_cfg.param_dtype != "float32":
+        raise ValueError(
+            f"param_dtype={model_cfg.param_dtype!r}: RL training keeps float32 master weights "
+            "(an update of lr=1e-6 is below bfloat16's resolution of a weight); use "
+            "dtype=bfloat16 for bfloat16 compute"
+        )
+
+
 def build_model_config(cfg: TrainConfig, task: Task) -> models.ModelConfig:
     if os.path.isdir(cfg.model):  # a Hugging Face checkpoint folder
         model_cfg = models.from_hf_config(cfg.model)
@@ -53,12 +63,7 @@ def build_model_config(cfg: TrainConfig, task: Task) -> models.ModelConfig:
         model_cfg = models.get_preset(cfg.model)
     if cfg.model_overrides:
         model_cfg = model_cfg.replace(**models.parse_overrides(cfg.model_overrides))
-    if model_cfg.param_dtype != "float32":
-        raise ValueError(
-            f"param_dtype={model_cfg.param_dtype!r}: RL training keeps float32 master weights "
-            "(an update of lr=1e-6 is below bfloat16's resolution of a weight); use "
-            "dtype=bfloat16 for bfloat16 compute"
-        )
+    check_master_weights(model_cfg)
     if model_cfg.vocab_size < len(task.tokenizer):
         raise ValueError(
             f"model vocab_size={model_cfg.vocab_size} is smaller than the "

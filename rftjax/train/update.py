@@ -16,35 +16,57 @@ from rftjax.train.state import apply_update
 # -- 4b. micro-batches (gradient accumulation) ------------------------------------------------
 
 
-def split_micro(tree, k: int):
-    """Every array [B, ...] -> [k, B / k, ...]: k micro-batches of contiguous rows (whole groups
-    when B / k is a multiple of the group size)."""
-    return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
+def split_micro(tree, k: int, group_size: int | None = None):
+    """Every array [B, ...] -> [k, B / k, ...]: k micro-batches.
+
+    With `group_size`, micro-batch i holds the groups i, i + k, i + 2k, ... (rows of a group
+    contiguous): spread like the batch, so a batch split over devices in contiguous blocks of
+    whole groups (`parallel.batch_spec`) gives every device the same share of every
+    micro-batch, and no device waits while another computes. Without, contiguous rows (the
+    length buckets' rows, already in the order wanted)."""
+    if group_size is None:
+        return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
+
+    def one(x):
+        per = x.shape[0] // (group_size * k)  # groups of a micro-batch
+        y = x.reshape(per, k, group_size, *x.shape[1:]).swapaxes(0, 1)
+        return y.reshape(k, per * group_size, *x.shape[1:])
+
+    return jax.tree.map(one, tree)
 
 
-def join_micro(tree):
-    """The inverse of `split_micro`: [k, b, ...] -> [k·b, ...]."""
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+def join_micro(tree, group_size: int | None = None):
+    """The inverse of `split_micro`: [k, b, ...] -> [k·b, ...] in the rows' own order."""
+    if group_size is None:
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+    def one(x):
+        k, per = x.shape[0], x.shape[1] // group_size
+        y = x.reshape(k, per, group_size, *x.shape[2:]).swapaxes(0, 1)
+        return y.reshape(k * x.shape[1], *x.shape[2:])
+
+    return jax.tree.map(one, tree)
 
 
 def micro_map(s: StepSpec, fn, data):
     """fn(data) computed over `cfg.num_microbatches` micro-batches of `data`'s rows, one after
     the other (`jax.lax.map`), the outputs joined along the rows: the same values with one
     micro-batch's activations alive at a time. `fn` must be row-wise over whole groups."""
-    k = s.cfg.num_microbatches
+    k, g = s.cfg.num_microbatches, s.cfg.group_size
     if k == 1:
         return fn(data)
-    return join_micro(jax.lax.map(fn, split_micro(data, k)))
+    return join_micro(jax.lax.map(fn, split_micro(data, k, g)), g)
 
 
-def micro_weights(loss_mask, k: int, agg_mode: str) -> jax.Array:
+def micro_weights(loss_mask, k: int, agg_mode: str, group_size: int | None = None) -> jax.Array:
     """f32[k]: each micro-batch's share of the minibatch's aggregate, so that Σ_i w_i·agg_i over
     the micro-batches' own aggregates equals the aggregate of the whole minibatch: token_mean by
     loss-mask weight (valid tokens), seq_mean_token_mean by rows with a valid token,
     seq_mean_token_sum_norm by rows (all micro-batches alike). loss_mask f32[B, T]. Where the
     whole minibatch counts nothing (every aggregate 0), 1/k each: the weights always sum to 1,
-    so the coefficient probe still reads the applied coefficients."""
-    m = loss_mask.astype(jnp.float32).reshape(k, -1, loss_mask.shape[-1])
+    so the coefficient probe still reads the applied coefficients. The micro-batches are
+    `split_micro`'s (`group_size` as there)."""
+    m = split_micro(loss_mask.astype(jnp.float32), k, group_size)
     if agg_mode == "token_mean":
         counts = m.sum(axis=(1, 2))
     elif agg_mode == "seq_mean_token_mean":
@@ -102,8 +124,9 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
         mb_in = jax.tree.map(lambda x: x[order], mb)
     else:
         mb_in = mb
-    weights = micro_weights(mb_in["loss_mask"], k, s.cfg.loss_agg)
     per_row = buckets > 1
+    group = None if per_row else s.cfg.group_size  # sorted rows: contiguous buckets
+    weights = micro_weights(mb_in["loss_mask"], k, s.cfg.loss_agg, group)
 
     def weighted_loss(p, q, part, w):
         logp, entropy, values = forward(s, p, part, knobs, per_row=per_row)
@@ -123,9 +146,9 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
         return acc, jax.lax.stop_gradient(outs)
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, probe))
-    summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb_in, k), weights))
+    summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb_in, k, group), weights))
     grads = jax.tree.map(lambda g, x: g.astype(x.dtype), summed, (params, probe))
-    outs = join_micro(outs)
+    outs = join_micro(outs, group)
     if order is not None:  # back to the minibatch's own row order
         outs = jax.tree.map(lambda x: x[jnp.argsort(order)], outs)
     logp, entropy, values = outs
