@@ -288,8 +288,8 @@ def base_config(workdir: str, base: dict[str, Any]) -> TrainConfig:
 
 
 # The built-in specs, shipped as JSON files beside this module (`specs/NAME.json`):
-# `smoke` (a pipeline check: 7 small runs from one shared warm-up, about 2 minutes),
-# `pipeline` (the tests' smoke: 7 tiny runs that learn nothing, about a minute), `standard`
+# `smoke` (a pipeline check: 7 small runs from one shared warm-up, 75 s),
+# `pipeline` (the tests' smoke: 7 tiny runs that learn nothing, 63 s), `standard`
 # (every injectable type × 3 severities × onsets × seeds, a clean twin per seed with two faulted
 # runs forked from it, four on the tool task; train and eval seeds and onsets differ),
 # `heldout` (what `standard` never used: seeds from 5000, onsets 60, 130 and 210, each type's
