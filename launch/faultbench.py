@@ -75,7 +75,7 @@ flags.DEFINE_string(
     "spec",
     None,
     "generate, remediate: a campaign spec JSON file, or a built-in: standard, heldout, "
-    "heldout-remedy, smoke, pipeline.",
+    "heldout-remedy, smoke, pipeline, conditions.",
 )
 flags.DEFINE_string(
     "data", None, "evaluate: a folder written by generate; train-diagnoser: one or more."

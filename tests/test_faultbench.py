@@ -503,9 +503,8 @@ def test_smoke_runs_start_from_one_warm_up_that_answers(tmp_path):
 def test_generate_refuses_an_unknown_spec(tmp_path):
     proc = _faultbench("generate", "--spec=nonesuch", f"--out={tmp_path}")
     assert proc.returncode == 2
-    assert "neither a built-in (standard, smoke, heldout, heldout-remedy, pipeline) nor a file" in (
-        proc.stderr
-    )
+    builtins = "standard, smoke, heldout, heldout-remedy, pipeline, conditions"
+    assert f"neither a built-in ({builtins}) nor a file" in proc.stderr
 
 
 def test_learned_baselines_flag_steps_far_from_the_training_clean_steps():

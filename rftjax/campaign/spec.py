@@ -42,7 +42,7 @@ _GRID_KEYS = (
     "shuffle",
 )
 _RUN_KEYS = ("seed", "type", "severity", "variant", "magnitude", "onset", "duration", "overrides")
-BUILTINS = ("standard", "smoke", "heldout", "heldout-remedy", "pipeline")
+BUILTINS = ("standard", "smoke", "heldout", "heldout-remedy", "pipeline", "conditions")
 
 
 class Campaign(NamedTuple):
@@ -295,7 +295,8 @@ def base_config(workdir: str, base: dict[str, Any]) -> TrainConfig:
 # `heldout` (what `standard` never used: seeds from 5000, onsets 60, 130 and 210, each type's
 # default variant at the two magnitudes between its presets) and `heldout-remedy` (heldout's
 # stronger magnitude of each type and a reference corruption no knob fixes, checkpoints every
-# 10 steps, for `remediate`). Each file's "description" says what it is;
+# 10 steps, for `remediate`) and `conditions` (clean runs under ten conditions: false alarms
+# where the thresholds were never tuned). Each file's "description" says what it is;
 # tests/test_campaign.py checks that the campaigns still cover the catalog.
 SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
 
