@@ -1,6 +1,6 @@
 """FaultBench campaigns: `python -m launch.faultbench COMMAND [flags]`.
 
-  generate --spec FILE|standard|heldout|smoke --out DIR [--workers 2]
+  generate --spec FILE|standard|heldout|smoke|pipeline|conditions --out DIR [--workers 2]
            [--executor ray [--ray_address auto|HOST:PORT] [--run_cpus 1] [--run_gpus 0]]
       Runs a campaign spec (JSON; see the README) with the in-step detector and trajectory
       records on, then writes DIR/manifest.parquet, steps.parquet, trajectories.parquet and a
@@ -192,9 +192,12 @@ def _report(path: str, result: dict, text: str, failed) -> None:
         sys.exit(1)
 
 
+_SPEC_REQUIRED = f"--spec is required: a JSON file or a built-in: {', '.join(campaign.BUILTINS)}"
+
+
 def generate() -> None:
     if not FLAGS.spec:
-        raise app.UsageError("--spec is required: a JSON file, standard or smoke")
+        raise app.UsageError(_SPEC_REQUIRED)
     try:
         spec = campaign.resolve(campaign.load_spec(FLAGS.spec))
         ray_options = _ray_options()
@@ -221,7 +224,7 @@ def remediate() -> None:
     from rftjax.campaign import closed_loop
 
     if not FLAGS.spec:
-        raise app.UsageError("--spec is required: a JSON file, standard or smoke")
+        raise app.UsageError(_SPEC_REQUIRED)
     policies = closed_loop.POLICIES if FLAGS.policies == "all" else FLAGS.policies.split(",")
     try:
         spec = campaign.resolve(campaign.load_spec(FLAGS.spec))
