@@ -28,6 +28,7 @@ QWEN25 = {
                        intermediate_size=18944, tie_word_embeddings=False),
 }  # fmt: skip
 _MARK = "MEMORY "
+LEVERS = ("remat", "num_microbatches", "logits_chunk")  # the `Shape` fields each row reports
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -195,7 +196,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | mesh | remat | micro-batches | logits chunk | GiB per device | "
              "temporaries | arguments |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        levers = " | ".join(str(r[k]) for k in ("remat", "num_microbatches", "logits_chunk"))
+        levers = " | ".join(str(r[k]) for k in LEVERS)
         sizes = [r[k] / gib for k in ("total_bytes", "temp_bytes", "argument_bytes")]
         cells = " | ".join(f"{v:.2f}" for v in sizes)
         lines.append(f"| {r['model']} | {r['mesh'] or 'one device'} | {levers} | {cells} |")
@@ -212,7 +213,7 @@ def main(argv=None) -> None:
     cfg = model_config(args.model, **json.loads(args.overrides))
     shape = Shape(**json.loads(args.shape))
     compiled, _ = compiled_step(cfg, shape, args.mesh)
-    levers = {k: getattr(shape, k) for k in ("remat", "num_microbatches", "logits_chunk")}
+    levers = {k: getattr(shape, k) for k in LEVERS}
     out = {"model": args.model, "mesh": args.mesh, **levers, **memory_figures(compiled)}
     print(_MARK + json.dumps(out), flush=True)
 

@@ -236,8 +236,8 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
 
     Without gradient, `cfg.length_buckets` > 1 sorts the rows by length and skips the padding
     after EOS (`response_logprobs`' buckets); `cfg.logits_chunk` bounds the logits held at
-    once. `per_row`: rows in any order, each with its own
-    prompt (the length-sorted micro-batches of `update.gradients`), T = data's response slots.
+    once. `per_row`: rows in any order, each with its own prompt (the length-sorted
+    micro-batches of `update.gradients`), T = data's response slots.
     """
     n = data["mask"].shape[1]
     prompt_len = data["tokens"].shape[1] - n

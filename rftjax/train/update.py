@@ -118,14 +118,13 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
         return grad_fn(params, probe)
     if s.cfg.updates_per_step == 1:
         mb = {**mb, **minibatch_targets(s, params, mb, knobs, ctx)}
-    order = None
-    if buckets > 1:
+    per_row = buckets > 1  # rows sorted by length, in contiguous buckets (not groups)
+    if per_row:
         k, order = buckets, length_order(mb)
         mb_in = jax.tree.map(lambda x: x[order], mb)
     else:
         mb_in = mb
-    per_row = buckets > 1
-    group = None if per_row else s.cfg.group_size  # sorted rows: contiguous buckets
+    group = None if per_row else s.cfg.group_size
     weights = micro_weights(mb_in["loss_mask"], k, s.cfg.loss_agg, group)
 
     def weighted_loss(p, q, part, w):
@@ -138,7 +137,7 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
 
     def micro(acc, xs):
         part, w = xs
-        if buckets > 1:
+        if per_row:
             grads, outs = _at_length(lambda d: grad_fn(params, probe, d, w), part, buckets)
         else:
             grads, outs = grad_fn(params, probe, part, w)
@@ -149,8 +148,9 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb_in, k, group), weights))
     grads = jax.tree.map(lambda g, x: g.astype(x.dtype), summed, (params, probe))
     outs = join_micro(outs, group)
-    if order is not None:  # back to the minibatch's own row order
-        outs = jax.tree.map(lambda x: x[jnp.argsort(order)], outs)
+    if per_row:  # back to the minibatch's own row order
+        inverse = jnp.argsort(order)
+        outs = jax.tree.map(lambda x: x[inverse], outs)
     logp, entropy, values = outs
     _, metrics = loss_terms(s, logp, entropy, values, probe, _behaviour(s, mb, logp, values), knobs)
     return grads, metrics
