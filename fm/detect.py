@@ -49,6 +49,11 @@ _SLOW_H = 60.0  # CUSUM threshold of statistics that drift during healthy traini
 # the training split's 304 false alarms; without it no fault there went unseen. Jumps still
 # alarm through the z-score.
 _NO_DRIFT = math.inf
+# Statistics of the policy gradient, read only on steps where some group's rewards differ: when
+# every group ties (a saturated task, e.g. `sort` after warm-up) the gradient norm falls to the
+# regularizers' (1e-6–1e-3 against 0.1–10) and the advantages to rounding noise, so the next
+# step with a learning signal scored against such a window was a z of 25–57 on clean runs.
+_IDLE_WITHOUT_SIGNAL = ("grad_norm", "adv_scale_ratio")
 _MAD_TO_SIGMA = 1.4826  # 1 / Φ⁻¹(3/4): MAD → σ for Gaussian data
 
 
@@ -68,6 +73,12 @@ class Signal(NamedTuple):
         entropy).
       z: this signal's z-score threshold (None: the config's), e.g. higher for statistics with
         heavy tails in healthy runs.
+      idle_if: name of a statistic in [0, 1]; on steps where it equals 1 this signal has
+        nothing to say and is not read: not scored, not entered into its window, its CUSUM
+        sums kept (a non-finite value still flags). E.g. the gradient norm when every group's
+        rewards tie (`frac_zero_std_groups` = 1): the policy gradient is then zero and the
+        norm is the regularizers' alone, orders of magnitude below the window's. When the
+        statistic is absent from a step's stats, the signal is always read.
     """
 
     name: str
@@ -76,6 +87,7 @@ class Signal(NamedTuple):
     floor: float = 0.0
     cusum_h: float | None = None
     z: float | None = None
+    idle_if: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +102,8 @@ class DetectConfig:
       cusum_h: CUSUM decision threshold h.
       cusum_clip: CUSUM input winsorization c: |r| ≤ c, so isolated spikes (already judged by
         the z-score) cannot add up to a drift alarm; only sustained shifts accumulate.
+      cusum_memory: M, the CUSUM's memory in steps: each step its sums decay by 1 - 1/M
+        before the new point is added (math.inf: Page's classic CUSUM, which never forgets).
       min_scale: relative floor of the robust scale: σ̂ ≥ min_scale·(|median| + 1).
 
     The default thresholds are set for heavy-tailed statistics (grad norms, max ratios): on
@@ -98,6 +112,15 @@ class DetectConfig:
     sustained shift is still caught by CUSUM within a few steps (8σ: 2 steps). For near-Gaussian
     signals pass a lower per-signal `Thresholds.z` at runtime. With c - k < h one spike cannot
     trip CUSUM alone; with c = 4, k = 0.5, h = 20 a sustained 4σ shift trips it in 6 steps.
+
+    The memory M equals the window by default: the center is the window's median, which lags a
+    statistic that trends while training goes well (KL to the reference, entropy, the update
+    ratio) by about W/2 steps, so a classic CUSUM summed that lag for ever and alarmed after
+    100–200 healthy steps at |z| ≈ 1 (4 of the 11 false alarms of FaultBench `conditions`). A
+    constant excess e = r - k per step now sums to at most e·M: the 4σ shift still trips h = 20
+    in 6 steps (h = 40: 13, h = 60: 20 instead of 12 and 18), while a shift of 1σ or less
+    (e ≤ 0.5, at most 32) no longer trips h ≥ 40: on a trending statistic it is not told apart
+    from learning.
     """
 
     window: int = 64
@@ -106,6 +129,7 @@ class DetectConfig:
     cusum_k: float = 0.5
     cusum_h: float = 20.0
     cusum_clip: float = 4.0
+    cusum_memory: float = 64.0
     min_scale: float = 1e-6
 
     def __post_init__(self):
@@ -118,6 +142,11 @@ class DetectConfig:
         if not 0 <= self.warmup <= self.window:
             raise ValueError(
                 f"DetectConfig.warmup must be in [0, window={self.window}], got {self.warmup}"
+            )
+        if not (isinstance(self.cusum_memory, (int, float)) and self.cusum_memory >= 1):
+            raise ValueError(
+                f"DetectConfig.cusum_memory must be >= 1 step (math.inf: no decay), "
+                f"got {self.cusum_memory!r}"
             )
         for name in ("z_threshold", "cusum_h", "cusum_clip", "min_scale", "cusum_k"):
             value = getattr(self, name)
@@ -223,6 +252,7 @@ def detector(signals: Sequence[Signal | str], config: DetectConfig = DetectConfi
     sigs = tuple(Signal(s) if isinstance(s, str) else Signal(*s) for s in signals)
     _check_signals(sigs)
     num, window, min_scale = len(sigs), config.window, config.min_scale
+    decay = 1.0 - 1.0 / config.cusum_memory  # 1.0 for math.inf
     is_score = np.array([s.kind == "score" for s in sigs])
     up_ok = is_score & np.array([s.direction in ("up", "both") for s in sigs])
     down_ok = is_score & np.array([s.direction in ("down", "both") for s in sigs])
@@ -262,24 +292,27 @@ def detector(signals: Sequence[Signal | str], config: DetectConfig = DetectConfi
         if th is None:
             th = Thresholds(zs, config.cusum_k, cusum_hs, config.warmup, floors)
         x = _gather(stats, sigs)
+        idle = _idle(stats, sigs)
         finite = jnp.isfinite(x)
         median, scale = robust_stats(
             state.history, state.valid, min_scale=min_scale, floor=th.floor
         )
-        scored = finite & is_score & (state.count >= 2)
+        scored = finite & is_score & (state.count >= 2) & ~idle
         z = jnp.where(scored, (jnp.where(finite, x, 0.0) - median) / scale, 0.0)
-        warm = is_score & (state.count >= th.warmup)
+        warm = is_score & (state.count >= th.warmup) & ~idle
         z_flag = warm & ((up_ok & (z > th.z)) | (down_ok & (z < -th.z)))
 
         r = jnp.clip(z, -config.cusum_clip, config.cusum_clip)
-        pos = jnp.where(warm, jnp.maximum(state.cusum_pos + r - th.cusum_k, 0.0), 0.0)
-        neg = jnp.where(warm, jnp.maximum(state.cusum_neg - r - th.cusum_k, 0.0), 0.0)
+        pos = jnp.maximum(decay * state.cusum_pos + r - th.cusum_k, 0.0)
+        neg = jnp.maximum(decay * state.cusum_neg - r - th.cusum_k, 0.0)
+        pos = jnp.where(warm, pos, jnp.where(idle, state.cusum_pos, 0.0))
+        neg = jnp.where(warm, neg, jnp.where(idle, state.cusum_neg, 0.0))
         cusum = jnp.maximum(jnp.where(up_ok, pos, 0.0), jnp.where(down_ok, neg, 0.0))
         cusum_flag = warm & (cusum > th.cusum_h)
 
-        invariant_flag = ~is_score & (x > 0)
+        invariant_flag = ~is_score & (x > 0) & ~idle
         flags = z_flag | cusum_flag | invariant_flag | ~finite
-        accept = ~flags
+        accept = ~flags & ~idle
         slot_was_valid = state.valid[state.index]
         new_state = DetectState(
             history=state.history.at[state.index].set(jnp.where(accept, x, 0.0)),
@@ -312,13 +345,15 @@ def replay(
     """Runs the detector over recorded statistics {name: f32[T]} in one compiled scan.
 
     The same `update` as in a train step, so detectors can be scored or tuned offline on
-    recorded runs (e.g. FaultBench step records). Returns outputs stacked over T and the final
-    state.
+    recorded runs (e.g. FaultBench step records). `series` holds every signal's statistic and,
+    where recorded, the `Signal.idle_if` statistics. Returns outputs stacked over T and the
+    final state.
     """
     names = [s.name for s in detector.signals]
     missing = [n for n in names if n not in series]
     if missing:
         raise KeyError(f"series lacks detector signals {missing}; available: {sorted(series)}")
+    names += sorted({s.idle_if for s in detector.signals} & set(series) - set(names))
     xs = jnp.stack([jnp.asarray(series[n], jnp.float32) for n in names], axis=-1)
 
     def body(st, x):
@@ -340,6 +375,10 @@ def _check_signals(signals: tuple[Signal, ...]) -> None:
         if s.name in seen:
             raise ValueError(f"Signal name {s.name!r} appears more than once")
         seen.add(s.name)
+        if s.idle_if is not None and (not isinstance(s.idle_if, str) or not s.idle_if):
+            raise ValueError(
+                f"Signal {s.name!r}: idle_if must be a statistic's name or None, got {s.idle_if!r}"
+            )
         if s.direction not in _DIRECTIONS:
             raise ValueError(
                 f"Signal {s.name!r}: direction must be one of {_DIRECTIONS}, got {s.direction!r}"
@@ -352,6 +391,19 @@ def _check_signals(signals: tuple[Signal, ...]) -> None:
             raise ValueError(f"Signal {s.name!r}: z must be > 0, got {s.z!r}")
         if s.cusum_h is not None and not s.cusum_h > 0:
             raise ValueError(f"Signal {s.name!r}: cusum_h must be > 0, got {s.cusum_h!r}")
+
+
+def _idle(stats: Mapping[str, jax.Array], signals: tuple[Signal, ...]) -> jax.Array:
+    """bool[S]: which signals are idle this step (`Signal.idle_if` present and equal to 1)."""
+    one = jnp.ones((), jnp.float32)
+    return jnp.stack(
+        [
+            jnp.asarray(stats[s.idle_if], jnp.float32).reshape(()) == one
+            if s.idle_if is not None and s.idle_if in stats
+            else jnp.zeros((), bool)
+            for s in signals
+        ]
+    )
 
 
 def _gather(stats: Mapping[str, jax.Array], signals: tuple[Signal, ...]) -> jax.Array:
@@ -495,8 +547,9 @@ def default_signals(*, group_normalized: bool = True, tools: bool = True) -> tup
     )
     drop = set(() if group_normalized else GROUP_NORMALIZED_ONLY) | set(() if tools else TOOLS_ONLY)
     signals = tuple(
-        Signal(name, direction, floor=floor, cusum_h=h, z=z)
+        Signal(name, direction, floor=floor, cusum_h=h, z=z, idle_if=idle)
         for name, (direction, floor, h, *zs) in score.items()
         for z in (zs[0] if zs else None,)
+        for idle in ("frac_zero_std_groups" if name in _IDLE_WITHOUT_SIGNAL else None,)
     ) + tuple(Signal(name, "up", "invariant") for name in invariants)
     return tuple(s for s in signals if s.name not in drop)

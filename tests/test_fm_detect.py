@@ -1,5 +1,6 @@
 """fm.detect: synthetic series with known answers, hand-worked CUSUM, no recompilation."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,45 @@ def test_cusum_trajectory_by_hand():
     outs, state = scan(det, {"x": x}, det.thresholds()._replace(cusum_h=jnp.float32(2.0)))
     np.testing.assert_array_equal(outs.flags[:, 0], [0, 0, 0, 0, 1, 0])
     assert float(state.cusum_pos[0]) == 0.0 and int(state.alarms_total) == 1
+
+
+@pytest.mark.parametrize("memory", [8.0, math.inf])
+def test_cusum_memory_bounds_what_a_constant_excess_sums_to(memory):
+    # 40 zeros: median 0, MAD 0, so σ̂ = the floor 1. Then 15 points at 1.5: z = r = 1.5, an
+    # excess e = r - k = 1 a step, and the median stays 0 (40 zeros against 15). With decay
+    # λ = 1 - 1/M the sum after j such steps is e·(1 - λʲ)/(1 - λ) (M = ∞: j, Page's CUSUM).
+    det = detect.detector(
+        [detect.Signal("x", "up", floor=1.0)],
+        detect.DetectConfig(cusum_h=100.0, cusum_memory=memory),
+    )
+    outs, _ = scan(det, {"x": np.r_[np.zeros(40), np.full(15, 1.5)]})
+    lam, j = 1.0 - 1.0 / memory, np.arange(1, 16)
+    expected = j if memory == math.inf else (1 - lam**j) / (1 - lam)
+    np.testing.assert_allclose(outs.scores[40:, 0], 1.5, rtol=1e-6)
+    np.testing.assert_allclose(outs.cusum[40:, 0], expected, rtol=1e-5)
+    assert not outs.alarm.any()
+
+
+def test_idle_signal_is_not_read_while_its_gate_is_one():
+    # x is read on steps where g < 1. A huge x while g = 1 is neither scored, flagged nor kept,
+    # and leaves the CUSUM sums as they were; a NaN still flags; g absent: always read.
+    det = detect.detector([detect.Signal("x", idle_if="g")])
+    x = gauss(5, 70)
+    x[60], x[61], x[62] = 1e6, np.nan, 1e6
+    g = np.zeros(70, np.float32)
+    g[60:62] = 1.0
+    outs, state = scan(det, {"x": x, "g": g})
+    np.testing.assert_array_equal(np.flatnonzero(outs.alarm), [61, 62])  # the NaN; 1e6 read at 62
+    assert outs.scores[60, 0] == 0.0 and outs.cusum[60, 0] == outs.cusum[59, 0]
+    _, before = scan(det, {"x": x[:60], "g": g[:60]})
+    _, after = scan(det, {"x": x[:61], "g": g[:61]})
+    assert int(after.count[0]) == int(before.count[0]) and not after.valid[60 % W, 0]
+    assert float(after.cusum_pos[0]) == float(before.cusum_pos[0])
+    outs, _ = scan(det, {"x": x})  # no gate given: read on every step
+    assert bool(outs.alarm[60])
+    # the default signals gate the policy gradient's statistics on groups with a signal
+    idle = {s.name: s.idle_if for s in detect.default_signals() if s.idle_if}
+    assert idle == {"grad_norm": "frac_zero_std_groups", "adv_scale_ratio": "frac_zero_std_groups"}
 
 
 @pytest.mark.parametrize("z", [None, 6.0])
@@ -212,6 +252,7 @@ def test_missing_stat_is_named():
         ({"cusum_k": -1.0}, "cusum_k"),
         ({"cusum_h": float("nan")}, "cusum_h"),
         ({"min_scale": 0.0}, "min_scale"),
+        ({"cusum_memory": 0.5}, "cusum_memory"),
     ],
 )
 def test_config_names_the_bad_value(kwargs, bad):
@@ -226,6 +267,7 @@ def test_config_names_the_bad_value(kwargs, bad):
         ([detect.Signal("x", kind="vote")], "vote"),
         (["x", "x"], "more than once"),
         ([], "at least one"),
+        ([detect.Signal("x", idle_if="")], "idle_if"),
     ],
 )
 def test_bad_signals_are_named(signals, bad):
@@ -302,10 +344,11 @@ def test_per_signal_cusum_threshold_and_floor_reach_the_thresholds():
 
 def test_replay_equals_stepwise_updates():
     rng = np.random.default_rng(3)
-    det = detect.detector([detect.Signal("a"), detect.Signal("b", "up", floor=0.1)])
+    det = detect.detector([detect.Signal("a"), detect.Signal("b", "up", floor=0.1, idle_if="g")])
     series = {
         "a": rng.normal(size=80).astype(np.float32),
         "b": rng.standard_t(3, size=80).astype(np.float32),
+        "g": (rng.uniform(size=80) < 0.3).astype(np.float32),  # the gate is replayed too
     }
     series["a"][60] = 50.0
     outs, final = detect.replay(det, series)

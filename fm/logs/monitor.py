@@ -78,6 +78,8 @@ class Monitor:
             )
         self.signals = tuple(signals)
         self.detector, self._update = compiled(watched, config or detect.DetectConfig())
+        gates = {s.idle_if for s in watched} & set(signals)  # `Signal.idle_if`, where logged
+        self._read = tuple(dict.fromkeys([*self.watched, *sorted(gates)]))
         self.view = views.view(signals)
         self.state = self.detector.init()
         self.evidence_steps = evidence_steps
@@ -99,7 +101,7 @@ class Monitor:
         """Feeds one step's values (by fm statistic name; a missing or None value is NaN, which
         the detector flags as non-finite) and returns the events of that step."""
         record = {name: _float(values.get(name)) for name in self.signals}
-        x = {name: np.float32(record[name]) for name in self.watched}
+        x = {name: np.float32(record[name]) for name in self._read}
         out, self.state = self._update(x, self.state)
         self.records = [*self.records[-(self.history - 1) :], {"step": step, **record}]
         events = []
