@@ -94,6 +94,9 @@ class RLConfig:
       logits_chunk: the learner computes the vocabulary logits (and their softmax) this many
         tokens at a time and recomputes them in the backward pass, so a step never holds all
         B·N·V of them (the same values); 0 computes them all at once.
+      attention_chunk: the learner's attention runs this many queries at a time and recomputes
+        their scores in the backward pass, so a layer never holds the whole [rows, heads,
+        queries, keys] score array (the same values); 0 computes them all at once.
     """
 
     algo: str = setting("grpo", "RL algorithm.", group=ALGO, choices=ALGOS, campaign=SPEC)
@@ -158,6 +161,14 @@ class RLConfig:
         role=HOW,
         campaign=SPEC,
     )
+    attention_chunk: int = setting(
+        0,
+        "Learner: attention computed this many queries at a time and its scores recomputed "
+        "in the backward pass (0: all at once).",
+        group=MODEL,
+        role=HOW,
+        campaign=SPEC,
+    )
 
     def __post_init__(self):
         _check_choices(self)
@@ -208,6 +219,10 @@ class RLConfig:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.logits_chunk < 0:
             raise ValueError(f"logits_chunk must be >= 0 (0: all at once), got {self.logits_chunk}")
+        if self.attention_chunk < 0:
+            raise ValueError(
+                f"attention_chunk must be >= 0 (0: all at once), got {self.attention_chunk}"
+            )
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
 

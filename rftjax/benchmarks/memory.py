@@ -28,7 +28,12 @@ QWEN25 = {
                        intermediate_size=18944, tie_word_embeddings=False),
 }  # fmt: skip
 _MARK = "MEMORY "
-LEVERS = ("remat", "num_microbatches", "logits_chunk")  # the `Shape` fields each row reports
+LEVERS = (
+    "remat",
+    "num_microbatches",
+    "logits_chunk",
+    "attention_chunk",
+)  # the `Shape` fields each row reports
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +48,7 @@ class Shape:
     num_microbatches: int = 1  # gradient accumulation (RLConfig.num_microbatches)
     remat: str = "none"  # "layer": recompute each decoder layer in the backward (RLConfig.remat)
     logits_chunk: int = 0  # vocabulary logits this many tokens at a time (RLConfig.logits_chunk)
+    attention_chunk: int = 0  # attention this many queries at a time (RLConfig.attention_chunk)
 
 
 def model_config(name: str, **overrides):
@@ -131,7 +137,8 @@ def _rl(shape: Shape):
 
     return RLConfig(prompts_per_step=shape.prompts, group_size=shape.group_size,
                     max_new_tokens=shape.new_tokens, num_microbatches=shape.num_microbatches,
-                    remat=shape.remat, logits_chunk=shape.logits_chunk)  # fmt: skip
+                    remat=shape.remat, logits_chunk=shape.logits_chunk,
+                    attention_chunk=shape.attention_chunk)  # fmt: skip
 
 
 def compiled_step(cfg, shape: Shape, mesh_spec: str):
@@ -181,11 +188,12 @@ def devices_of(mesh_spec: str) -> int:
 
 def shape_from_flags(values) -> Shape:
     """`Shape` defaults, with ``--prompts_per_step``, ``--group_size``, ``--max_new_tokens``,
-    ``--num_microbatches``, ``--remat`` and ``--logits_chunk`` where given on the command
-    line."""
+    ``--num_microbatches``, ``--remat``, ``--logits_chunk`` and ``--attention_chunk`` where
+    given on the command line."""
     given = {"prompts_per_step": "prompts", "group_size": "group_size",
              "max_new_tokens": "new_tokens", "num_microbatches": "num_microbatches",
-             "remat": "remat", "logits_chunk": "logits_chunk"}  # fmt: skip
+             "remat": "remat", "logits_chunk": "logits_chunk",
+             "attention_chunk": "attention_chunk"}  # fmt: skip
     return Shape(**{f: getattr(values, k) for k, f in given.items() if values[k].present})
 
 
@@ -193,8 +201,9 @@ def table(rows: list[dict]) -> str:
     """Markdown rows: model, mesh, the memory levers, and GiB per device (total, temporaries,
     arguments)."""
     gib = 2.0**30
-    lines = ["| model | mesh | remat | micro-batches | logits chunk | GiB per device | "
-             "temporaries | arguments |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | mesh | remat | micro-batches | logits chunk | attention chunk | "
+             "GiB per device | temporaries | arguments |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         levers = " | ".join(str(r[k]) for k in LEVERS)
         sizes = [r[k] / gib for k in ("total_bytes", "temp_bytes", "argument_bytes")]

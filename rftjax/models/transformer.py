@@ -111,8 +111,28 @@ class RMSNorm(nnx.Module):
         return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q, k, v, mask):
-    """Grouped-query attention. q [B,S,H,D], k/v [B,K,L,D], mask bool [B,S,L] -> [B,S,H,D]."""
+def attention(q, k, v, mask, chunk: int = 0):
+    """Grouped-query attention. q [B,S,H,D], k/v [B,K,L,D], mask bool [B,S,L] -> [B,S,H,D].
+
+    `chunk` > 0: the queries run `chunk` at a time (`jax.lax.map`), each chunk under
+    `jax.checkpoint`, so the scores and probabilities held at once are [B,K,H/K,chunk,L]
+    instead of [B,K,H/K,S,L], in the backward pass too (it recomputes them): the same values.
+    """
+    s = q.shape[1]
+    if not chunk or s <= chunk:
+        return _attend(q, k, v, mask)
+    m = -(-s // chunk)
+    pad = [(0, 0), (0, m * chunk - s)]
+    # padded queries see no key: a uniform softmax over finite scores, cut off below
+    qs = jnp.pad(q, pad + [(0, 0), (0, 0)]).reshape(q.shape[0], m, chunk, *q.shape[2:])
+    ms = jnp.pad(mask, pad + [(0, 0)]).reshape(mask.shape[0], m, chunk, mask.shape[2])
+    attend = jax.checkpoint(_attend, policy=jax.checkpoint_policies.nothing_saveable)
+    out = jax.lax.map(lambda x: attend(x[0], k, v, x[1]), (qs.swapaxes(0, 1), ms.swapaxes(0, 1)))
+    return out.swapaxes(0, 1).reshape(q.shape[0], m * chunk, *q.shape[2:])[:, :s]
+
+
+def _attend(q, k, v, mask):
+    """`attention` of all queries at once."""
     b, s, h, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, s, kv_heads, h // kv_heads, d)
@@ -132,6 +152,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(hidden, k * d, bias=bias, config=config, rngs=rngs)
         self.o_proj = Linear(h * d, hidden, bias=False, config=config, rngs=rngs)
         self.shape = (h, k, d)
+        self.query_chunk = 0  # queries at a time in `attention` (0: all); see `learner_graph`
 
     def __call__(self, x, positions, inv_freq, mask, cache_kv=None, index=None):
         """x [B,S,hidden]; with cache_kv=(k [B,K,L,D], v), writes this chunk at slot `index`."""
@@ -149,7 +170,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(
                 cache_kv[1], v.astype(cache_kv[1].dtype), (zero, zero, index, zero)
             )
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, mask, self.query_chunk)
         return self.o_proj(out.reshape(b, s, h * d)), (k, v)
 
 
@@ -205,7 +226,7 @@ class Transformer(nnx.Module):
             self.lm_head = Linear(
                 config.hidden_size, config.vocab_size, bias=False, config=config, rngs=rngs
             )
-        self.remat = "none"  # one of REMAT_MODES; a learner's graph sets it (`with_remat`)
+        self.remat = "none"  # one of REMAT_MODES; a learner's graph sets it (`learner_graph`)
 
     def trunk(
         self,
@@ -273,20 +294,25 @@ def _remat_layer(layer, *args):
     return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(state, *args)
 
 
-def with_remat(graphdef: nnx.GraphDef, params: nnx.State, mode: str) -> nnx.GraphDef:
-    """The graph of the same model with `mode` (one of REMAT_MODES) rematerialization: what a
-    learner differentiates through. The sampler keeps its own graph (decoding is not
-    differentiated). The parameters are unchanged; only the static graph differs."""
-    if mode not in REMAT_MODES:
-        raise ValueError(f"remat={mode!r} is not supported; accepted: {', '.join(REMAT_MODES)}")
-    if mode == "none":  # every graph is built without remat
+def learner_graph(
+    graphdef: nnx.GraphDef, params: nnx.State, *, remat: str = "none", attention_chunk: int = 0
+) -> nnx.GraphDef:
+    """The graph of the same model as a learner runs it: with `remat` (one of REMAT_MODES)
+    rematerialization, and attention computed `attention_chunk` queries at a time (0: all;
+    see `attention`). The sampler keeps its own graph (decoding is not differentiated, and
+    decodes one query a row). The parameters are unchanged; only the static graph differs."""
+    if remat not in REMAT_MODES:
+        raise ValueError(f"remat={remat!r} is not supported; accepted: {', '.join(REMAT_MODES)}")
+    if attention_chunk < 0:
+        raise ValueError(f"attention_chunk must be >= 0 (0: all at once), got {attention_chunk}")
+    if remat == "none" and not attention_chunk:  # every graph is built that way
         return graphdef
     # merged with abstract leaves: no traced value is touched (this may run inside a trace)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     model = nnx.merge(graphdef, abstract)
-    if mode == model.remat:
-        return graphdef
-    model.remat = mode
+    model.remat = remat
+    for layer in model.model.layers:
+        layer.self_attn.query_chunk = attention_chunk
     return nnx.split(model)[0]
 
 

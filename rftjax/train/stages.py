@@ -24,7 +24,7 @@ from rftjax import algorithms as alg
 from rftjax import parallel
 from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
-from rftjax.models.transformer import with_remat
+from rftjax.models.transformer import learner_graph
 from rftjax.sampling import (
     Rollout,
     SamplingParams,
@@ -236,14 +236,15 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
 
     Without gradient, `cfg.length_buckets` > 1 sorts the rows by length and skips the padding
     after EOS (`response_logprobs`' buckets); `cfg.logits_chunk` bounds the logits held at
-    once. `per_row`: rows in any order, each with its own prompt (the length-sorted
-    micro-batches of `update.gradients`), T = data's response slots.
+    once, `cfg.attention_chunk` the attention scores. `per_row`: rows in any order, each with
+    its own prompt (the length-sorted micro-batches of `update.gradients`), T = data's
+    response slots.
     """
     n = data["mask"].shape[1]
     prompt_len = data["tokens"].shape[1] - n
     g = 1 if per_row else s.cfg.group_size
     return response_logprobs(
-        with_remat(s.graphdef, policy, s.cfg.remat),
+        learner_graph(s.graphdef, policy, remat=s.cfg.remat, attention_chunk=s.cfg.attention_chunk),
         policy,
         data["tokens"][::g, :prompt_len],
         data["valid"][::g, :prompt_len],
