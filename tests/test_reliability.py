@@ -48,7 +48,7 @@ def _summary(workdir):
 )
 def test_a_signal_saves_the_step_in_flight_and_resume_is_identical(tmp_path, sig):
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
-    proc = _train(stopped, "--steps=150")
+    proc = _train(stopped, "--steps=60")
     # Signal once a few steps are logged (checkpoints come every 50: the stop saves its own).
     deadline = time.time() + 300
     while chaos.logged_step(stopped) < 5 and proc.poll() is None and time.time() < deadline:
@@ -58,14 +58,14 @@ def test_a_signal_saves_the_step_in_flight_and_resume_is_identical(tmp_path, sig
     assert proc.returncode == 0, err[-2000:]
     summary = _summary(stopped)
     at = summary["steps_completed"]
-    assert summary["preempted"] is True and 5 <= at < 150, summary
+    assert summary["preempted"] is True and 5 <= at < 60, summary
     # "final" only from an evaluation of the state it stopped at (evaluations every 50 steps).
     evaluated = at // 50 * 50
     assert summary["eval_last_step"] == evaluated
     assert (summary["eval_accuracy_final"] is None) == (at != evaluated)
     assert chaos.logged_step(stopped) == at == chaos.checkpoint_step(stopped)  # nothing lost
-    assert _train(stopped, "--steps=150", "--resume").wait() == 0
-    assert _train(reference, "--steps=150").wait() == 0
+    assert _train(stopped, "--steps=60", "--resume").wait() == 0
+    assert _train(reference, "--steps=60").wait() == 0
     assert chaos.compare(reference, stopped) == []
     assert _summary(stopped)["preempted"] is False
 
