@@ -28,12 +28,8 @@ QWEN25 = {
                        intermediate_size=18944, tie_word_embeddings=False),
 }  # fmt: skip
 _MARK = "MEMORY "
-LEVERS = (
-    "remat",
-    "num_microbatches",
-    "logits_chunk",
-    "attention_chunk",
-)  # the `Shape` fields each row reports
+# the `Shape` fields each row reports
+LEVERS = ("remat", "num_microbatches", "logits_chunk", "attention_chunk")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
