@@ -349,11 +349,10 @@ def replay(
     where recorded, the `Signal.idle_if` statistics. Returns outputs stacked over T and the
     final state.
     """
-    names = [s.name for s in detector.signals]
-    missing = [n for n in names if n not in series]
+    missing = [s.name for s in detector.signals if s.name not in series]
     if missing:
         raise KeyError(f"series lacks detector signals {missing}; available: {sorted(series)}")
-    names += sorted({s.idle_if for s in detector.signals} & set(series) - set(names))
+    names = [n for n in statistics_read(detector.signals) if n in series]
     xs = jnp.stack([jnp.asarray(series[n], jnp.float32) for n in names], axis=-1)
 
     def body(st, x):
@@ -391,6 +390,13 @@ def _check_signals(signals: tuple[Signal, ...]) -> None:
             raise ValueError(f"Signal {s.name!r}: z must be > 0, got {s.z!r}")
         if s.cusum_h is not None and not s.cusum_h > 0:
             raise ValueError(f"Signal {s.name!r}: cusum_h must be > 0, got {s.cusum_h!r}")
+
+
+def statistics_read(signals: Sequence[Signal]) -> tuple[str, ...]:
+    """The statistics a detector over `signals` reads: each signal's, then the `idle_if`
+    statistics that gate them (an absent gate is allowed: the signal is then always read)."""
+    names = [s.name for s in signals]
+    return tuple(dict.fromkeys([*names, *(s.idle_if for s in signals if s.idle_if)]))
 
 
 def _idle(stats: Mapping[str, jax.Array], signals: tuple[Signal, ...]) -> jax.Array:

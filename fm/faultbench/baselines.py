@@ -172,8 +172,8 @@ def replay_flags(run: Run) -> tuple[tuple, np.ndarray]:
     if signals not in _REPLAYS:
         det = detect.detector(signals)
         _REPLAYS[signals] = jax.jit(lambda series, d=det: detect.replay(d, series)[0].flags)
-    names = {s.name for s in signals} | ({s.idle_if for s in signals} & set(run))
-    series = {n: np.asarray(run[n], np.float32) for n in names}
+    read = [n for n in detect.statistics_read(signals) if n in run]
+    series = {n: np.asarray(run[n], np.float32) for n in read}
     return signals, np.asarray(_REPLAYS[signals](series))
 
 

@@ -78,8 +78,7 @@ class Monitor:
             )
         self.signals = tuple(signals)
         self.detector, self._update = compiled(watched, config or detect.DetectConfig())
-        gates = {s.idle_if for s in watched} & set(signals)  # `Signal.idle_if`, where logged
-        self._read = tuple(dict.fromkeys([*self.watched, *sorted(gates)]))
+        self._read = tuple(n for n in detect.statistics_read(watched) if n in self.signals)
         self.view = views.view(signals)
         self.state = self.detector.init()
         self.evidence_steps = evidence_steps

@@ -24,6 +24,7 @@ from rftjax.models.transformer import (
     causal_mask,
     head_logits,
     init_cache,
+    map_in_chunks,
     param_names,
     positions_from_valid,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "get_preset",
     "head_logits",
     "init_cache",
+    "map_in_chunks",
     "param_names",
     "parse_overrides",
     "positions_from_valid",

@@ -118,17 +118,35 @@ def attention(q, k, v, mask, chunk: int = 0):
     `jax.checkpoint`, so the scores and probabilities held at once are [B,K,H/K,chunk,L]
     instead of [B,K,H/K,S,L], in the backward pass too (it recomputes them): the same values.
     """
-    s = q.shape[1]
-    if not chunk or s <= chunk:
+    if not chunk or q.shape[1] <= chunk:
         return _attend(q, k, v, mask)
-    m = -(-s // chunk)
-    pad = [(0, 0), (0, m * chunk - s)]
-    # padded queries see no key: a uniform softmax over finite scores, cut off below
-    qs = jnp.pad(q, pad + [(0, 0), (0, 0)]).reshape(q.shape[0], m, chunk, *q.shape[2:])
-    ms = jnp.pad(mask, pad + [(0, 0)]).reshape(mask.shape[0], m, chunk, mask.shape[2])
-    attend = jax.checkpoint(_attend, policy=jax.checkpoint_policies.nothing_saveable)
-    out = jax.lax.map(lambda x: attend(x[0], k, v, x[1]), (qs.swapaxes(0, 1), ms.swapaxes(0, 1)))
-    return out.swapaxes(0, 1).reshape(q.shape[0], m * chunk, *q.shape[2:])[:, :s]
+    # padded queries see no key: a uniform softmax over finite scores, cut off after
+    return map_in_chunks(lambda x: _attend(x[0], k, v, x[1]), (q, mask), chunk, axis=1)
+
+
+def map_in_chunks(fn, xs, chunk: int, axis: int = 0):
+    """`fn(xs)` computed `chunk` entries of `axis` at a time: the arrays of `xs` (a pytree, all
+    of one size n along `axis`) are zero-padded to whole chunks and run one chunk after another
+    (`jax.lax.map`), each under `jax.checkpoint` (the backward recomputes a chunk's
+    intermediates instead of keeping every chunk's); `fn` returns a pytree of arrays chunked
+    along the same axis, joined and cut back to n. Closed-over arrays are shared by all chunks.
+    """
+    n = jax.tree.leaves(xs)[0].shape[axis]
+    m = -(-n // chunk)
+
+    def split(x):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, m * chunk - n)
+        x = jnp.pad(x, pad)
+        return jnp.moveaxis(x.reshape(*x.shape[:axis], m, chunk, *x.shape[axis + 1 :]), axis, 0)
+
+    def join(y):
+        y = jnp.moveaxis(y, 0, axis)
+        y = y.reshape(*y.shape[:axis], m * chunk, *y.shape[axis + 2 :])
+        return jax.lax.slice_in_dim(y, 0, n, axis=axis)
+
+    run = jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.tree.map(join, jax.lax.map(run, jax.tree.map(split, xs)))
 
 
 def _attend(q, k, v, mask):

@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rftjax.models import full_forward, head_logits, init_cache, positions_from_valid
+from rftjax.models import (
+    full_forward,
+    head_logits,
+    init_cache,
+    map_in_chunks,
+    positions_from_valid,
+)
 from rftjax.parallel import constrain_cache
 from rftjax.tools.protocol import LIMIT, TIMEOUT, TOOL_ERROR, ToolResult
 
@@ -470,13 +476,9 @@ def token_logprobs(weight, hidden, tokens, temperature, chunk: int = 0):
     b, n = tokens.shape
     if not chunk or chunk >= b * n:
         return _token_terms(weight, hidden, tokens, temperature)
-    m = -(-b * n // chunk)
-    pad = m * chunk - b * n
-    flat_h = jnp.pad(hidden.reshape(b * n, -1), [(0, pad), (0, 0)]).reshape(m, chunk, -1)
-    flat_t = jnp.pad(tokens.reshape(b * n), [(0, pad)]).reshape(m, chunk)
-    terms = jax.checkpoint(_token_terms, policy=jax.checkpoint_policies.nothing_saveable)
-    logp, entropy = jax.lax.map(lambda x: terms(weight, *x, temperature), (flat_h, flat_t))
-    return tuple(x.reshape(m * chunk)[: b * n].reshape(b, n) for x in (logp, entropy))
+    flat = (hidden.reshape(b * n, -1), tokens.reshape(b * n))
+    terms = map_in_chunks(lambda x: _token_terms(weight, *x, temperature), flat, chunk)
+    return tuple(x.reshape(b, n) for x in terms)
 
 
 def bucket_sizes(n: int, buckets: int) -> tuple[int, ...]:
