@@ -1,6 +1,6 @@
 """FaultBench campaigns: `python -m launch.faultbench COMMAND [flags]`.
 
-  generate --spec FILE|standard|heldout|smoke|pipeline|conditions --out DIR [--workers 2]
+  generate --spec FILE|BUILT-IN --out DIR [--workers 2]   (built-ins: see --spec)
            [--executor ray [--ray_address auto|HOST:PORT] [--run_cpus 1] [--run_gpus 0]]
       Runs a campaign spec (JSON; see the README) with the in-step detector and trajectory
       records on, then writes DIR/manifest.parquet, steps.parquet, trajectories.parquet and a
@@ -74,8 +74,8 @@ flags.DEFINE_string("out", None, "Campaign folder (generate, severity), report f
 flags.DEFINE_string(
     "spec",
     None,
-    "generate, remediate: a campaign spec JSON file, or a built-in: standard, heldout, "
-    "heldout-remedy, smoke, pipeline, conditions.",
+    "generate, remediate: a campaign spec JSON file, or a built-in: "
+    f"{', '.join(campaign.BUILTINS)}.",
 )
 flags.DEFINE_string(
     "data", None, "evaluate: a folder written by generate; train-diagnoser: one or more."

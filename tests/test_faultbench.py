@@ -503,7 +503,7 @@ def test_smoke_runs_start_from_one_warm_up_that_answers(tmp_path):
 def test_generate_refuses_an_unknown_spec(tmp_path):
     proc = _faultbench("generate", "--spec=nonesuch", f"--out={tmp_path}")
     assert proc.returncode == 2
-    builtins = "standard, smoke, heldout, heldout-remedy, pipeline, conditions"
+    builtins = "standard, smoke, heldout, heldout-remedy, pipeline, conditions, conditions-faults"
     assert f"neither a built-in ({builtins}) nor a file" in proc.stderr
 
 

@@ -16,15 +16,19 @@ SIGNATURE = {"TE1": "tool_error_rate", "CA2": "adv_group_mean_max_abs", "RF2": "
 def _records(n_runs: int, split: str, seed: int) -> rec.Records:
     """Runs of 40 steps; from onset 25 the run's type moves its signature statistic."""
     rng = np.random.default_rng(seed)
-    manifest = {k: [] for k in ("run_id", "type", "family", "severity", "onset", "split")}
+    manifest = {k: [] for k in ("run_id", "type", "family", "severity", "onset", "split",
+                                "config", "variant")}  # fmt: skip
     steps: dict[str, list] = {"run_id": [], "step": [], "alarm": [], "flag/x": []}
     for name in dg.FEATURES:
         steps[name] = []
     for r in range(n_runs):
         for type_id, signal in SIGNATURE.items():
             run_id = f"{split}{r}/{type_id}"
+            # Odd runs under another condition; the run length is not a condition.
+            config = json.dumps({"steps": 40, **({"group_size": 4} if r % 2 else {})})
             for k, v in zip(manifest, (run_id, type_id, taxonomy.get(type_id).family,
-                                       "moderate", 25, split), strict=True):  # fmt: skip
+                                       "moderate", 25, split, config, f"v{r % 2}"),
+                            strict=True):  # fmt: skip
                 manifest[k].append(v)
             for step in range(1, 41):
                 steps["run_id"].append(run_id)
@@ -51,6 +55,84 @@ def test_examples_are_taken_at_the_first_alarm_in_the_window():
     assert fd.examples(_records(2, "train", 0), split="eval", window=10, replay=False) == []
     # An alarm outside [onset, onset + window) is not an example.
     assert fd.examples(_records(2, "train", 0), split="train", window=1, replay=False) == []
+
+
+def test_examples_carry_their_runs_condition_and_variant():
+    data = fd.examples(_records(2, "train", 0), split="train", window=10, replay=False)
+    got = {(ex.run_id.split("/")[0], ex.condition, ex.variant) for ex in data}
+    assert got == {("train0", "{}", "v0"), ("train1", '{"group_size":4}', "v1")}
+
+
+def test_a_condition_is_the_config_less_its_length_cadence_and_initial_weights():
+    from fm.faultbench import schema
+
+    config = '{"steps": 300, "eval_every": 300, "init_seed": 0, "knobs": {"lr": 0.0003}}'
+    assert schema.condition(config) == '{"knobs":{"lr":0.0003}}'
+    assert schema.condition('{"log_every": 10, "checkpoint_every": 5}') == "{}"
+    assert schema.condition("") == "{}"
+    assert schema.condition('{"task": "sort", "algo": "ppo"}') == '{"algo":"ppo","task":"sort"}'
+
+
+def _signature_example(rng, type_id, condition, variant, size=0.5):
+    """A window whose last AFTER + 1 steps move `type_id`'s signature statistic."""
+    window = []
+    for i in range(20 + fd.AFTER + 1):
+        r = {n: 0.1 * (1 + 0.05 * rng.standard_normal()) * (n not in dg.INVARIANTS)
+             for n in dg.FEATURES}  # fmt: skip
+        r[SIGNATURE[type_id]] += size * (i >= 20)
+        window.append(r)
+    run_id = f"{condition}/{type_id}-{variant}-{size}"
+    return fd.Example(run_id, type_id, "moderate", window, 20, (), condition, variant)
+
+
+def test_held_out_conditions_and_variants_are_scored_on_models_that_never_saw_them():
+    rng = np.random.default_rng(3)
+    data = [_signature_example(rng, t, c, v, size)
+            for c in ("A", "B", "C")
+            for t, v in (("TE1", "error"), ("TE1", "empty"), ("CA2", "scale"))
+            for size in (0.4, 0.8)]  # fmt: skip
+    data += [_signature_example(rng, "RF2", "A", v) for v in ("length", "empty")]  # A only
+    cond = fd.held_out(data, lambda ex: ex.condition)
+    # RF2 exists in condition A alone: no model trained without A knows it.
+    assert cond["groups"] == 3 and cond["type_only_in_its_group"] == 2
+    assert cond["examples"] == 18 and set(cond["per_group"]) == {"A", "B", "C"}
+    assert cond["per_type_top1"] == {"CA2": 1.0, "TE1": 1.0}  # signatures tell them apart
+    assert all(g["examples"] == 6 for g in cond["per_group"].values())
+    # What an unsure threshold would do, over the held-out diagnoses.
+    assert [r["threshold"] for r in cond["unsure"]] == list(fd.UNSURE_THRESHOLDS)
+    variants = fd.generalization(data)["leave_one_variant_out"]
+    # CA2 has one variant: held out, no model knows CA2; TE1 and RF2 have two each.
+    assert variants["type_only_in_its_group"] == 6
+    assert variants["examples"] == 14 and set(variants["per_type_top1"]) == {"TE1", "RF2"}
+    assert variants["per_type_top1"]["TE1"] == 1.0
+
+
+def test_calibration_by_condition_holds_out_one_condition_a_fold():
+    rng = np.random.default_rng(4)
+    data = [_signature_example(rng, t, c, "v", size)
+            for c in ("A", "B", "C") for t in ("TE1", "CA2") for size in (0.3, 0.6)]  # fmt: skip
+    data[0] = data[0]._replace(type="CA2")  # a TE1 window labelled CA2: not separable
+    data[7] = data[7]._replace(type="TE1")
+    assert fd.by_condition(data) is not None and fd.by_condition(data[:4]) is None  # A only
+    by_run = fd.train(data)
+    by_cond = fd.train(data, calibrate_by=fd.by_condition(data))
+    # The same fit; only the temperature's held-out logits differ.
+    np.testing.assert_array_equal(by_run.coef, by_cond.coef)
+    assert by_cond.temperature != by_run.temperature
+    # Its temperature is the one fitted on the three leave-one-condition-out models' logits.
+    x = np.stack([dg.features(ex.window, ex.alarm_index) for ex in data])
+    y = [ex.type for ex in data]
+    logits = []
+    for c in ("A", "B", "C"):
+        held = np.array([e.condition == c for e in data])
+        part = dg.fit(x[~held], [t for t, h in zip(y, held, strict=True) if not h])
+        logits.append(part.logits(x[held]))
+    logits = np.concatenate(logits)
+    order = [i for c in ("A", "B", "C") for i, e in enumerate(data) if e.condition == c]
+    labels = np.array([by_cond.classes.index(y[i]) for i in order])
+    assert by_cond.temperature == pytest.approx(dg.fit_temperature(logits, labels))
+    with pytest.raises(ValueError, match="one group"):
+        fd.train(data[:4], calibrate_by=lambda ex: ex.condition)
 
 
 def test_examples_from_the_replayed_detector_start_where_the_statistic_jumps():

@@ -14,6 +14,7 @@ from fm.faultbench import baselines, schema
 from fm.faultbench import records as rec
 
 BEFORE, AFTER = 32, 2  # steps of baseline before the alarm, of evidence after it
+UNSURE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # what `unsure_table` tries
 
 
 class Example(NamedTuple):
@@ -23,6 +24,8 @@ class Example(NamedTuple):
     window: list[dict[str, float]]  # step records from BEFORE steps before the alarm
     alarm_index: int  # the alarm's index in `window`
     flagged: tuple[str, ...]
+    condition: str = "{}"  # the run's training condition (`schema.condition`)
+    variant: str = ""  # the fault's variant
 
 
 def _record(columns: dict[str, np.ndarray], i: int, names: Sequence[str]) -> dict[str, float]:
@@ -38,6 +41,8 @@ def examples(
     `replay=False` the alarms and flags the trainer recorded."""
     recorded_flags = [c for c in records.steps if c.startswith("flag/")]
     names = [*dg.FEATURES, "alarm", *recorded_flags]
+    manifest = records.manifest
+    row_of = {str(r): i for i, r in enumerate(manifest["run_id"])}
     out = []
     for lab in rec.labels(records.manifest, records.runs, split):
         if lab.type == schema.CLEAN:
@@ -62,7 +67,12 @@ def examples(
         flagged = tuple(n for n, f in zip(signal_names, flags[i], strict=True) if f)
         if i - lo == 0:  # an alarm on the first step: no baseline
             continue
-        out.append(Example(lab.run_id, lab.type, lab.severity, win, i - lo, flagged))
+        m = row_of[lab.run_id]
+        condition = schema.condition(str(manifest["config"][m])) if "config" in manifest else "{}"
+        variant = str(manifest["variant"][m]) if "variant" in manifest else ""
+        out.append(
+            Example(lab.run_id, lab.type, lab.severity, win, i - lo, flagged, condition, variant)
+        )
     return out
 
 
@@ -119,15 +129,24 @@ def score(diagnosed: Sequence[tuple[Example, dg.Diagnosis]]) -> dict:
 def unsure_table(
     diagnoser: Callable[..., dg.Diagnosis],
     data: Sequence[Example],
-    thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7),
+    thresholds: Sequence[float] = UNSURE_THRESHOLDS,
 ) -> list[dict]:
     """What an unsure threshold (`fm.remediate.unsure`) would do on `data`: per threshold, the
     share of diagnoses below it, top-1 accuracy (micro) of those at or above it and of those
     below it, and how often the candidates an unsure halt names (`fm.remediate.candidates`)
     hold the true type. A useful threshold leaves few diagnoses unsure, those it leaves are
     mostly wrong, and their candidates hold the truth."""
+    diagnoses = [(ex, diagnoser(ex.window, ex.alarm_index, flagged=ex.flagged)) for ex in data]
+    return unsure_rows(diagnoses, thresholds)
+
+
+def unsure_rows(
+    diagnosed: Sequence[tuple[Example, dg.Diagnosis]],
+    thresholds: Sequence[float] = UNSURE_THRESHOLDS,
+) -> list[dict]:
+    """`unsure_table` of given (example, its diagnosis) pairs (e.g. held-out folds')."""
     rows = []
-    diagnoses = [(ex.type, diagnoser(ex.window, ex.alarm_index, flagged=ex.flagged)) for ex in data]
+    diagnoses = [(ex.type, d) for ex, d in diagnosed]
     for t in thresholds:
         below = [(y, d) for y, d in diagnoses if remediate.unsure(d, t)]
         sure = [(y, d) for y, d in diagnoses if not remediate.unsure(d, t)]
@@ -147,13 +166,25 @@ def unsure_table(
     return rows
 
 
+def by_condition(data: Sequence[Example]) -> Callable[[Example], object] | None:
+    """`train`'s calibration groups for `data`: its training conditions when it has several
+    (confidence calibrated for a condition the model never saw), else None (folds by run)."""
+    return (lambda ex: ex.condition) if len({ex.condition for ex in data}) > 1 else None
+
+
 def train(
-    data: Sequence[Example], *, folds: int = 5, names: Sequence[str] = dg.FEATURES, **fit_options
+    data: Sequence[Example],
+    *,
+    folds: int = 5,
+    calibrate_by: Callable[[Example], object] | None = None,
+    names: Sequence[str] = dg.FEATURES,
+    **fit_options,
 ) -> dg.Model:
     """The learned diagnoser fit on `data`, its temperature fitted on out-of-fold logits
-    (`folds` folds by run, so no run's example calibrates a model that saw it; 1: none).
-    `names`: the statistics it reads (default: every one fm computes in-step; a log-level
-    view's model reads those its trainer logs)."""
+    (`folds` folds by run, so no run's example calibrates a model that saw it; 1: none; with
+    `calibrate_by`, one fold a group: e.g. leave one training condition out). `names`: the
+    statistics it reads (default: every one fm computes in-step; a log-level view's model
+    reads those its trainer logs)."""
     if not data:
         raise ValueError("no training examples: no faulted run alarmed within the window")
     x = np.stack([dg.features(ex.window, ex.alarm_index, names) for ex in data])
@@ -162,11 +193,17 @@ def train(
     model = dg.fit(x, labels, **fit_options)
     if folds < 2:
         return model
-    runs = sorted({ex.run_id for ex in data})
-    fold_of = {r: i % folds for i, r in enumerate(runs)}
-    fold = np.array([fold_of[ex.run_id] for ex in data])
+    if calibrate_by is None:
+        runs = sorted({ex.run_id for ex in data})
+        fold_of = {r: i % folds for i, r in enumerate(runs)}
+        fold = np.array([fold_of[ex.run_id] for ex in data])
+    else:
+        groups = sorted({str(calibrate_by(ex)) for ex in data})
+        if len(groups) < 2:
+            raise ValueError(f"calibrate_by gives one group ({groups}): no held-out fold")
+        fold = np.array([groups.index(str(calibrate_by(ex))) for ex in data])
     logits = np.full((len(data), len(model.classes)), -np.inf)
-    for k in range(folds):
+    for k in range(int(fold.max()) + 1):
         held = fold == k
         part = dg.fit(x[~held], [t for t, h in zip(labels, held, strict=True) if not h],
                       **fit_options)  # fmt: skip
@@ -197,10 +234,48 @@ def cross_validate(
                 if group_of(ex) != group and (types is None or ex.type in types)]  # fmt: skip
         if not rest:
             continue
-        learned = dg.Learned(train(rest, names=names, **train_options))
+        options = {"calibrate_by": by_condition(rest), **train_options}
+        learned = dg.Learned(train(rest, names=names, **options))
         out += [(ex, learned(ex.window, ex.alarm_index, flagged=ex.flagged, types=types))
                 for ex in data if group_of(ex) == group]  # fmt: skip
     return out
+
+
+def held_out(
+    data: Sequence[Example], group_of: Callable[[Example], object], **train_options
+) -> dict:
+    """Leave-one-group-out scores of the learned diagnoser (`cross_validate`): over every
+    example whose type some other group holds (`score`), per group, and how many examples
+    could not be scored because only their own group holds their type."""
+    groups_of: dict[str, set] = {}
+    for ex in data:
+        groups_of.setdefault(ex.type, set()).add(group_of(ex))
+    scorable = [ex for ex in data if len(groups_of[ex.type]) > 1]
+    pairs = cross_validate(scorable, group_of, **train_options)
+    per_group: dict[str, list] = {}
+    for ex, d in pairs:
+        per_group.setdefault(str(group_of(ex)), []).append((ex, d))
+    return {
+        **score(pairs),
+        "groups": len({group_of(ex) for ex in data}),
+        "type_only_in_its_group": len(data) - len(scorable),
+        "per_group": {g: score(v) for g, v in sorted(per_group.items())},
+        "unsure": unsure_rows(pairs),
+    }
+
+
+def generalization(data: Sequence[Example], **train_options) -> dict:
+    """How the learned diagnoser holds off its training data: leave-one-condition-out
+    (train on every other training condition, diagnose the held-out one) and
+    leave-one-variant-out (each type's variant diagnosed by a model that never saw it;
+    types with one variant cannot be scored). Calibration error is over the held-out
+    diagnoses, so it measures confidence on conditions (variants) the model never saw."""
+    return {
+        "leave_one_condition_out": held_out(data, lambda ex: ex.condition, **train_options),
+        "leave_one_variant_out": held_out(
+            data, lambda ex: f"{ex.type}/{ex.variant}", **train_options
+        ),
+    }
 
 
 def train_on(folders: Sequence[str], out: str, *, window: int = 50) -> tuple[dict, list[str]]:
@@ -222,7 +297,7 @@ def train_on(folders: Sequence[str], out: str, *, window: int = 50) -> tuple[dic
     if len(loaded) > 1:
         split.update({f"eval:{os.path.basename(os.path.normpath(d))}": v
                       for (d, n), v in per_folder.items() if n == "eval" and v})  # fmt: skip
-    model = train(split["train"])
+    model = train(split["train"], calibrate_by=by_condition(split["train"]))
     learned = dg.Learned(model)
     scores = {
         (who, name): accuracy(fn, split[name])
@@ -237,17 +312,22 @@ def train_on(folders: Sequence[str], out: str, *, window: int = 50) -> tuple[dic
         # What fm.remediate's unsure threshold would do on the held-out examples.
         "unsure": unsure_table(learned, split["eval"]),
     }
+    if len({ex.condition for ex in split["train"]}) > 1:
+        info["generalization"] = generalization(split["train"])
     dg.save_model(model._replace(info=info), out)
+    rows = [(who, name, v) for (who, name), v in scores.items()]
+    rows += [("learned", f"train, {name.replace('_', '-')}", v)
+             for name, v in info.get("generalization", {}).items()]  # fmt: skip
     lines = [
         "| diagnoser | split | top-1 (macro) | top-3 (macro) | family (macro) | top-1 (micro) "
         "| confidence (mean) | calibration error |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (who, name), v in scores.items():
-        if v.get("examples"):
-            lines.append(
-                f"| {who} | {name} | {v['top1_macro']:.3f} | {v['top3_macro']:.3f} | "
-                f"{v['family_macro']:.3f} | {v['top1_micro']:.3f} | "
-                f"{v['top1_confidence_mean']:.3f} | {v['calibration_error']:.3f} |"
-            )
+    lines += [
+        f"| {who} | {name} | {v['top1_macro']:.3f} | {v['top3_macro']:.3f} | "
+        f"{v['family_macro']:.3f} | {v['top1_micro']:.3f} | "
+        f"{v['top1_confidence_mean']:.3f} | {v['calibration_error']:.3f} |"
+        for who, name, v in rows
+        if v.get("examples")
+    ]
     return info, lines

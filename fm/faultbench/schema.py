@@ -16,6 +16,7 @@ log at a step (held-out evaluation between evaluation steps) are NaN.
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 
@@ -109,6 +110,19 @@ def names(table: str) -> tuple[str, ...]:
     if table not in TABLES:
         raise ValueError(f"unknown FaultBench table {table!r}; accepted: {', '.join(TABLES)}")
     return tuple(c.name for c in TABLES[table])
+
+
+# Config keys that say how long a run is and how often it logs, evaluates and saves, or which
+# initial weights it starts from: not the conditions it trains under.
+CADENCE_KEYS = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "init_seed"})
+
+
+def condition(config: str) -> str:
+    """The training condition a manifest `config` (JSON) names: its settings less
+    `CADENCE_KEYS`, as sorted compact JSON; "{}" for the trainer's defaults. Runs of two
+    campaigns under the same settings share a condition, whatever their lengths."""
+    settings = {k: v for k, v in json.loads(config or "{}").items() if k not in CADENCE_KEYS}
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
 
 def is_feature(column: str) -> bool:

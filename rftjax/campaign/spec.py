@@ -42,7 +42,15 @@ _GRID_KEYS = (
     "shuffle",
 )
 _RUN_KEYS = ("seed", "type", "severity", "variant", "magnitude", "onset", "duration", "overrides")
-BUILTINS = ("standard", "smoke", "heldout", "heldout-remedy", "pipeline", "conditions")
+BUILTINS = (
+    "standard",
+    "smoke",
+    "heldout",
+    "heldout-remedy",
+    "pipeline",
+    "conditions",
+    "conditions-faults",
+)
 
 
 class Campaign(NamedTuple):
