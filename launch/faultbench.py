@@ -37,7 +37,9 @@
       Fits the learned diagnoser (`fm.diagnose.Learned`) on the train split's faulted runs at
       their first alarm within the window, scores it and the rule diagnoser on the eval split
       (held out: other seeds) and on the train split, and writes the model (JSON, read with
-      numpy alone; the package ships one at fm/artifacts/diagnoser.json).
+      numpy alone; the package ships one at fm/artifacts/diagnoser.json). Training runs under
+      several conditions (e.g. --spec conditions-faults) are also scored leave one condition
+      out and leave one variant out, and the confidence is calibrated on held-out conditions.
   train-diagnoser --data DIR --out FOLDER --view trl,verl,openrlhf [--window 50]
       One learned diagnoser per trainer's log-level view (fm.logs.learned), fit on every run
       of DIR reduced to that view, its leave-one-seed-out scores against the rules in its

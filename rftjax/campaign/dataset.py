@@ -22,6 +22,7 @@ import numpy as np
 from fm import taxonomy
 from fm.faultbench import harm, records, schema
 from rftjax.campaign.runs import (
+    RUNS_PER_WORKER,
     Run,
     apply_overrides,
     overrides_of,
@@ -330,7 +331,8 @@ def _generate(
     )
     t0 = time.time()
     failed = run_campaign(campaign.runs, out, base_config(out, campaign.base), workers=workers,
-                          ray_options=ray_options, report=report)  # fmt: skip
+                          runs_per_worker=RUNS_PER_WORKER, ray_options=ray_options,
+                          report=report)  # fmt: skip
     run_seconds = time.time() - t0
     sizes = assemble(out, campaign, report)
     sizes["run_seconds"] = run_seconds

@@ -192,6 +192,14 @@ def _in_process_pool(
                     yield futures[future], *future.result()
 
 
+# Runs a worker process takes before a fresh one replaces it. A process keeps every step it
+# compiled, and each holds memory mappings of its machine code: after about 50 distinct
+# programs (campaigns across conditions compile one per condition, type and variant) LLVM
+# failed with "Cannot allocate memory" and the worker died (Linux's default limit of 65,530
+# mappings a process). A fresh worker compiles again only the programs its runs need.
+RUNS_PER_WORKER = 25
+
+
 def run_campaign(
     runs: Sequence[Run],
     out: str,
