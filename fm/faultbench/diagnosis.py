@@ -198,10 +198,11 @@ def train(
         fold_of = {r: i % folds for i, r in enumerate(runs)}
         fold = np.array([fold_of[ex.run_id] for ex in data])
     else:
-        groups = sorted({str(calibrate_by(ex)) for ex in data})
+        keys = [str(calibrate_by(ex)) for ex in data]
+        groups = sorted(set(keys))
         if len(groups) < 2:
             raise ValueError(f"calibrate_by gives one group ({groups}): no held-out fold")
-        fold = np.array([groups.index(str(calibrate_by(ex))) for ex in data])
+        fold = np.array([groups.index(k) for k in keys])
     logits = np.full((len(data), len(model.classes)), -np.inf)
     for k in range(int(fold.max()) + 1):
         held = fold == k
@@ -297,7 +298,8 @@ def train_on(folders: Sequence[str], out: str, *, window: int = 50) -> tuple[dic
     if len(loaded) > 1:
         split.update({f"eval:{os.path.basename(os.path.normpath(d))}": v
                       for (d, n), v in per_folder.items() if n == "eval" and v})  # fmt: skip
-    model = train(split["train"], calibrate_by=by_condition(split["train"]))
+    conditions = by_condition(split["train"])  # None: the training runs share one condition
+    model = train(split["train"], calibrate_by=conditions)
     learned = dg.Learned(model)
     scores = {
         (who, name): accuracy(fn, split[name])
@@ -312,7 +314,7 @@ def train_on(folders: Sequence[str], out: str, *, window: int = 50) -> tuple[dic
         # What fm.remediate's unsure threshold would do on the held-out examples.
         "unsure": unsure_table(learned, split["eval"]),
     }
-    if len({ex.condition for ex in split["train"]}) > 1:
+    if conditions is not None:
         info["generalization"] = generalization(split["train"])
     dg.save_model(model._replace(info=info), out)
     rows = [(who, name, v) for (who, name), v in scores.items()]
