@@ -193,7 +193,7 @@ def _words(name: str, before: float, after: float, z: float) -> str:
 
 # -- the learned diagnoser ---------------------------------------------------------------------
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: features on a signed log scale (1: the squashed z)
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "artifacts", "diagnoser.json")
 # Every statistic the taxonomy names, plus its invariants: the learned model's inputs.
 FEATURES: tuple[str, ...] = tuple(
@@ -205,8 +205,12 @@ def features(
     records: Sequence[Mapping[str, float]], alarm_index: int, names: Sequence[str] = FEATURES
 ) -> np.ndarray:
     """f64[len(names)]: each statistic's shift since the alarm (robust z against the steps
-    before it, with the detector's floors), squashed to ±50; 0 for a statistic not logged.
-    `names`: the statistics to read (default `FEATURES`; a log-level view reads its subset)."""
+    before it, with the detector's floors), squashed to ±50, on a signed log scale
+    (sign(z)·log(1 + |z|), within ±3.93); 0 for a statistic not logged. The log makes a shift
+    count by its order of size: one fault moves a statistic by z 5 under one condition (a
+    learning rate, a group size) and by z 50 under another, and the model should not read
+    that factor as another fault. `names`: the statistics to read (default `FEATURES`; a
+    log-level view reads its subset)."""
     floors = _floors()
     before, after = records[:alarm_index], records[alarm_index:]
     out = np.zeros(len(names))
@@ -220,7 +224,7 @@ def features(
             continue
         z = shift(b, a, floors.get(name, 0.0))[2] if np.isfinite(b).any() else 0.0
         out[j] = 50.0 * math.tanh(z / 50.0) if math.isfinite(z) else 50.0 * np.sign(z)
-    return out
+    return np.sign(out) * np.log1p(np.abs(out))
 
 
 class Model(NamedTuple):

@@ -46,7 +46,7 @@
       `info`: FOLDER/diagnoser_<view>.json (fm.analyze reads fm/artifacts/).
 
   power --out DIR [--spec standard|smoke|FILE] [--types all] [--seeds 0,1,2] [--points 6]
-        [--variants all|first] [--budget 0.5] [--window 50] [--detector all] [--workers 2]
+        [--variants all|first|others] [--budget 0.5] [--window 50] [--detector all] [--workers 2]
       Power curves: every variant of the types at --points magnitudes, geometric from a
       quarter of "subtle" to "severe" (rftjax.campaign.power), on every seed, with the base
       settings of --spec; each detector debounced to meet --budget false alarms per 1,000
@@ -121,7 +121,10 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("steps", 1500, "RL steps of every run.")
 flags.DEFINE_string("policies", "all", "remediate: comma-separated policies, or 'all'.")
 flags.DEFINE_integer("points", 6, "power: magnitudes per fault variant.")
-flags.DEFINE_enum("variants", "all", ("all", "first"), "power: every variant, or the default.")
+flags.DEFINE_enum(
+    "variants", "all", ("all", "first", "others"),
+    "power: every variant, the default one, or all but the default (completes a 'first' sweep).",
+)
 flags.DEFINE_float("budget", 0.5, "power: false alarms per 1,000 clean steps for every detector.")
 common.define_run_flags()
 FLAGS = flags.FLAGS

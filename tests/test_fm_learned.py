@@ -153,11 +153,17 @@ def test_features_read_each_statistic_shift_and_invariants():
         r["nonfinite_grads"] = 3.0
     x = dg.features(records, 6)
     col = {name: x[i] for i, name in enumerate(dg.FEATURES)}
-    # 0.1 → 0.6 against the floor 0.02 (a flat baseline): z = 25, squashed: 50·tanh(0.5).
-    assert col["tool_error_rate"] == pytest.approx(50 * np.tanh(0.5))
-    assert col["nonfinite_grads"] == pytest.approx(50 * np.tanh(3 / 5))
+    # 0.1 → 0.6 against the floor 0.02 (a flat baseline): z = 25, squashed: 50·tanh(0.5),
+    # on the signed log scale log(1 + 50·tanh(0.5)).
+    assert col["tool_error_rate"] == pytest.approx(np.log1p(50 * np.tanh(0.5)))
+    assert col["nonfinite_grads"] == pytest.approx(np.log1p(50 * np.tanh(3 / 5)))
     assert col["reward_mean"] == 0.0
-    assert np.all(np.abs(x) <= 50)
+    assert np.all(np.abs(x) <= np.log1p(50))
+    # A fall is the mirror of a rise: 0.1 → -0.4 is z = -25.
+    for r in records[6:]:
+        r["tool_error_rate"] = -0.4
+    fall = dg.features(records, 6)[dg.FEATURES.index("tool_error_rate")]
+    assert fall == pytest.approx(-np.log1p(50 * np.tanh(0.5)))
 
 
 def test_a_model_trained_on_train_runs_names_held_out_runs_and_round_trips(tmp_path):
@@ -220,3 +226,4 @@ def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_at():
     labels = np.array([rng.choice(5, p=row) for row in p])
     assert dg.fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
     assert dg.fit_temperature(logits * 2.5, labels) == pytest.approx(6.25, rel=0.05)
+

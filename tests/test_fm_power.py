@@ -46,6 +46,13 @@ def test_power_spec_has_a_grid_entry_per_variant_and_resolves():
         (["OD1"], ["spike"]), (["OD1"], ["stall"]), (["CA1"], ["flip"])]  # fmt: skip
     c = campaign.resolve(spec)
     assert sum(r.clean for r in c.runs) == 2 and len(c.runs) == 2 + 2 * 3 * 2
+    # "first" and "others" split "all": the default variant, and the rest (CA1 has no other).
+    for which, want in (("first", [("OD1", "spike"), ("CA1", "flip")]),
+                        ("others", [("OD1", "stall")])):  # fmt: skip
+        part = sweep.power_spec({"steps": 60}, ["OD1", "CA1"], [0], points=2, variants=which)
+        assert [(g["types"][0], g["variants"][0]) for g in part["grid"]] == want
+    with pytest.raises(ValueError, match="one of all, first, others; got 'some'"):
+        sweep.power_spec({"steps": 60}, ["OD1"], [0], variants="some")
 
 
 def test_debounce_and_calibrate_by_hand():

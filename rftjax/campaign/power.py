@@ -71,6 +71,9 @@ def sweep(type_id: str, variant: str, *, points: int = 6, below: float = 4.0) ->
     return [float(f"{v:.3g}") for v in values]
 
 
+VARIANTS = ("all", "first", "others")  # which variants of each type a sweep runs
+
+
 def power_spec(
     base: dict[str, Any],
     types: Sequence[str],
@@ -80,15 +83,17 @@ def power_spec(
     points: int = 6,
     below: float = 4.0,
 ) -> dict[str, Any]:
-    """A campaign spec of the sweep: every (type, variant) (`variants`: "all", or "first": the
-    default one) at `sweep` magnitudes on every seed, onset just after a third of the run; a
-    clean twin per seed (and per task: the tool types run on the tool task)."""
-    if variants not in ("all", "first"):
-        raise ValueError(f"variants must be 'all' or 'first', got {variants!r}")
+    """A campaign spec of the sweep: every (type, variant) (`variants`: one of `VARIANTS`:
+    "all"; "first", the default one; "others", all but the default, to complete a "first"
+    sweep) at `sweep` magnitudes on every seed, onset just after a third of the run; a clean
+    twin per seed (and per task: the tool types run on the tool task)."""
+    if variants not in VARIANTS:
+        raise ValueError(f"variants must be one of {', '.join(VARIANTS)}; got {variants!r}")
     grid = []
     for type_id in types:
         spec = SPECS[type_id]
-        for variant in spec.variants if variants == "all" else spec.variants[:1]:
+        chosen = {"all": spec.variants, "first": spec.variants[:1], "others": spec.variants[1:]}
+        for variant in chosen[variants]:
             entry = {
                 "types": [type_id],
                 "variants": [variant],
