@@ -122,7 +122,9 @@ flags.DEFINE_integer("steps", 1500, "RL steps of every run.")
 flags.DEFINE_string("policies", "all", "remediate: comma-separated policies, or 'all'.")
 flags.DEFINE_integer("points", 6, "power: magnitudes per fault variant.")
 flags.DEFINE_enum(
-    "variants", "all", ("all", "first", "others"),
+    "variants",
+    "all",
+    ("all", "first", "others"),
     "power: every variant, the default one, or all but the default (completes a 'first' sweep).",
 )
 flags.DEFINE_float("budget", 0.5, "power: false alarms per 1,000 clean steps for every detector.")

@@ -226,4 +226,3 @@ def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_at():
     labels = np.array([rng.choice(5, p=row) for row in p])
     assert dg.fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
     assert dg.fit_temperature(logits * 2.5, labels) == pytest.approx(6.25, rel=0.05)
-
