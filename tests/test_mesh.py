@@ -36,7 +36,8 @@ SCORE_ATOL = 1e-3
 
 
 def _spawn(args, devices: int, log: str):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "XLA_FLAGS": flags.strip()}  # keeps conftest's compile flags
     with open(log, "w", encoding="utf-8") as f:
         return subprocess.Popen(
             [sys.executable, WORKER, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
