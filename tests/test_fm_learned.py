@@ -226,3 +226,33 @@ def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_at():
     labels = np.array([rng.choice(5, p=row) for row in p])
     assert dg.fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
     assert dg.fit_temperature(logits * 2.5, labels) == pytest.approx(6.25, rel=0.05)
+
+
+def test_train_on_scores_held_out_conditions_when_the_training_runs_span_several(
+    tmp_path, monkeypatch
+):
+    # Two campaign folders: the first's train split holds two conditions (odd runs at group
+    # size 4), the second only an eval split (other seeds).
+    folders = {"first": _records(4, "train", 0), "second": _records(2, "eval", 1)}
+    monkeypatch.setattr(fd.rec, "load", lambda d: folders[d])
+    out = tmp_path / "model.json"
+    info, lines = fd.train_on(list(folders), str(out), window=10)
+    # The detector is replayed over the records: CA2's move (z 10 at most against its floor)
+    # stays below its threshold, so TE1 and RF2 give the examples, a run each.
+    assert info["examples"] == {"train": 8, "eval": 4, "eval:second": 4}
+    model = dg.load_model(str(out))
+    assert model.info == json.loads(json.dumps(info))  # what was returned is what was saved
+    held = info["generalization"]["leave_one_condition_out"]
+    # Both types exist under both conditions: all 8 examples scored by a model that never
+    # saw their condition, and the signatures tell the types apart.
+    assert held["groups"] == 2 and held["examples"] == 8 and held["top1_macro"] == 1.0
+    assert set(held["per_group"]) == {"{}", '{"group_size":4}'}
+    assert info["accuracy"]["learned/eval"]["top1_macro"] == 1.0
+    assert any("train, leave-one-condition-out" in row for row in lines)
+    # One condition only (the even runs): no held-out-condition scores, calibrated by run.
+    folders["first"] = _records(1, "train", 0)
+    info, lines = fd.train_on(["first"], str(out), window=10)
+    assert "generalization" not in info and not any("leave-one" in row for row in lines)
+    # Its two examples are one run each of a type the other fold never saw: no out-of-fold
+    # logit can be scored, so the temperature stays 1 (it was a fit on nothing before).
+    assert dg.load_model(str(out)).temperature == 1.0

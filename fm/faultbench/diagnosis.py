@@ -214,6 +214,8 @@ def train(
     # whose own class is missing from their fold's model cannot be scored and are left out.
     y = np.array([model.classes.index(t) for t in labels])
     ok = np.isfinite(logits[np.arange(len(y)), y])
+    if not ok.any():  # no held-out example a fold could score: nothing to calibrate on
+        return model
     return model._replace(temperature=dg.fit_temperature(logits[ok], y[ok]))
 
 
