@@ -305,7 +305,8 @@ def fit(
     classes = tuple(sorted(set(labels)))
     y = np.array([classes.index(t) for t in labels])
     mean = x.mean(0)
-    # Features are z-scores: spread below 1σ across examples is noise, not to be amplified.
+    # Features are log-scaled z-scores: a spread below 1 across examples (a factor e in z) is
+    # noise, not to be amplified.
     scale = np.maximum(x.std(0), 1.0)
     xs = (x - mean) / scale
     onehot = np.eye(len(classes))[y]
