@@ -70,6 +70,7 @@ from fm.faultbench import diagnosis as fb_diagnosis
 from fm.faultbench import report as fb_report
 from launch import common
 from rftjax import campaign
+from rftjax.campaign.power import VARIANTS as POWER_VARIANTS
 
 COMMANDS = ("generate", "evaluate", "severity", "train-diagnoser", "remediate", "power")
 flags.DEFINE_string("out", None, "Campaign folder (generate, severity), report folder (evaluate).")
@@ -124,7 +125,7 @@ flags.DEFINE_integer("points", 6, "power: magnitudes per fault variant.")
 flags.DEFINE_enum(
     "variants",
     "all",
-    ("all", "first", "others"),
+    POWER_VARIANTS,
     "power: every variant, the default one, or all but the default (completes a 'first' sweep).",
 )
 flags.DEFINE_float("budget", 0.5, "power: false alarms per 1,000 clean steps for every detector.")
