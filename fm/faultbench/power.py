@@ -243,11 +243,13 @@ def plot(
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("magnitude", fontsize=8)
         axes[0][0].set_ylabel("detection rate")
-        axes[0][0].legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        # Outside the panels, so that no curve is hidden behind it.
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
         fig.suptitle(f"{family} (false-alarm budget {result['budget']:g} / 1k clean steps)")
         fig.tight_layout()
         path = os.path.join(out_dir, f"power_{family}.png")
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=80, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
