@@ -61,6 +61,11 @@ def _check_choices(obj: Any) -> None:
             _check_choice(f.name, getattr(obj, f.name), f.metadata["choices"])
 
 
+# `RLConfig.length_buckets` = 0: this many buckets when responses may reach AUTO_BUCKETS_FROM
+# tokens (measured in BUILD_NOTES, "Length buckets by default").
+AUTO_BUCKETS, AUTO_BUCKETS_FROM = 8, 64
+
+
 def _check_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -90,7 +95,7 @@ class RLConfig:
       length_buckets: the learner sorts each minibatch's rows by response length into this many
         micro-batches and computes each only up to its longest row (the padding after EOS is
         not computed; one compiled forward and backward per bucket size, ⌈N·i/k⌉); 1 computes
-        every row at max_new_tokens.
+        every row at max_new_tokens; 0 (the default) chooses: see `buckets`.
       logits_chunk: the learner computes the vocabulary logits (and their softmax) this many
         tokens at a time and recomputes them in the backward pass, so a step never holds all
         B·N·V of them (the same values); 0 computes them all at once.
@@ -146,9 +151,11 @@ class RLConfig:
         campaign=SPEC,
     )
     length_buckets: int = setting(
-        1,
+        0,
         "Learner: rows sorted by length into this many chunks, each computed up to its "
-        "longest row (1: every row at full length).",
+        f"longest row (1: every row at full length; 0: {AUTO_BUCKETS} when responses may "
+        f"reach {AUTO_BUCKETS_FROM} tokens and a minibatch's rows divide by {AUTO_BUCKETS}, "
+        "else 1).",
         group=MODEL,
         role=HOW,
         campaign=SPEC,
@@ -180,8 +187,12 @@ class RLConfig:
             "num_epochs",
             "num_minibatches",
             "num_microbatches",
-            "length_buckets",
         )
+        if self.length_buckets < 0:
+            raise ValueError(
+                f"length_buckets must be >= 0 (0: chosen from max_new_tokens), got "
+                f"{self.length_buckets}"
+            )
         if self.algo == "grpo" and self.group_size < 2:
             raise ValueError(
                 f"GRPO needs group_size >= 2 to compare completions, got {self.group_size}"
@@ -205,7 +216,7 @@ class RLConfig:
                 "micro-batches (of rows sorted by length); set num_microbatches=1"
             )
         rows = groups_per_minibatch * self.group_size
-        if rows % self.length_buckets:
+        if self.length_buckets and rows % self.length_buckets:
             raise ValueError(
                 f"a minibatch holds {rows} rows, not divisible by length_buckets="
                 f"{self.length_buckets}; accepted: a divisor of {rows}"
@@ -233,6 +244,23 @@ class RLConfig:
     @property
     def updates_per_step(self) -> int:
         return self.num_epochs * self.num_minibatches
+
+    @property
+    def buckets(self) -> int:
+        """The learner's length buckets: `length_buckets`, or with 0 the choice for this shape:
+        `AUTO_BUCKETS` when responses may reach `AUTO_BUCKETS_FROM` tokens, a minibatch's rows
+        divide by it and there is one micro-batch; else 1 (short responses leave nothing to
+        skip worth another compiled forward and backward per bucket)."""
+        if self.length_buckets:
+            return self.length_buckets
+        rows = self.prompts_per_step // self.num_minibatches * self.group_size
+        if (
+            self.max_new_tokens >= AUTO_BUCKETS_FROM
+            and self.num_microbatches == 1
+            and rows % AUTO_BUCKETS == 0
+        ):
+            return AUTO_BUCKETS
+        return 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -266,6 +266,24 @@ def test_ppo_learner_with_micro_batches_and_remat_matches_the_plain_step():
         _assert_metrics_close(metrics_m, metrics)
 
 
+def test_length_buckets_by_default_only_where_responses_are_long():
+    # 0 (the default) chooses: 8 buckets from 64 response slots, where the rows divide by 8
+    # and there is one micro-batch; else every row at full length. A given value is kept.
+    assert RLConfig().length_buckets == 0
+    assert RLConfig(max_new_tokens=4).buckets == 1  # the built-in task: nothing to skip
+    assert RLConfig(max_new_tokens=63).buckets == 1
+    assert RLConfig(max_new_tokens=64).buckets == 8  # 16 x 8 rows
+    assert RLConfig(max_new_tokens=256, prompts_per_step=3, group_size=2).buckets == 1  # 6 rows
+    assert RLConfig(max_new_tokens=256, prompts_per_step=8, num_minibatches=2).buckets == 8
+    four_rows = RLConfig(max_new_tokens=256, prompts_per_step=2, group_size=4, num_minibatches=2)
+    assert four_rows.buckets == 1
+    assert RLConfig(max_new_tokens=256, num_microbatches=2).buckets == 1
+    assert RLConfig(max_new_tokens=256, length_buckets=1).buckets == 1
+    assert RLConfig(max_new_tokens=4, length_buckets=4).buckets == 4
+    with pytest.raises(ValueError, match="length_buckets must be >= 0"):
+        RLConfig(length_buckets=-1)
+
+
 def test_micro_batches_must_hold_whole_groups():
     with pytest.raises(ValueError, match="num_microbatches=3.*divisor of 4"):
         RLConfig(prompts_per_step=8, group_size=2, num_minibatches=2, num_microbatches=3)

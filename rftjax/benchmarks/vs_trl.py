@@ -50,7 +50,7 @@ class Config:
     seed: int = 0
     warmup: int = 2
     steps: int = 6
-    length_buckets: int = 1  # rftjax's learner only (`RLConfig.length_buckets`)
+    length_buckets: int = 0  # rftjax's learner only (`RLConfig.length_buckets`; 0: its choice)
 
     def __post_init__(self):
         for name in ("prompts", "group_size", "new_tokens", "steps"):

@@ -234,7 +234,7 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
     """Log-probs, entropies, hidden states [B, T] of rows whose groups are contiguous (through
     the learner's graph: with `cfg.remat`, each decoder layer is recomputed in the backward).
 
-    Without gradient, `cfg.length_buckets` > 1 sorts the rows by length and skips the padding
+    Without gradient, `cfg.buckets` > 1 sorts the rows by length and skips the padding
     after EOS (`response_logprobs`' buckets); `cfg.logits_chunk` bounds the logits held at
     once, `cfg.attention_chunk` the attention scores. `per_row`: rows in any order, each with
     its own prompt (the length-sorted micro-batches of `update.gradients`), T = data's
@@ -251,7 +251,7 @@ def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = F
         data["tokens"][:, prompt_len:],
         data["valid"][:, prompt_len:],  # sampled and observation tokens
         knobs.temperature,
-        buckets=1 if per_row else s.cfg.length_buckets,
+        buckets=1 if per_row else s.cfg.buckets,
         logits_chunk=s.cfg.logits_chunk,
     )
 

@@ -109,10 +109,10 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     same mask and mode); the metrics are `loss_terms` of the whole minibatch from the
     micro-batches' joined log-probs, entropies and values (the plain step's values).
 
-    With `cfg.length_buckets` = k > 1: the same, over k micro-batches of rows sorted by length,
+    With `cfg.buckets` = k > 1: the same, over k micro-batches of rows sorted by length,
     each computed only up to its longest row (`length_buckets`)."""
     probe = fmm.coefficient_probe()
-    k, buckets = s.cfg.num_microbatches, s.cfg.length_buckets
+    k, buckets = s.cfg.num_microbatches, s.cfg.buckets
     if k == 1 and buckets == 1:
         grad_fn = jax.grad(lambda p, q: loss_fn(s, p, q, mb, knobs, ctx), (0, 1), has_aux=True)
         return grad_fn(params, probe)
