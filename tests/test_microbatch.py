@@ -284,6 +284,14 @@ def test_length_buckets_by_default_only_where_responses_are_long():
         RLConfig(length_buckets=-1)
 
 
+def test_the_console_names_the_length_buckets_the_first_step_compiles():
+    from rftjax.train.loop import _buckets_note
+
+    assert _buckets_note(RLConfig(max_new_tokens=4)) == ""
+    assert "; 8 length buckets (chosen for 64 slots)" in _buckets_note(RLConfig(max_new_tokens=64))
+    assert "; 4 length buckets (--length_buckets)" in _buckets_note(RLConfig(length_buckets=4))
+
+
 def test_micro_batches_must_hold_whole_groups():
     with pytest.raises(ValueError, match="num_microbatches=3.*divisor of 4"):
         RLConfig(prompts_per_step=8, group_size=2, num_minibatches=2, num_microbatches=3)

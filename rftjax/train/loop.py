@@ -101,6 +101,14 @@ def _run(cfg: TrainConfig, stop: preempt.Preemption, cache: CompileCache) -> dic
     return summary
 
 
+def _buckets_note(rl) -> str:
+    """What the console says of the learner's length buckets (they multiply compile time)."""
+    if rl.buckets == 1:
+        return ""
+    why = "--length_buckets" if rl.length_buckets else f"chosen for {rl.max_new_tokens} slots"
+    return f"; {rl.buckets} length buckets ({why}) compile a forward and backward each"
+
+
 def train(run: Run, begun: Start, state: TrainState, knobs, logs, stop, seconds=None):
     """The RL loop from `state` (placed) to `cfg.steps`. Returns (state, `summary.Outcome`).
     Stops early, after a checkpoint of the last step, when `stop` (a `preempt.Preemption`) is
@@ -116,7 +124,8 @@ def train(run: Run, begun: Start, state: TrainState, knobs, logs, stop, seconds=
             raw = task.train_batch(step_no - 1 + offset, cfg.rl.prompts_per_step)
             batch = parallel.place_batch(to_prompt_batch(raw), run.mesh)
             if sup.pace.first:
-                logging.info("compiling the train step (the first step waits for it) ...")
+                logging.info("compiling the train step (the first step waits for it%s) ...",
+                             _buckets_note(cfg.rl))  # fmt: skip
             if run.learner.step is not None:
                 state, metrics = run.learner.step(state, batch, knobs, fparams)
             else:
