@@ -73,6 +73,14 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def _check_nonnegative(obj: Any, **zero_means: str) -> None:
+    """Each named setting is >= 0; the error says what its 0 means."""
+    for name, meaning in zero_means.items():
+        value = getattr(obj, name)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (0: {meaning}), got {value}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLConfig:
     """Static settings of the RL step.
@@ -188,11 +196,12 @@ class RLConfig:
             "num_minibatches",
             "num_microbatches",
         )
-        if self.length_buckets < 0:
-            raise ValueError(
-                f"length_buckets must be >= 0 (0: chosen from max_new_tokens), got "
-                f"{self.length_buckets}"
-            )
+        _check_nonnegative(
+            self,
+            length_buckets="chosen from max_new_tokens",
+            logits_chunk="all at once",
+            attention_chunk="all at once",
+        )
         if self.algo == "grpo" and self.group_size < 2:
             raise ValueError(
                 f"GRPO needs group_size >= 2 to compare completions, got {self.group_size}"
@@ -215,7 +224,7 @@ class RLConfig:
                 f"length_buckets={self.length_buckets} already runs each minibatch as that many "
                 "micro-batches (of rows sorted by length); set num_microbatches=1"
             )
-        rows = groups_per_minibatch * self.group_size
+        rows = self.minibatch_rows
         if self.length_buckets and rows % self.length_buckets:
             raise ValueError(
                 f"a minibatch holds {rows} rows, not divisible by length_buckets="
@@ -228,12 +237,6 @@ class RLConfig:
             )
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.logits_chunk < 0:
-            raise ValueError(f"logits_chunk must be >= 0 (0: all at once), got {self.logits_chunk}")
-        if self.attention_chunk < 0:
-            raise ValueError(
-                f"attention_chunk must be >= 0 (0: all at once), got {self.attention_chunk}"
-            )
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
 
@@ -246,6 +249,11 @@ class RLConfig:
         return self.num_epochs * self.num_minibatches
 
     @property
+    def minibatch_rows(self) -> int:
+        """Rows an optimizer update sees: prompts_per_step / num_minibatches whole groups."""
+        return self.prompts_per_step // self.num_minibatches * self.group_size
+
+    @property
     def buckets(self) -> int:
         """The learner's length buckets: `length_buckets`, or with 0 the choice for this shape:
         `AUTO_BUCKETS` when responses may reach `AUTO_BUCKETS_FROM` tokens, a minibatch's rows
@@ -253,11 +261,10 @@ class RLConfig:
         skip worth another compiled forward and backward per bucket)."""
         if self.length_buckets:
             return self.length_buckets
-        rows = self.prompts_per_step // self.num_minibatches * self.group_size
         if (
             self.max_new_tokens >= AUTO_BUCKETS_FROM
             and self.num_microbatches == 1
-            and rows % AUTO_BUCKETS == 0
+            and self.minibatch_rows % AUTO_BUCKETS == 0
         ):
             return AUTO_BUCKETS
         return 1
