@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-_GOLDEN = 0x9E3779B1  # odd: every position's weight is odd, so any single-word change shows
+_GOLDEN = 0x9E3779B1
 
 
 def _as_words(x: jax.Array) -> jax.Array:
@@ -38,28 +38,70 @@ def _as_words(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-    """Each element's row-major position (mod 2³²), built from per-axis iotas so that a
-    sharded array is never flattened (no gather onto one device)."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-        index = index + iota * jnp.uint32(stride % (1 << 32))
+def _weights(shape: tuple[int, ...], start: int, count: int) -> jax.Array:
+    """The odd weights (2i + 1)·golden of the rows [start, start + count) along axis 0 of an
+    array of `shape` (i = each element's row-major position, mod 2³²). Written as a part per
+    row ([count, ..., 1], from per-axis iotas) plus a part per column ([C]): XLA computes the
+    weights inside the fused product, a broadcast add per element, and never materializes
+    them; a sharded array is never flattened (no gather onto one device)."""
+    golden = jnp.uint32(_GOLDEN)
+    if len(shape) == 1:
+        return (jnp.uint32(2) * (jax.lax.iota(jnp.uint32, count) + jnp.uint32(start)) + 1) * golden
+    cols = jax.lax.iota(jnp.uint32, shape[-1])
+    rows = (count, *shape[1:-1], 1)
+    row_index = jnp.zeros(rows, jnp.uint32)
+    stride = shape[-1]
+    for axis in reversed(range(len(shape) - 1)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, rows, axis)
+        if axis == 0:
+            iota = iota + jnp.uint32(start)
+        row_index = row_index + iota * jnp.uint32(stride % (1 << 32))
         stride *= shape[axis]
-    return index
+    return row_index * (jnp.uint32(2) * golden) + (jnp.uint32(2) * cols + 1) * golden
+
+
+def _folded(xs: list[jax.Array], scales: list[int] | None = None) -> jax.Array:
+    """uint32[C]: a vector whose sum mod 2³² is Σ_k scales[k]·`checksum`(xs[k]), for arrays xs
+    of one shape and dtype (scales default 1).
+
+    One pass over the arrays: the two halves along axis 0 (the second zero-padded to the
+    first's rows, a power of two) of every array are scaled, weighted and added, then
+    `_fold_leading`; Σ_k s_k·Σ_i b_ki·w_i = Σ_i (Σ_k s_k·b_ki)·w_i mod 2³², so arrays of one
+    shape share one fold. The halves are sliced from each array itself: a producer read by two
+    slices is materialized by XLA's CPU fusion, so weighting or bit-casting the whole array
+    first would write and read it once more."""
+    xs = [jnp.atleast_1d(jnp.asarray(x)) for x in xs]
+    scales = [1] * len(xs) if scales is None else scales
+    x0 = xs[0]
+    wide = x0.dtype != jnp.bool_ and x0.dtype.itemsize == 8  # two words an element
+    shape = (*x0.shape, 2) if wide else x0.shape
+
+    def mixed(part):
+        out = None
+        for x, scale in zip(xs, scales, strict=True):
+            words = _as_words(part(x))
+            words = words if scale == 1 else words * jnp.uint32(scale % (1 << 32))
+            out = words if out is None else out + words
+        return out
+
+    rows = x0.shape[0]
+    if rows == 1:
+        return _fold_leading(mixed(lambda x: x) * _weights(shape, 0, 1))
+    half = 1 << ((rows - 1).bit_length() - 1)
+    top = mixed(lambda x: x[:half]) * _weights(shape, 0, half)
+    bottom = mixed(lambda x: x[half:]) * _weights(shape, half, rows - half)
+    pad = [(0, 2 * half - rows)] + [(0, 0)] * (bottom.ndim - 1)
+    return _fold_leading(top + jnp.pad(bottom, pad))
 
 
 def checksum(x: jax.Array) -> jax.Array:
-    """Bit-exact uint32 fingerprint of an array: Σ_i bits_i · w_i mod 2³², with odd w_i
-    (i the row-major position).
+    """Bit-exact uint32 fingerprint of an array: Σ_i bits_i · w_i mod 2³², with odd
+    w_i = (2i + 1)·0x9E3779B1 (i the row-major position of each 32-bit word).
 
     Position-weighted, so swapped elements change it too; −0.0 and 0.0, or two NaN payloads,
     differ (what matters here is bit identity, not numerical equality).
     """
-    words = _as_words(x)
-    weights = (2 * _flat_index(words.shape) + 1) * jnp.uint32(_GOLDEN)
-    return jnp.sum(_fold_leading(words * weights), dtype=jnp.uint32)
+    return jnp.sum(_folded([x]), dtype=jnp.uint32)
 
 
 def _fold_leading(x: jax.Array) -> jax.Array:
@@ -78,14 +120,24 @@ def _fold_leading(x: jax.Array) -> jax.Array:
     return x
 
 
-def tree_checksum(tree) -> jax.Array:
+def tree_checksum(tree, *, by_shape: bool = True) -> jax.Array:
     """Bit-exact uint32 fingerprint of a pytree: the `checksum` of its leaves' checksums, in
     leaf order (a change in any leaf, or two leaves swapped, changes it). Works on sharded
-    arrays: the sum is modular, so it does not depend on the reduction order."""
-    leaves = jax.tree.leaves(tree)
+    arrays: the sum is modular, so it does not depend on the reduction order.
+
+    Computed as one sum: Σ_i (2i + 1)·golden·checksum(leaf i) mod 2³², the leaves of one shape
+    and dtype folded together (`by_shape`: a few large operations instead of two or three per
+    leaf, the same value). Pass `by_shape=False` where same-shaped leaves may be laid out
+    differently on a device mesh: folding them together would move one to the other's layout."""
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
     if not leaves:
         return jnp.zeros((), jnp.uint32)
-    return checksum(jnp.stack([checksum(x) for x in leaves]))
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault((x.shape, x.dtype) if by_shape else (i,), []).append(i)
+    weight = lambda i: (2 * i + 1) * _GOLDEN % (1 << 32)  # noqa: E731
+    parts = [_folded([leaves[i] for i in g], [weight(i) for i in g]) for g in groups.values()]
+    return jnp.sum(jnp.concatenate(parts), dtype=jnp.uint32)
 
 
 def device_checksums(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:

@@ -264,27 +264,31 @@ class Monitor(NamedTuple):
     inputs: frozenset[str]
     audits: bool
     unavailable: tuple[tuple[str, str], ...]  # (signal, why) left out at construction
+    sharded: bool = False  # arrays on a device mesh: each leaf fingerprinted in its own layout
+
+    def _fingerprint(self, tree) -> Array:
+        return integrity.tree_checksum(tree, by_shape=not self.sharded)
 
     def init(self, params=None, opt_state=None, ref_params=None) -> MonitorState:
         """Fresh state; with audits on, seals (params, opt_state) and fingerprints the
         reference. Every leaf is its own buffer (the state may be donated)."""
         sealed = loaded = None
         if self.audits:
-            sealed = integrity.tree_checksum((params, opt_state))
-            loaded = integrity.tree_checksum(ref_params)
+            sealed = self._fingerprint((params, opt_state))
+            loaded = self._fingerprint(ref_params)
         state = MonitorState(self.detector.init(), self.detector.thresholds(), sealed, loaded)
         return jax.tree.map(jnp.copy, state)
 
     def read(self, params, opt_state, ref_params) -> Fingerprints:
         """Fingerprints of the weights and the reference as the step reads them (call before
         using them; audits on)."""
-        return Fingerprints(
-            integrity.tree_checksum((params, opt_state)), integrity.tree_checksum(ref_params)
-        )
+        return Fingerprints(self._fingerprint((params, opt_state)), self._fingerprint(ref_params))
 
     def seal(self, state: MonitorState, params, opt_state) -> MonitorState:
         """`seal`: the state with the seal renewed to (params, opt_state)."""
-        return seal(state, params, opt_state)
+        if state.sealed_weights is None:
+            return state
+        return state._replace(sealed_weights=self._fingerprint((params, opt_state)))
 
     def statistics(self, inputs: StepInputs) -> dict[str, Array]:
         """Every statistic the present inputs allow (see the stage functions)."""
@@ -342,10 +346,13 @@ class Monitor(NamedTuple):
 def seal(state: MonitorState, params, opt_state) -> MonitorState:
     """The state with the seal renewed to (params, opt_state): after the step's update, or after
     a deliberate change between steps (a moment reset), so the next audit does not read it as
-    corruption. The identity for a state without audits."""
+    corruption. The identity for a state without audits. Each leaf is fingerprinted in its own
+    layout (`Monitor.seal` folds same-shaped leaves together where the monitor is not sharded:
+    the same value, faster)."""
     if state.sealed_weights is None:
         return state
-    return state._replace(sealed_weights=integrity.tree_checksum((params, opt_state)))
+    sealed = integrity.tree_checksum((params, opt_state), by_shape=False)
+    return state._replace(sealed_weights=sealed)
 
 
 def _coefficients(inputs: StepInputs) -> dict[str, Array]:
@@ -363,6 +370,7 @@ def monitor(
     signals: Sequence[detect.Signal] | None = None,
     audits: bool = True,
     config: detect.DetectConfig | None = None,
+    sharded: bool = False,
 ) -> Monitor:
     """Builds a `Monitor` for a trainer that provides `inputs` (`StepInputs` field names).
 
@@ -376,6 +384,10 @@ def monitor(
         kept: the trainer must pass it in `update(..., stats=)`.
       audits: fingerprint weights, optimizer state and reference (bit-exact integrity).
       config: the detector's window, warm-up and default thresholds.
+      sharded: the audited arrays are sharded over a device mesh, where two leaves of one
+        shape may be laid out differently: each leaf is then fingerprinted on its own (else
+        the leaves of one shape are folded together, in fewer and larger operations; the
+        fingerprints are the same either way).
     """
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
@@ -394,4 +406,4 @@ def monitor(
         else:
             kept.append(s)
     det = detect.detector(kept, config or detect.DetectConfig())
-    return Monitor(det, group_size, max_len, provided, audits, tuple(dropped))
+    return Monitor(det, group_size, max_len, provided, audits, tuple(dropped), sharded)

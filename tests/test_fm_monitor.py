@@ -108,6 +108,11 @@ def test_audits_catch_a_change_between_steps_and_a_seal_accepts_a_deliberate_one
     own, _, state = step(state, params, {"m": jnp.ones(4)}, ref)
     assert float(own["check_weights"]) == 0
     assert update._cache_size() == 1
+    # A sharded monitor fingerprints leaf by leaf: the same fingerprints, its seal accepted.
+    sharded = fmm.monitor(group_size=G, max_len=T, inputs=("rewards",), sharded=True)
+    assert sharded.read(params, opt, ref) == mon.read(params, opt, ref)
+    own, _, _ = update(inputs, sharded.seal(state, params, opt), read=mon.read(params, opt, ref))
+    assert float(own["check_weights"]) == 0
 
 
 def test_the_coefficient_probe_measures_what_the_loss_applies():

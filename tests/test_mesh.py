@@ -202,20 +202,46 @@ def test_checksum_sees_one_flipped_bit_and_a_swap():
     assert c(jnp.ones(3, jnp.bfloat16)) != c(jnp.ones(3, jnp.float32))
 
 
-def test_checksum_matches_a_numpy_reference_and_tree_checksum_sees_leaves():
-    # Reference: Σ_i bits_i · (2i + 1) · 0x9E3779B1 mod 2³² over the row-major words.
-    # Leading axes of every kind (the sum folds them by halves, padded to a power of two).
-    for shape in [(3, 5, 2), (7,), (1, 9), (6, 130), (5, 3, 3, 2), (64, 128)]:
-        x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
-        words = np.asarray(x).view(np.uint32).reshape(-1).astype(np.uint64)
-        weights = ((2 * np.arange(words.size, dtype=np.uint64) + 1) * 0x9E3779B1) % (1 << 32)
-        expected = int(np.sum(words * weights % (1 << 32)) % (1 << 32))
-        assert int(integrity.checksum(x)) == expected, shape
+def _reference_checksum(x) -> int:
+    """Σ_i bits_i · (2i + 1) · 0x9E3779B1 mod 2³² over the row-major 32-bit words (16-bit
+    values and booleans widened)."""
+    x = np.asarray(x)
+    if x.dtype == np.bool_ or x.dtype.itemsize == 2:
+        words = x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint8).astype(np.uint64)
+    else:
+        words = x.view(np.uint32).astype(np.uint64)
+    words = words.reshape(-1)
+    weights = ((2 * np.arange(words.size, dtype=np.uint64) + 1) * 0x9E3779B1) % (1 << 32)
+    return int(np.sum(words * weights % (1 << 32)) % (1 << 32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32, jnp.bool_])
+def test_checksum_matches_a_numpy_reference(dtype):
+    # Leading axes of every kind: the halves (the second padded), then folds by halves.
+    rng = np.random.default_rng(1)
+    for shape in [(), (1,), (7,), (3, 5, 2), (1, 9), (6, 130), (5, 3, 3, 2), (64, 128), (2, 1),
+                  (9, 1, 4), (17, 3)]:  # fmt: skip
+        x = rng.normal(size=shape) * 100
+        x = jnp.asarray(x > 0 if dtype == jnp.bool_ else x, dtype)
+        assert int(integrity.checksum(x)) == _reference_checksum(x), shape
+        assert int(jax.jit(integrity.checksum)(x)) == _reference_checksum(x), shape
+
+
+@pytest.mark.parametrize("by_shape", [True, False])
+def test_tree_checksum_is_the_checksum_of_the_leaf_checksums(by_shape):
+    rng = np.random.default_rng(2)
+    shapes = [(3, 4), (5,), (), (3, 4), (2, 2, 2), (5,), (), (40, 3), (40, 3)]  # repeated shapes
+    leaves = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    leaves[4] = leaves[4].astype(jnp.bfloat16)
+    sums = np.array([_reference_checksum(x) for x in leaves], np.uint32)
+    fingerprint = jax.jit(lambda t: integrity.tree_checksum(t, by_shape=by_shape))
+    assert int(fingerprint(leaves)) == _reference_checksum(sums)
+    t = lambda tree: integrity.tree_checksum(tree, by_shape=by_shape)  # noqa: E731
     a, b = jnp.ones((2, 2)), jnp.zeros((2, 2))
-    t = integrity.tree_checksum
     assert t({"a": a, "b": b}) == t({"a": jnp.array(a), "b": jnp.array(b)})
-    assert t({"a": a, "b": b}) != t({"a": b, "b": a})  # swapped leaves
+    assert t({"a": a, "b": b}) != t({"a": b, "b": a})  # swapped leaves of one shape
     assert t({"a": a, "b": b}) != t({"a": a, "b": b.at[1, 1].set(1e-30)})
+    assert int(t([])) == 0
 
 
 def test_replica_mismatch_compares_along_the_replica_axes_only():

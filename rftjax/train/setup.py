@@ -128,7 +128,9 @@ def setup(cfg: TrainConfig, cache: CompileCache) -> tuple[Run, Model]:
 
     def build():
         tools = task.tool_spec()
-        fm = monitor.make_monitor(cfg.rl, tools=tools is not None) if cfg.fm != "off" else None
+        fm = None
+        if cfg.fm != "off":
+            fm = monitor.make_monitor(cfg.rl, tools=tools is not None, sharded=mesh is not None)
         fault = None
         if cfg.fault != "none":
             rl = cfg.rl
