@@ -1,14 +1,17 @@
 """Compiled generation (KV cache) and the matching trainer log-probs."""
 
 from rftjax.sampling.sampler import (
+    PromptPass,
     Rollout,
     SamplingParams,
+    after_prompt,
     bucket_sizes,
     generate,
     generate_recompute,
     log_probs,
     pad_slots,
     prefill,
+    prompt_pass,
     repeat_rows,
     response_ends,
     response_logprobs,
@@ -19,14 +22,17 @@ from rftjax.sampling.sampler import (
 )
 
 __all__ = [
+    "PromptPass",
     "Rollout",
     "SamplingParams",
+    "after_prompt",
     "bucket_sizes",
     "generate",
     "generate_recompute",
     "log_probs",
     "pad_slots",
     "prefill",
+    "prompt_pass",
     "repeat_rows",
     "response_ends",
     "response_logprobs",

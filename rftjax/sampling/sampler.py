@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rftjax.models import (
+    KVCache,
     full_forward,
     head_logits,
     init_cache,
@@ -427,9 +428,9 @@ def response_logprobs(
     smallest of `bucket_sizes(N, buckets)` that holds its longest row (`jax.lax.switch`: one
     compiled forward per size). Outputs come back in the rows' own order; slots past a chunk's
     size are 0, every slot up to a row's last real token is the same (up to float rounding).
-    The prompt then runs once per row, not once per group (rows of a group land in different
-    chunks), which costs P tokens a row: worth it when responses are long and their lengths
-    spread. B must be divisible by `buckets`.
+    The prompts still run once per group, before the chunks (`prompt_pass`); each chunk's rows
+    read their own prompt's keys and values. Worth it when responses are long and their
+    lengths spread. B must be divisible by `buckets`.
 
     With `logits_chunk` > 0, the vocabulary logits are computed that many tokens at a time and
     recomputed in the backward pass (`token_logprobs`): the same values, with B·N·V floats of
@@ -438,20 +439,51 @@ def response_logprobs(
     if buckets > 1:
         return _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask,
                          temperature, buckets, logits_chunk)  # fmt: skip
-    model = nnx.merge(graphdef, params)
     (bp, p), (b, n) = prompts.shape, response.shape
     group_size = b // bp
-    last_hidden, cache = prefill(model, prompts, prompt_mask, p + n)
-    cache = repeat_rows(cache, group_size)
-    prompt_valid = repeat_rows(prompt_mask, group_size).astype(bool)
-    response_valid = response_mask > 0
-    valid = jnp.concatenate([prompt_valid, response_valid], axis=1)
-    cache = cache._replace(valid=valid)
+    first = repeat_rows(prompt_pass(graphdef, params, prompts, prompt_mask, p + n), group_size)
+    return after_prompt(graphdef, params, first, repeat_rows(prompt_mask, group_size), response,
+                        response_mask, temperature, logits_chunk=logits_chunk)  # fmt: skip
+
+
+class PromptPass(NamedTuple):
+    """Prompts run through the model once, for the completions that follow them: the last
+    prompt position's hidden state [B, E] (it predicts the first response token) and each
+    layer's keys and values [B, K, L, D], the prompt's at slots [0, P) of L >= P."""
+
+    last_hidden: jax.Array
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+
+def prompt_pass(graphdef, params, prompts, prompt_mask, length: int = 0) -> PromptPass:
+    """The `PromptPass` of the left-padded prompts [B, P], in a cache of `length` slots (0: P)."""
+    model = nnx.merge(graphdef, params)
+    last_hidden, cache = prefill(model, prompts, prompt_mask, length or prompts.shape[1])
+    return PromptPass(last_hidden, cache.keys, cache.values)
+
+
+def after_prompt(graphdef, params, first: PromptPass, prompt_mask, response, response_mask,
+                 temperature, *, logits_chunk: int = 0):  # fmt: skip
+    """`response_logprobs` of B rows whose prompts already ran (`first`, one row each, with
+    their masks prompt_mask [B, P]): each response [B, N] attends to its row's prompt keys and
+    values (a cache shorter than P + N slots is extended with empty ones). Differentiable in
+    `params` and `first`: a gradient through `first` reaches the prompt's pass wherever it ran
+    (once per group, `update.gradients`)."""
+    model = nnx.merge(graphdef, params)
+    n, p = response.shape[1], prompt_mask.shape[1]
+    extend = [(0, 0), (0, 0), (0, p + n - first.keys[0].shape[2]), (0, 0)]
+    keys, values = first.keys, first.values
+    if extend[2][1]:
+        keys, values = ([jnp.pad(x, extend) for x in kv] for kv in (keys, values))
+    prompt_valid = prompt_mask.astype(bool)
+    valid = jnp.concatenate([prompt_valid, response_mask > 0], axis=1)
+    cache = KVCache(tuple(keys), tuple(values), valid, jnp.asarray(p, jnp.int32))
     causal = jnp.arange(p + n)[None, :] <= (p + jnp.arange(n))[:, None]  # [N, P+N]
     positions = prompt_valid.sum(-1, keepdims=True) + jnp.arange(n)[None, :]
     hidden_r, _ = model.trunk(response, positions, causal[None] & valid[:, None, :], cache)
     # Token t is predicted by the state before it: the prompt's last state for t = 0.
-    hidden = jnp.concatenate([repeat_rows(last_hidden, group_size)[:, None], hidden_r[:, :-1]], 1)
+    hidden = jnp.concatenate([first.last_hidden[:, None], hidden_r[:, :-1]], 1)
     logp, entropy = token_logprobs(model.head_weight(), hidden, response, temperature,
                                    logits_chunk)  # fmt: skip
     return logp, entropy, hidden
@@ -510,6 +542,7 @@ def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, t
     (bp, _), (b, n) = prompts.shape, response.shape
     if b % buckets:
         raise ValueError(f"{b} rows cannot be split into {buckets} equal length buckets")
+    first = prompt_pass(graphdef, params, prompts, prompt_mask)  # once per prompt
     needed = response_ends(response_mask > 0)
     order = jnp.argsort(needed, stable=True)
     by_row = order // (b // bp)  # each sorted row's prompt
@@ -518,9 +551,10 @@ def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, t
         return x.reshape(buckets, b // buckets, *x.shape[1:])
 
     def at(t: int):
-        def run(pr, pm, resp, rmask):
-            out = response_logprobs(graphdef, params, pr, pm, resp[:, :t], rmask[:, :t], temp,
-                                    logits_chunk=logits_chunk)  # fmt: skip
+        def run(rows, resp, rmask):
+            mine = jax.tree.map(lambda x: x[rows], first)
+            out = after_prompt(graphdef, params, mine, prompt_mask[rows], resp[:, :t],
+                               rmask[:, :t], temp, logits_chunk=logits_chunk)  # fmt: skip
             return tuple(pad_slots(x, n) for x in out)
 
         return run
@@ -530,7 +564,7 @@ def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, t
         branches = {t: at(t) for t in bucket_sizes(n, buckets)}
         return None, switch_on_length(branches, longest, *arrays)
 
-    xs = (prompts[by_row], prompt_mask[by_row], response[order], response_mask[order])
+    xs = (by_row, response[order], response_mask[order])
     xs = (*map(chunks, xs), chunks(needed[order]).max(axis=1))
     _, outs = jax.lax.scan(chunk, None, xs)
     inverse = jnp.argsort(order)

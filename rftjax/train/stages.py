@@ -26,9 +26,12 @@ from rftjax.config import RLConfig
 from rftjax.knobs import Knobs
 from rftjax.models.transformer import learner_graph
 from rftjax.sampling import (
+    PromptPass,
     Rollout,
     SamplingParams,
+    after_prompt,
     generate,
+    prompt_pass,
     response_logprobs,
 )
 from rftjax.train.state import PromptBatch, TrainState, remedied
@@ -230,35 +233,43 @@ def targets(s: StepSpec, old_logp, old_values, data, knobs: Knobs, ctx) -> dict:
 # -- 4. loss ----------------------------------------------------------------------------------
 
 
-def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, per_row: bool = False):
+def policy_forward(s: StepSpec, policy, data, knobs: Knobs, *, prompt: PromptPass | None = None):
     """Log-probs, entropies, hidden states [B, T] of rows whose groups are contiguous (through
     the learner's graph: with `cfg.remat`, each decoder layer is recomputed in the backward).
 
     Without gradient, `cfg.buckets` > 1 sorts the rows by length and skips the padding
     after EOS (`response_logprobs`' buckets); `cfg.logits_chunk` bounds the logits held at
-    once, `cfg.attention_chunk` the attention scores. `per_row`: rows in any order, each with
-    its own prompt (the length-sorted micro-batches of `update.gradients`), T = data's
-    response slots.
+    once, `cfg.attention_chunk` the attention scores. `prompt`: the rows' prompts already ran
+    (`prompt_pass`, one row each): rows in any order, T = data's response slots (the
+    length-sorted micro-batches of `update.gradients`).
     """
-    n = data["mask"].shape[1]
-    prompt_len = data["tokens"].shape[1] - n
-    g = 1 if per_row else s.cfg.group_size
-    return response_logprobs(
-        learner_graph(s.graphdef, policy, remat=s.cfg.remat, attention_chunk=s.cfg.attention_chunk),
-        policy,
-        data["tokens"][::g, :prompt_len],
-        data["valid"][::g, :prompt_len],
-        data["tokens"][:, prompt_len:],
-        data["valid"][:, prompt_len:],  # sampled and observation tokens
-        knobs.temperature,
-        buckets=1 if per_row else s.cfg.buckets,
-        logits_chunk=s.cfg.logits_chunk,
-    )
+    p = data["tokens"].shape[1] - data["mask"].shape[1]
+    graph, chunk = _graph(s, policy), s.cfg.logits_chunk
+    response, response_mask = data["tokens"][:, p:], data["valid"][:, p:]  # sampled, observed
+    if prompt is not None:
+        return after_prompt(graph, policy, prompt, data["valid"][:, :p], response, response_mask,
+                            knobs.temperature, logits_chunk=chunk)  # fmt: skip
+    g = s.cfg.group_size
+    return response_logprobs(graph, policy, data["tokens"][::g, :p], data["valid"][::g, :p],
+                             response, response_mask, knobs.temperature, buckets=s.cfg.buckets,
+                             logits_chunk=chunk)  # fmt: skip
 
 
-def forward(s: StepSpec, params, data, knobs: Knobs, *, per_row: bool = False):
+def _graph(s: StepSpec, policy):
+    cfg = s.cfg
+    return learner_graph(s.graphdef, policy, remat=cfg.remat, attention_chunk=cfg.attention_chunk)
+
+
+def first_pass(s: StepSpec, policy, data) -> PromptPass:
+    """The `PromptPass` of data's prompts, one per group (rows of a group contiguous), through
+    the learner's graph."""
+    p, g = data["tokens"].shape[1] - data["mask"].shape[1], s.cfg.group_size
+    return prompt_pass(_graph(s, policy), policy, data["tokens"][::g, :p], data["valid"][::g, :p])
+
+
+def forward(s: StepSpec, params, data, knobs: Knobs, *, prompt: PromptPass | None = None):
     """(logp, entropy, values) [B, T]; values are zeros without a value head (GRPO)."""
-    logp, entropy, hidden = policy_forward(s, params["policy"], data, knobs, per_row=per_row)
+    logp, entropy, hidden = policy_forward(s, params["policy"], data, knobs, prompt=prompt)
     if s.cfg.algo != "ppo":
         return logp, entropy, jnp.zeros_like(logp)
     head = params["value_head"]

@@ -10,7 +10,7 @@ from fm import monitor as fmm
 from rftjax import algorithms as alg
 from rftjax.knobs import Knobs
 from rftjax.sampling import bucket_sizes, pad_slots, response_ends, switch_on_length
-from rftjax.train.stages import StepSpec, forward, loss_fn, loss_terms, targets
+from rftjax.train.stages import StepSpec, first_pass, forward, loss_fn, loss_terms, targets
 from rftjax.train.state import apply_update
 
 # -- 4b. micro-batches (gradient accumulation) ------------------------------------------------
@@ -110,7 +110,9 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     micro-batches' joined log-probs, entropies and values (the plain step's values).
 
     With `cfg.buckets` = k > 1: the same, over k micro-batches of rows sorted by length,
-    each computed only up to its longest row (`length_buckets`)."""
+    each computed only up to its longest row (`length_buckets`). The prompts run once per
+    group before the buckets (`first_pass`); each bucket's gradient reaches them through its
+    rows' prompt keys and values, and their pass's own gradient is taken once, after."""
     probe = fmm.coefficient_probe()
     k, buckets = s.cfg.num_microbatches, s.cfg.buckets
     if k == 1 and buckets == 1:
@@ -119,34 +121,41 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     if s.cfg.updates_per_step == 1:
         mb = {**mb, **minibatch_targets(s, params, mb, knobs, ctx)}
     per_row = buckets > 1  # rows sorted by length, in contiguous buckets (not groups)
+    first, first_vjp = None, None
     if per_row:
         k, order = buckets, length_order(mb)
-        mb_in = jax.tree.map(lambda x: x[order], mb)
+        first, first_vjp = jax.vjp(lambda pol: first_pass(s, pol, mb), params["policy"])
+        mb_in = {**jax.tree.map(lambda x: x[order], mb), "group": order // s.cfg.group_size}
     else:
         mb_in = mb
     group = None if per_row else s.cfg.group_size
     weights = micro_weights(mb_in["loss_mask"], k, s.cfg.loss_agg, group)
 
-    def weighted_loss(p, q, part, w):
-        logp, entropy, values = forward(s, p, part, knobs, per_row=per_row)
+    def weighted_loss(p, q, f, part, w):
+        prompt = None if f is None else jax.tree.map(lambda x: x[part["group"]], f)
+        logp, entropy, values = forward(s, p, part, knobs, prompt=prompt)
         behaviour = _behaviour(s, part, logp, values)
         loss, _ = loss_terms(s, logp, entropy, values, q, behaviour, knobs, stats=False)
         return w * loss, (logp, entropy, values)
 
-    grad_fn = jax.grad(weighted_loss, (0, 1), has_aux=True)
+    grad_fn = jax.grad(weighted_loss, (0, 1, 2), has_aux=True)
 
     def micro(acc, xs):
         part, w = xs
         if per_row:
-            grads, outs = _at_length(lambda d: grad_fn(params, probe, d, w), part, buckets)
+            grads, outs = _at_length(lambda d: grad_fn(params, probe, first, d, w), part, buckets)
         else:
-            grads, outs = grad_fn(params, probe, part, w)
+            grads, outs = grad_fn(params, probe, first, part, w)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
         return acc, jax.lax.stop_gradient(outs)
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, probe))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, probe, first))
     summed, outs = jax.lax.scan(micro, zeros, (split_micro(mb_in, k, group), weights))
-    grads = jax.tree.map(lambda g, x: g.astype(x.dtype), summed, (params, probe))
+    grads = jax.tree.map(lambda g, x: g.astype(x.dtype), summed[:2], (params, probe))
+    if per_row:  # the prompts' pass, once: its gradient from every bucket's
+        (through,) = first_vjp(jax.tree.map(lambda g, x: g.astype(x.dtype), summed[2], first))
+        policy = jax.tree.map(jnp.add, grads[0]["policy"], through)
+        grads = ({**grads[0], "policy": policy}, grads[1])
     outs = join_micro(outs, group)
     if per_row:  # back to the minibatch's own row order
         inverse = jnp.argsort(order)
