@@ -44,8 +44,10 @@ def _frequent_eos(graphdef, params, prompts, mask, sp, key=0):
     return int(np.asarray(ro.response)[0, N // 2])
 
 
+@pytest.mark.parametrize("phase", [16, 3])  # one decode phase; three (3, 6 and 8 positions)
 @pytest.mark.parametrize("temperature,top_p,top_k", [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 5)])
-def test_kv_cache_equals_full_recompute(model, temperature, top_p, top_k):
+def test_kv_cache_equals_full_recompute(model, temperature, top_p, top_k, phase, monkeypatch):
+    monkeypatch.setattr(smp, "DECODE_PHASE", phase)
     graphdef, params = model
     prompts, mask = _prompts()
     sp = sampling.sampling_params(temperature, top_p, top_k)
@@ -57,6 +59,18 @@ def test_kv_cache_equals_full_recompute(model, temperature, top_p, top_k):
     np.testing.assert_array_equal(a.response_mask, b.response_mask)
     np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
     assert np.asarray(a.lengths).min() < N  # some row stopped at EOS
+
+
+def test_decode_phases_by_hand():
+    assert smp.decode_phases(4) == (4,)  # the default task's 4 new tokens: one loop, as before
+    assert smp.decode_phases(64) == (16, 32, 48, 64)
+    assert smp.decode_phases(256) == tuple(range(32, 257, 32))  # at most 8 phases
+    assert smp.decode_phases(1000) == (125, 250, 375, 500, 625, 750, 875, 1000)
+    cache = smp.KVCache((jnp.ones((2, 1, 3, 4)),), (jnp.ones((2, 1, 3, 4)),),
+                        jnp.ones((2, 3), bool), jnp.asarray(3))  # fmt: skip
+    longer = smp.extend_cache(cache, 5)
+    assert longer.keys[0].shape == (2, 1, 5, 4) and float(longer.values[0][:, :, 3:].sum()) == 0
+    np.testing.assert_array_equal(longer.valid, [[1, 1, 1, 0, 0]] * 2)
 
 
 def test_eos_convention(model):

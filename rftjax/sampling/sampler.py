@@ -234,6 +234,10 @@ def _emit(s: _Loop, i, tok, lp, *, eos_id, pad_id, spec, tool_hook) -> _Loop:
     return s._replace(done=s.done | aborted, tools=t)
 
 
+DECODE_PHASE = 16  # response positions a decode phase covers, at least
+MAX_DECODE_PHASES = 8
+
+
 def prefill(model, prompts: jax.Array, prompt_mask: jax.Array, length: int):
     """Runs the left-padded prompts [Bp, P] into a fresh cache of `length` slots.
 
@@ -278,7 +282,8 @@ def generate(
 
     The unique prompts [Bp, P] are prefilled once and their cache is shared by the group; then
     up to N tokens (or `sampling.max_tokens` when smaller and > 0) are decoded in a while loop
-    that stops when every row has emitted EOS. `logits_hook(logits [B, V], i)` may change the
+    that stops when every row has emitted EOS, in phases (`decode_phases`) whose caches hold
+    only the slots they can reach. `logits_hook(logits [B, V], i)` may change the
     logits of decode position i before sampling (fault injection: a mismatched engine).
 
     With `tools` (a `rftjax.tools.ToolSpec`), a row that samples ``</call>`` is answered by the
@@ -293,9 +298,9 @@ def generate(
     """
     hook = logits_hook or (lambda x, i: x)
     model = nnx.merge(graphdef, params)
-    p = prompts.shape[1]
-    n, length = max_new_tokens, p + max_new_tokens
-    last_hidden, cache = prefill(model, prompts, prompt_mask, length)
+    p, n = prompts.shape[1], max_new_tokens
+    ends = decode_phases(n)
+    last_hidden, cache = prefill(model, prompts, prompt_mask, p + ends[0])
     cache = constrain_cache(repeat_rows(cache, group_size), mesh)
     prompts, prompt_mask = repeat_rows((prompts, prompt_mask), group_size)
     b = prompts.shape[0]
@@ -304,32 +309,60 @@ def generate(
     logits = hook(repeat_rows(model.head(last_hidden), group_size), jnp.zeros((), jnp.int32))
     tok, lp = sample_token(logits, jax.random.fold_in(key, 0), sampling)
     limit = jnp.where(sampling.max_tokens > 0, jnp.minimum(sampling.max_tokens, n), n)
-    slots = jnp.arange(length)
 
     state = _init_loop(b, n, pad_id, cache, tools)._replace(i=jnp.ones((), jnp.int32))
     emit = functools.partial(_emit, eos_id=eos_id, pad_id=pad_id, spec=tools, tool_hook=tool_hook)
     state = emit(state, jnp.zeros((), jnp.int32), tok, lp)
 
-    def cond(s: _Loop):
-        return (s.i < limit) & ~jnp.all(s.done)
+    def phase(end: int):
+        """Decode positions up to `end` with a cache of p + end slots: attention reads only
+        the slots a phase can have written (the cache is most of a decode step's reads)."""
+        slots = jnp.arange(p + end)
 
-    def body(s: _Loop):
-        prev = s.i - 1
-        slot = p + prev
-        prev_tok = jax.lax.dynamic_slice_in_dim(s.response, prev, 1, axis=1)
-        real = s.mask if s.tools is None else s.mask + s.tools.obs
-        prev_real = jax.lax.dynamic_slice_in_dim(real, prev, 1, axis=1) > 0
-        c = s.cache
-        c = c._replace(valid=jax.lax.dynamic_update_slice_in_dim(c.valid, prev_real, slot, 1))
-        step_mask = ((slots <= slot)[None, :] & c.valid)[:, None, :]
-        pos = (prompt_lens + prev)[:, None]
-        hidden, c = model.trunk(prev_tok, pos, step_mask, c)
-        logits = hook(model.head(hidden[:, 0]), s.i)
-        tok, lp = sample_token(logits, jax.random.fold_in(key, s.i), sampling)
-        return emit(s._replace(cache=c), s.i, tok, lp)._replace(i=s.i + 1)
+        def cond(s: _Loop):
+            return (s.i < jnp.minimum(limit, end)) & ~jnp.all(s.done)
 
-    final = jax.lax.while_loop(cond, body, state)
-    return _finish(prompts, prompt_valid, final)
+        def body(s: _Loop):
+            prev = s.i - 1
+            slot = p + prev
+            prev_tok = jax.lax.dynamic_slice_in_dim(s.response, prev, 1, axis=1)
+            real = s.mask if s.tools is None else s.mask + s.tools.obs
+            prev_real = jax.lax.dynamic_slice_in_dim(real, prev, 1, axis=1) > 0
+            c = s.cache
+            c = c._replace(valid=jax.lax.dynamic_update_slice_in_dim(c.valid, prev_real, slot, 1))
+            step_mask = ((slots <= slot)[None, :] & c.valid)[:, None, :]
+            pos = (prompt_lens + prev)[:, None]
+            hidden, c = model.trunk(prev_tok, pos, step_mask, c)
+            logits = hook(model.head(hidden[:, 0]), s.i)
+            tok, lp = sample_token(logits, jax.random.fold_in(key, s.i), sampling)
+            return emit(s._replace(cache=c), s.i, tok, lp)._replace(i=s.i + 1)
+
+        return cond, body
+
+    for j, end in enumerate(ends):
+        if j:
+            state = state._replace(cache=constrain_cache(extend_cache(state.cache, p + end), mesh))
+        state = jax.lax.while_loop(*phase(end), state)
+    return _finish(prompts, prompt_valid, state)
+
+
+def decode_phases(n: int) -> tuple[int, ...]:
+    """Where the decode loop's phases end (response positions, the last = n): phases of
+    `DECODE_PHASE` positions, at most `MAX_DECODE_PHASES` of them (each phase compiles its
+    own loop body)."""
+    size = max(DECODE_PHASE, -(-n // MAX_DECODE_PHASES))
+    return tuple(range(size, n, size)) + (n,)
+
+
+def extend_cache(cache: KVCache, length: int) -> KVCache:
+    """The cache with empty slots appended up to `length` (keys, values 0; valid False)."""
+    more = length - cache.valid.shape[1]
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, more), (0, 0)])  # noqa: E731
+    return cache._replace(
+        keys=tuple(map(pad, cache.keys)),
+        values=tuple(map(pad, cache.values)),
+        valid=jnp.pad(cache.valid, [(0, 0), (0, more)]),
+    )
 
 
 def _finish(prompts, prompt_valid, final: _Loop) -> Rollout:
