@@ -286,9 +286,7 @@ class Monitor(NamedTuple):
 
     def seal(self, state: MonitorState, params, opt_state) -> MonitorState:
         """`seal`: the state with the seal renewed to (params, opt_state)."""
-        if state.sealed_weights is None:
-            return state
-        return state._replace(sealed_weights=self._fingerprint((params, opt_state)))
+        return seal(state, params, opt_state, by_shape=not self.sharded)
 
     def statistics(self, inputs: StepInputs) -> dict[str, Array]:
         """Every statistic the present inputs allow (see the stage functions)."""
@@ -343,15 +341,15 @@ class Monitor(NamedTuple):
         return own, output, state
 
 
-def seal(state: MonitorState, params, opt_state) -> MonitorState:
+def seal(state: MonitorState, params, opt_state, *, by_shape: bool = False) -> MonitorState:
     """The state with the seal renewed to (params, opt_state): after the step's update, or after
     a deliberate change between steps (a moment reset), so the next audit does not read it as
-    corruption. The identity for a state without audits. Each leaf is fingerprinted in its own
-    layout (`Monitor.seal` folds same-shaped leaves together where the monitor is not sharded:
-    the same value, faster)."""
+    corruption. The identity for a state without audits. `by_shape`: as in
+    `fm.integrity.tree_checksum` (the same value; off by default, safe for leaves laid out
+    differently on a mesh; `Monitor.seal` passes its monitor's choice)."""
     if state.sealed_weights is None:
         return state
-    sealed = integrity.tree_checksum((params, opt_state), by_shape=False)
+    sealed = integrity.tree_checksum((params, opt_state), by_shape=by_shape)
     return state._replace(sealed_weights=sealed)
 
 

@@ -201,6 +201,7 @@ class RLConfig:
             length_buckets="chosen from max_new_tokens",
             logits_chunk="all at once",
             attention_chunk="all at once",
+            lr_warmup_steps="no warm-up",
         )
         if self.algo == "grpo" and self.group_size < 2:
             raise ValueError(
@@ -237,8 +238,6 @@ class RLConfig:
             )
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
 
     @property
     def batch_size(self) -> int:

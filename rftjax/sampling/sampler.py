@@ -357,12 +357,16 @@ def decode_phases(n: int) -> tuple[int, ...]:
 def extend_cache(cache: KVCache, length: int) -> KVCache:
     """The cache with empty slots appended up to `length` (keys, values 0; valid False)."""
     more = length - cache.valid.shape[1]
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, more), (0, 0)])  # noqa: E731
     return cache._replace(
-        keys=tuple(map(pad, cache.keys)),
-        values=tuple(map(pad, cache.values)),
+        keys=tuple(_more_slots(x, more) for x in cache.keys),
+        values=tuple(_more_slots(x, more) for x in cache.values),
         valid=jnp.pad(cache.valid, [(0, 0), (0, more)]),
     )
+
+
+def _more_slots(x: jax.Array, more: int) -> jax.Array:
+    """Keys or values [B, K, L, D] with `more` empty slots (zeros) appended; as is for 0."""
+    return jnp.pad(x, [(0, 0), (0, 0), (0, more), (0, 0)]) if more else x
 
 
 def _finish(prompts, prompt_valid, final: _Loop) -> Rollout:
@@ -505,13 +509,11 @@ def after_prompt(graphdef, params, first: PromptPass, prompt_mask, response, res
     (once per group, `update.gradients`)."""
     model = nnx.merge(graphdef, params)
     n, p = response.shape[1], prompt_mask.shape[1]
-    extend = [(0, 0), (0, 0), (0, p + n - first.keys[0].shape[2]), (0, 0)]
-    keys, values = first.keys, first.values
-    if extend[2][1]:
-        keys, values = ([jnp.pad(x, extend) for x in kv] for kv in (keys, values))
+    more = p + n - first.keys[0].shape[2]
     prompt_valid = prompt_mask.astype(bool)
     valid = jnp.concatenate([prompt_valid, response_mask > 0], axis=1)
-    cache = KVCache(tuple(keys), tuple(values), valid, jnp.asarray(p, jnp.int32))
+    keys, values = (tuple(_more_slots(x, more) for x in kv) for kv in (first.keys, first.values))
+    cache = KVCache(keys, values, valid, jnp.asarray(p, jnp.int32))
     causal = jnp.arange(p + n)[None, :] <= (p + jnp.arange(n))[:, None]  # [N, P+N]
     positions = prompt_valid.sum(-1, keepdims=True) + jnp.arange(n)[None, :]
     hidden_r, _ = model.trunk(response, positions, causal[None] & valid[:, None, :], cache)
