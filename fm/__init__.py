@@ -11,13 +11,14 @@ jax, numpy and optax; it never imports the trainer around it.
 - `fm.integrity`: bit-exact fingerprints of weights (and cross-replica checks).
 - `fm.diagnose`: from an alarm's window of statistics to ranked fault types with evidence.
 - `fm.remediate`: the closed loop over a `Controller` with declared `Capabilities`.
+- `fm.scalars`: a step's named scalars out of a compiled function as one array per dtype.
 - `fm.report`: a run's signals with alarms, diagnoses and rollbacks, as a picture.
 - `fm.taxonomy`: the 16 fault types in 5 families, and their remedies.
 """
 
 import importlib
 
-from fm import detect, diagnose, integrity, monitor, remediate, stats, taxonomy
+from fm import detect, diagnose, integrity, monitor, remediate, scalars, stats, taxonomy
 
 
 def __getattr__(name: str):
@@ -34,6 +35,7 @@ __all__ = [
     "monitor",
     "remediate",
     "report",
+    "scalars",
     "stats",
     "taxonomy",
 ]

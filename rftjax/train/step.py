@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import faults
 from faults import Fault
-from fm import detect
+from fm import detect, scalars
 from fm import monitor as fmm
 from rftjax import parallel
 from rftjax.config import RLConfig
@@ -85,6 +85,8 @@ def make_learner(
       with at least "reward" (other keys are reported as reward components).
     step(state, batch, knobs, fparams) -> (state, metrics): prepare, rollout, reward_fn, learn
       in one program (None without `reward_fn`).
+    metrics: an `fm.scalars.Scalars`, a mapping from name to value that leaves the program
+      as one buffer per dtype (about 130 names with fm; one buffer each cost 0.55 ms a step).
 
     With a `fault` (from `faults.make`), its hooks act at the trainer's hook points under the
     runtime `fparams` (`faults.FaultParams`; None without a fault), and the metrics gain
@@ -204,7 +206,7 @@ def learn(s: StepSpec, state: TrainState, ro: Rollout, rewards: dict, knobs: Kno
         metrics["trajectories"] = trajectory_record(
             ro, scored.raw, scored.train_scores, data["ref_logp"], rows, s.cfg.group_size
         )
-    return parallel.constrain_state(new_state, s.mesh), metrics
+    return parallel.constrain_state(new_state, s.mesh), scalars.pack(metrics)
 
 
 def _updates(s: StepSpec, state: TrainState, data, knobs: Knobs, lr, ctx):

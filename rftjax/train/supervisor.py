@@ -189,7 +189,7 @@ class Supervisor:
     def flush(self, extra=None) -> None:
         while self.pending:
             step, metrics = self.pending.pop()
-            metrics = parallel.fetch(metrics)
+            metrics = dict(parallel.fetch(metrics))
             rows = metrics.pop("trajectories", None)
             if self.logs.trajectories is not None:
                 record = {"step": step, **{k: v.tolist() for k, v in rows.items()}}
