@@ -3,8 +3,8 @@
 A jitted function returns every leaf of its output as its own device buffer, and the host
 spends a few microseconds wrapping each one. fm's statistics and detector output are about a
 hundred scalars a step; returned as a dict of scalars they cost rftjax's default step 0.55 ms
-of its 34 ms, more than fm's own computation in the step (BUILD_NOTES, "fm overhead"). Packed,
-they are one buffer per dtype::
+of its 34 ms, about as much as fm's own computation in the step (BUILD_NOTES, "fm overhead").
+Packed, they are one buffer per dtype::
 
   @jax.jit
   def train_step(state, batch):

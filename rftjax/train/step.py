@@ -86,7 +86,8 @@ def make_learner(
     step(state, batch, knobs, fparams) -> (state, metrics): prepare, rollout, reward_fn, learn
       in one program (None without `reward_fn`).
     metrics: an `fm.scalars.Scalars`, a mapping from name to value that leaves the program
-      as one buffer per dtype (about 130 names with fm; one buffer each cost 0.55 ms a step).
+      as one buffer per dtype (about 130 names with fm, whose separate buffers cost the host
+      0.55 ms a step).
 
     With a `fault` (from `faults.make`), its hooks act at the trainer's hook points under the
     runtime `fparams` (`faults.FaultParams`; None without a fault), and the metrics gain
