@@ -61,6 +61,46 @@ def test_kv_cache_equals_full_recompute(model, temperature, top_p, top_k, phase,
     assert np.asarray(a.lengths).min() < N  # some row stopped at EOS
 
 
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 5)])
+def test_compacted_phases_change_no_token(model, temperature, top_p, top_k, monkeypatch):
+    """16 rows, phases of 4 positions: rows that end early leave later phases, which then run
+    on the smallest of 16 / 12 / 8 / 4 rows that holds the rest; the same tokens as all rows
+    throughout, and as a full recompute."""
+    monkeypatch.setattr(smp, "DECODE_PHASE", 4)
+    graphdef, params = model
+    prompts, mask = _prompts(seed=1, bp=4)
+    sp = sampling.sampling_params(temperature, top_p, top_k)
+    n, group, key = 24, 4, jax.random.PRNGKey(5)
+    kw = dict(group_size=group, max_new_tokens=n, pad_id=PAD)
+    plain = functools.partial(sampling.generate, graphdef, **kw)
+    first = np.asarray(jax.jit(plain, static_argnames="eos_id")(
+        params, prompts, mask, key, sp, eos_id=-1).response)  # fmt: skip
+    eos = int(np.bincount(first[:, :4].ravel()).argmax())  # ends many rows in the first phase
+    compact = jax.jit(functools.partial(plain, eos_id=eos))
+    a = compact(params, prompts, mask, key, sp)
+    monkeypatch.setattr(smp, "COMPACT_MIN_ROWS", 10**6)  # every phase with all 16 rows
+    b = jax.jit(functools.partial(plain, eos_id=eos))(params, prompts, mask, key, sp)
+    recompute = jax.jit(functools.partial(sampling.generate_recompute, graphdef, eos_id=eos, **kw))
+    c = recompute(params, prompts, mask, key, sp)
+    lengths = np.asarray(a.lengths)
+    assert (lengths <= 4).sum() >= 4 and lengths.max() > 8  # compacted phases ran, rows went on
+    for other in (b, c):
+        np.testing.assert_array_equal(a.response, other.response)
+        np.testing.assert_array_equal(a.response_mask, other.response_mask)
+        np.testing.assert_allclose(a.logp, other.logp, atol=1e-5)
+    assert compact._cache_size() == 1
+
+
+def test_row_sizes_and_size_index_by_hand():
+    assert smp.row_sizes(64) == (64, 48, 32, 16)
+    assert smp.row_sizes(10) == (10, 8, 5, 3)  # rounded up
+    assert smp.row_sizes(4) == (4,)  # below COMPACT_MIN_ROWS: never compacted
+    sizes = (64, 48, 32, 16)
+    done = lambda left: jnp.arange(64) >= left  # noqa: E731 - `left` rows unfinished
+    picked = [int(smp.size_index(done(k), sizes)) for k in (64, 49, 48, 33, 32, 17, 16, 1, 0)]
+    assert picked == [0, 0, 1, 1, 2, 2, 3, 3, 0]  # all done: the full batch, nothing copied
+
+
 def test_decode_phases_by_hand():
     assert smp.decode_phases(4) == (4,)  # the default task's 4 new tokens: one loop, as before
     assert smp.decode_phases(64) == (16, 32, 48, 64)

@@ -100,8 +100,12 @@ def _restrict(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Arra
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams):
-    """Draws one token per row. logits [B, V] -> (tokens int32 [B], log-probs [B])."""
+def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams, rows=None):
+    """Draws one token per row. logits [B, V] -> (tokens int32 [B], log-probs [B]).
+
+    `rows`: None, or (B0, idx int32 [B]) when the B rows are rows `idx` of a batch of B0: each
+    row then gets the draw it would get in that batch (the Gumbel noise of the B0 × V draw that
+    `jax.random.categorical` makes, at its rows), so compacting a batch changes no token."""
     logp_all = log_probs(logits, params.temperature)
     restricted = jax.lax.cond(
         (params.top_p < 1.0) | (params.top_k > 0),
@@ -109,7 +113,12 @@ def sample_token(logits: jax.Array, key: jax.Array, params: SamplingParams):
         lambda lg: lg,
         logp_all,
     )
-    drawn = jax.random.categorical(key, restricted, axis=-1)
+    if rows is None:
+        drawn = jax.random.categorical(key, restricted, axis=-1)
+    else:
+        full, idx = rows
+        noise = jax.random.gumbel(key, (full, restricted.shape[-1]), restricted.dtype)
+        drawn = jnp.argmax(restricted + noise[idx], axis=-1)
     greedy = jnp.argmax(logits, axis=-1)
     tokens = jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
@@ -236,6 +245,7 @@ def _emit(s: _Loop, i, tok, lp, *, eos_id, pad_id, spec, tool_hook) -> _Loop:
 
 DECODE_PHASE = 16  # response positions a decode phase covers, at least
 MAX_DECODE_PHASES = 8
+COMPACT_MIN_ROWS = 8  # batches smaller than this decode every phase with all their rows
 
 
 def prefill(model, prompts: jax.Array, prompt_mask: jax.Array, length: int):
@@ -283,8 +293,12 @@ def generate(
     The unique prompts [Bp, P] are prefilled once and their cache is shared by the group; then
     up to N tokens (or `sampling.max_tokens` when smaller and > 0) are decoded in a while loop
     that stops when every row has emitted EOS, in phases (`decode_phases`) whose caches hold
-    only the slots they can reach. `logits_hook(logits [B, V], i)` may change the
-    logits of decode position i before sampling (fault injection: a mismatched engine).
+    only the slots they can reach. Each phase after the first runs only the unfinished rows,
+    gathered into the smallest of `row_sizes(B)` that holds them and written back after it
+    (not with tools or a mesh; each size is its own loop body); every row draws the token it
+    would draw in the full batch. `logits_hook(logits [R, V], i)` may change the logits of
+    decode position i of the R rows decoded there before sampling (fault injection: a
+    mismatched engine).
 
     With `tools` (a `rftjax.tools.ToolSpec`), a row that samples ``</call>`` is answered by the
     environment (one host round-trip per position for all rows that closed a call there) and
@@ -314,9 +328,10 @@ def generate(
     emit = functools.partial(_emit, eos_id=eos_id, pad_id=pad_id, spec=tools, tool_hook=tool_hook)
     state = emit(state, jnp.zeros((), jnp.int32), tok, lp)
 
-    def phase(end: int):
+    def phase(end: int, lens: jax.Array, rows):
         """Decode positions up to `end` with a cache of p + end slots: attention reads only
-        the slots a phase can have written (the cache is most of a decode step's reads)."""
+        the slots a phase can have written (the cache is most of a decode step's reads).
+        `lens`: the rows' prompt lengths; `rows`: None, or (b, idx) for a compacted batch."""
         slots = jnp.arange(p + end)
 
         def cond(s: _Loop):
@@ -331,19 +346,82 @@ def generate(
             c = s.cache
             c = c._replace(valid=jax.lax.dynamic_update_slice_in_dim(c.valid, prev_real, slot, 1))
             step_mask = ((slots <= slot)[None, :] & c.valid)[:, None, :]
-            pos = (prompt_lens + prev)[:, None]
+            pos = (lens + prev)[:, None]
             hidden, c = model.trunk(prev_tok, pos, step_mask, c)
             logits = hook(model.head(hidden[:, 0]), s.i)
-            tok, lp = sample_token(logits, jax.random.fold_in(key, s.i), sampling)
+            tok, lp = sample_token(logits, jax.random.fold_in(key, s.i), sampling, rows)
             return emit(s._replace(cache=c), s.i, tok, lp)._replace(i=s.i + 1)
 
         return cond, body
 
+    def compacted(end: int, size: int):
+        """The phase run on the first `size` unfinished rows only (every unfinished row is
+        among them), then written back into the batch."""
+
+        def run(s: _Loop) -> _Loop:
+            if size == b:
+                return jax.lax.while_loop(*phase(end, prompt_lens, None), s)
+            idx = jnp.argsort(s.done, stable=True)[:size]
+            out = jax.lax.while_loop(*phase(end, prompt_lens[idx], (b, idx)), _take_rows(s, idx))
+            return _put_rows(s, idx, out)
+
+        return run
+
+    sizes = row_sizes(b) if tools is None and mesh is None else (b,)
     for j, end in enumerate(ends):
         if j:
             state = state._replace(cache=constrain_cache(extend_cache(state.cache, p + end), mesh))
-        state = jax.lax.while_loop(*phase(end), state)
+        if j == 0 or len(sizes) == 1:
+            state = jax.lax.while_loop(*phase(end, prompt_lens, None), state)
+            continue
+        pick = size_index(state.done, sizes)
+        state = jax.lax.switch(pick, [compacted(end, size) for size in sizes], state)
     return _finish(prompts, prompt_valid, state)
+
+
+def row_sizes(b: int) -> tuple[int, ...]:
+    """The batch sizes a decode phase after the first may run with: b, ⌈3b/4⌉, ⌈b/2⌉, ⌈b/4⌉
+    (each phase runs the smallest that holds its unfinished rows; each size compiles its own
+    loop body per phase). Only b below `COMPACT_MIN_ROWS`."""
+    if b < COMPACT_MIN_ROWS:
+        return (b,)
+    return tuple(sorted({b, -(-3 * b // 4), -(-b // 2), -(-b // 4)}, reverse=True))
+
+
+def size_index(done: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
+    """Index into `sizes` (descending) of the smallest that holds the unfinished rows of
+    `done` bool [b]; 0 (all rows, nothing to copy) once every row is done."""
+    left = jnp.sum(~done)
+    return jnp.where(left > 0, jnp.sum(left <= jnp.asarray(sizes[1:], jnp.int32)), 0)
+
+
+def _take_rows(s: _Loop, idx: jax.Array) -> _Loop:
+    """Rows `idx` of a loop state without tools (the cache's rows with them)."""
+    take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
+    c = s.cache
+    cache = c._replace(
+        keys=tuple(map(take, c.keys)), values=tuple(map(take, c.values)), valid=take(c.valid)
+    )
+    return s._replace(
+        response=take(s.response), logp=take(s.logp), mask=take(s.mask), done=take(s.done),
+        cache=cache,
+    )  # fmt: skip
+
+
+def _put_rows(s: _Loop, idx: jax.Array, rows: _Loop) -> _Loop:
+    """`s` with rows `idx` (distinct) replaced by `rows`, and its position."""
+    put = lambda x, y: x.at[idx].set(y, unique_indices=True)  # noqa: E731
+    c, r = s.cache, rows.cache
+    cache = c._replace(
+        keys=tuple(map(put, c.keys, r.keys)),
+        values=tuple(map(put, c.values, r.values)),
+        valid=put(c.valid, r.valid),
+        index=r.index,
+    )
+    return s._replace(
+        i=rows.i, response=put(s.response, rows.response), logp=put(s.logp, rows.logp),
+        mask=put(s.mask, rows.mask), done=put(s.done, rows.done), cache=cache,
+    )  # fmt: skip
 
 
 def decode_phases(n: int) -> tuple[int, ...]:
