@@ -382,7 +382,7 @@ def generate(
 def row_sizes(b: int) -> tuple[int, ...]:
     """The batch sizes a decode phase after the first may run with: b, ⌈3b/4⌉, ⌈b/2⌉, ⌈b/4⌉
     (each phase runs the smallest that holds its unfinished rows; each size compiles its own
-    loop body per phase). Only b below `COMPACT_MIN_ROWS`."""
+    loop body per phase); (b,) alone below `COMPACT_MIN_ROWS` rows."""
     if b < COMPACT_MIN_ROWS:
         return (b,)
     return tuple(sorted({b, -(-3 * b // 4), -(-b // 2), -(-b // 4)}, reverse=True))
