@@ -368,15 +368,27 @@ def generate(
         return run
 
     sizes = row_sizes(b) if tools is None and mesh is None else (b,)
-    for j, end in enumerate(ends):
-        if j:
-            state = state._replace(cache=constrain_cache(extend_cache(state.cache, p + end), mesh))
-        if j == 0 or len(sizes) == 1:
-            state = jax.lax.while_loop(*phase(end, prompt_lens, None), state)
-            continue
-        pick = size_index(state.done, sizes)
-        state = jax.lax.switch(pick, [compacted(end, size) for size in sizes], state)
-    return _finish(prompts, prompt_valid, state)
+
+    def after(j: int, s: _Loop) -> _Loop:
+        """Phases j, j + 1, ... (none once every row is done or the limit is reached: their
+        cache is never extended nor copied); the final state, without its cache."""
+        if j == len(ends):
+            return s._replace(cache=None)
+
+        def more(s: _Loop) -> _Loop:
+            s = s._replace(cache=constrain_cache(extend_cache(s.cache, p + ends[j]), mesh))
+            if len(sizes) == 1:
+                s = jax.lax.while_loop(*phase(ends[j], prompt_lens, None), s)
+            else:
+                runs = [compacted(ends[j], size) for size in sizes]
+                s = jax.lax.switch(size_index(s.done, sizes), runs, s)
+            return after(j + 1, s)
+
+        stop = jnp.all(s.done) | (s.i >= limit)
+        return jax.lax.cond(stop, lambda s: s._replace(cache=None), more, s)
+
+    state = jax.lax.while_loop(*phase(ends[0], prompt_lens, None), state)
+    return _finish(prompts, prompt_valid, after(1, state))
 
 
 def row_sizes(b: int) -> tuple[int, ...]:
