@@ -377,17 +377,14 @@ def generate(
 
         def more(s: _Loop) -> _Loop:
             s = s._replace(cache=constrain_cache(extend_cache(s.cache, p + ends[j]), mesh))
-            if len(sizes) == 1:
-                s = jax.lax.while_loop(*phase(ends[j], prompt_lens, None), s)
-            else:
-                runs = [compacted(ends[j], size) for size in sizes]
-                s = jax.lax.switch(size_index(s.done, sizes), runs, s)
+            runs = [compacted(ends[j], size) for size in sizes]
+            s = runs[0](s) if len(runs) == 1 else jax.lax.switch(size_index(s.done, sizes), runs, s)
             return after(j + 1, s)
 
         stop = jnp.all(s.done) | (s.i >= limit)
         return jax.lax.cond(stop, lambda s: s._replace(cache=None), more, s)
 
-    state = jax.lax.while_loop(*phase(ends[0], prompt_lens, None), state)
+    state = compacted(ends[0], b)(state)  # every row, no copy
     return _finish(prompts, prompt_valid, after(1, state))
 
 
@@ -408,32 +405,16 @@ def size_index(done: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
 
 
 def _take_rows(s: _Loop, idx: jax.Array) -> _Loop:
-    """Rows `idx` of a loop state without tools (the cache's rows with them)."""
-    take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
-    c = s.cache
-    cache = c._replace(
-        keys=tuple(map(take, c.keys)), values=tuple(map(take, c.values)), valid=take(c.valid)
-    )
-    return s._replace(
-        response=take(s.response), logp=take(s.logp), mask=take(s.mask), done=take(s.done),
-        cache=cache,
-    )  # fmt: skip
+    """Rows `idx` of a loop state, its cache's rows with them (scalars as they are, as in
+    `repeat_rows`)."""
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0) if x.ndim else x, s)
 
 
 def _put_rows(s: _Loop, idx: jax.Array, rows: _Loop) -> _Loop:
-    """`s` with rows `idx` (distinct) replaced by `rows`, and its position."""
-    put = lambda x, y: x.at[idx].set(y, unique_indices=True)  # noqa: E731
-    c, r = s.cache, rows.cache
-    cache = c._replace(
-        keys=tuple(map(put, c.keys, r.keys)),
-        values=tuple(map(put, c.values, r.values)),
-        valid=put(c.valid, r.valid),
-        index=r.index,
-    )
-    return s._replace(
-        i=rows.i, response=put(s.response, rows.response), logp=put(s.logp, rows.logp),
-        mask=put(s.mask, rows.mask), done=put(s.done, rows.done), cache=cache,
-    )  # fmt: skip
+    """`s` with rows `idx` (distinct) replaced by `rows`, and the scalars (position, cache
+    index) of `rows`."""
+    put = lambda x, y: x.at[idx].set(y, unique_indices=True) if x.ndim else y  # noqa: E731
+    return jax.tree.map(put, s, rows)
 
 
 def decode_phases(n: int) -> tuple[int, ...]:
