@@ -11,6 +11,11 @@ when it starts:
 - ``default``: each library's own thread pools over all cores;
 - ``pinned``: the process pinned to one core, torch at one thread, XLA single-threaded.
 
+Precision: float32 throughout by default. ``matmul_dtype="bfloat16"`` compares both trainers'
+bf16 matmuls: rftjax's projections with bf16 operands and float32 sums (`models.mixed`;
+weights, activations, optimizer in float32), TRL with ``bf16=True`` (torch's CPU autocast in
+its log-prob forwards; it generates as it loaded the model, in float32).
+
 FLOPs are counted by hand (`step_flops`) and set against a large fp32 matmul measured in the
 same process, per library. Needs the ``trl`` extra.
 
@@ -29,7 +34,9 @@ import tempfile
 import time
 
 SETTINGS = ("default", "pinned")
-MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")
+MODEL_FIELDS = (
+    "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "matmul_dtype",
+)  # fmt: skip
 _MARK = "VS_TRL "
 
 
@@ -51,6 +58,7 @@ class Config:
     warmup: int = 2
     steps: int = 6
     length_buckets: int = 0  # rftjax's learner only (`RLConfig.length_buckets`; 0: its choice)
+    matmul_dtype: str = "float32"  # or "bfloat16": both trainers' matmuls (see the module)
 
     def __post_init__(self):
         for name in ("prompts", "group_size", "new_tokens", "steps"):
@@ -58,6 +66,9 @@ class Config:
                 raise ValueError(f"Config.{name} must be > 0, got {getattr(self, name)}")
         if self.warmup < 1:
             raise ValueError(f"Config.warmup must be >= 1 (compilation), got {self.warmup}")
+        if self.matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"Config.matmul_dtype={self.matmul_dtype!r}; accepted: float32, "
+                             "bfloat16")  # fmt: skip
         if self.vocab_size < 56:
             raise ValueError(f"vocab_size must hold the 56-token character vocabulary, got "
                              f"{self.vocab_size}")  # fmt: skip
@@ -69,8 +80,9 @@ class Config:
 
 def config_from_flags(values) -> Config:
     """A `Config` from launch.bench's flags: ``--model_overrides`` (hidden_size, num_layers,
-    num_heads, intermediate_size, vocab_size), and ``--prompts_per_step``, ``--group_size``,
-    ``--max_new_tokens``, ``--kl_coef``, ``--lr``, ``--seed``, ``--repeats`` (timed steps)
+    num_heads, intermediate_size, vocab_size, matmul_dtype), and ``--prompts_per_step``,
+    ``--group_size``, ``--max_new_tokens``, ``--kl_coef``, ``--lr``, ``--seed``, ``--repeats``
+    (timed steps)
     where given on the command line; the rest keeps `Config`'s defaults (the shape of the
     comparison in BUILD_NOTES)."""
     from rftjax.models.config import parse_overrides
@@ -211,7 +223,8 @@ class RftjaxRunner:
         from rftjax.models import from_hf_config, hf
         from rftjax.train.step import init_state, make_learner
 
-        self.cfg = from_hf_config(folder).replace(dtype=dtype)  # compute dtype; fp32 weights
+        # compute dtype; fp32 weights
+        self.cfg = from_hf_config(folder).replace(dtype=dtype, matmul_dtype=config.matmul_dtype)
         self.graphdef, params = hf.load(folder, self.cfg)
         rl = RLConfig(
             prompts_per_step=config.prompts,
@@ -254,7 +267,8 @@ def trl_trainer(folder: str, out: str, config: Config, rows: list[dict], callbac
         num_generations=config.group_size, max_completion_length=config.new_tokens,
         max_steps=config.warmup + config.steps, beta=config.beta, learning_rate=config.lr,
         epsilon=0.2, epsilon_high=0.28, loss_type="dapo", temperature=1.0, top_k=0, top_p=1.0,
-        num_iterations=1, shuffle_dataset=False, seed=config.seed, use_cpu=True, bf16=False,
+        num_iterations=1, shuffle_dataset=False, seed=config.seed, use_cpu=True,
+        bf16=config.matmul_dtype == "bfloat16",
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
     dataset = Dataset.from_list(rows)
@@ -368,7 +382,8 @@ def table(config: Config, results: list[dict]) -> str:
         f"{config.rows} completions ({config.prompts} x {config.group_size}), "
         f"{config.new_tokens} new tokens, beta {config.beta}; hidden {config.hidden_size}, "
         f"{config.num_layers} layers, {config.num_heads} heads, MLP {config.intermediate_size}, "
-        f"vocab {config.vocab_size}; median of {config.steps} steps after {config.warmup}",
+        f"vocab {config.vocab_size}; {config.matmul_dtype} matmuls; median of {config.steps} "
+        f"steps after {config.warmup}; the peak is an fp32 matmul's",
         "",
         "| threads | trainer | s/step | completions/s | gen tokens/s | mean length | "
         "GFLOP/step | share of matmul peak (GFLOP/s) | rftjax/TRL completions/s |",

@@ -37,6 +37,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # The projections' matmul operands; "" = `dtype`. "bfloat16" with dtype "float32" is mixed
+    # precision: bf16 operands, products accumulated and returned in float32 (`models.mixed`).
+    matmul_dtype: str = ""
     model_type: str = "llama"
 
     def __post_init__(self):
@@ -68,6 +71,17 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; accepted: {DTYPES}")
+        if self.matmul_dtype not in ("", self.dtype, "bfloat16"):
+            raise ValueError(
+                f"ModelConfig.matmul_dtype={self.matmul_dtype!r} with dtype={self.dtype!r}; "
+                f"accepted: '' or {self.dtype!r} (the compute dtype), or 'bfloat16' (bf16 "
+                "operands, float32 accumulation)"
+            )
+
+    @property
+    def mixed_matmuls(self) -> bool:
+        """Whether the projections multiply bf16 operands into float32 (`models.mixed`)."""
+        return self.matmul_dtype == "bfloat16" and self.dtype == "float32"
 
     @property
     def resolved_head_dim(self) -> int:
@@ -262,7 +276,8 @@ def from_hf_config(source: str | os.PathLike | dict) -> ModelConfig:
 def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
     """The Hugging Face config.json of ``config``: the inverse of `from_hf_config`.
 
-    ``from_hf_config(to_hf_config(c)) == c`` for any ``c`` with ``param_dtype="float32"``.
+    ``from_hf_config(to_hf_config(c)) == c`` for any ``c`` with ``param_dtype="float32"`` and
+    ``matmul_dtype=""`` (neither is a checkpoint's property).
     ``extra`` entries (e.g. ``bos_token_id``, ``eos_token_id``) are added as they are. Rope
     settings are written with the top-level keys (``rope_theta``, ``rope_scaling``) that every
     transformers version from 4.46 reads.

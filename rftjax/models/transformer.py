@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rftjax.models import mixed
 from rftjax.models.config import ModelConfig
 
 _NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead of NaN
@@ -88,12 +89,14 @@ class Linear(nnx.Module):
         )
         self.bias = nnx.Param(jnp.zeros((out_features,), config.param_dtype)) if bias else None
         self.dtype = jnp.dtype(config.dtype)
+        self.mixed = config.mixed_matmuls
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # A 2-D matmul: XLA:CPU runs dot products that contract over several batch dims (the
         # weight gradient of a [B, S, in] input) about twice as slowly.
         w = self.weight[...].astype(self.dtype)
-        y = jnp.dot(x.astype(self.dtype).reshape(-1, x.shape[-1]), w.T)
+        rows = x.astype(self.dtype).reshape(-1, x.shape[-1])
+        y = mixed.matmul(rows, w) if self.mixed else jnp.dot(rows, w.T)
         y = y.reshape(*x.shape[:-1], w.shape[0])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

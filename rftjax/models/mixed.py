@@ -1,0 +1,66 @@
+"""Mixed-precision projections: bf16 operands, products accumulated and returned in float32.
+
+`matmul(x, w)` is ``x · wᵀ`` for a weight in the Hugging Face layout ``[out, in]``, with both
+operands rounded to bfloat16 and the sums kept in float32 (the precision a TPU's default f32
+matmul has). Its gradient rounds the incoming cotangent to bfloat16 the same way:
+``dx = bf16(g) · bf16(w)``, ``dw = bf16(g)ᵀ · bf16(x)``.
+
+Why a function of its own: on CPUs with AVX512-BF16, XLA:CPU runs a bf16 × bf16 → f32 dot
+through YNNPACK at about twice the float32 rate, but only when both operands are row-major with
+the contraction on the left operand's last and the right operand's first axis. A transpose
+inside the program stays a layout change (column-major), so ``x · wᵀ`` and the weight gradient
+would fall back to float32 (or, when XLA's later passes change a layout, to a dot its runtime
+refuses). On CPU each transposed operand is therefore made a fresh row-major array by a while
+loop that XLA cannot elide (its trip count is not a constant); on other backends it is a plain
+transpose. Dots too small or of vectors for YNNPACK multiply the rounded operands in float32:
+the same products, summed in another order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+_MIN_DIM = 8  # YNNPACK takes a dot when some dimension is at least this and none is a vector
+
+
+def _row_major_transpose(t: jax.Array) -> jax.Array:
+    """``t.T`` materialized row-major on CPU (see the module); ``t.T`` elsewhere."""
+    if jax.default_backend() != "cpu":
+        return t.T
+    trips = jax.lax.optimization_barrier(jnp.int32(1))  # not a constant: the loop stays
+    _, out = jax.lax.while_loop(
+        lambda c: c[0] < trips, lambda c: (c[0] + 1, t.T), (jnp.int32(0), jnp.zeros_like(t.T))
+    )
+    return out
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a [M, K] · b [K, N]`` of bf16 operands, accumulated and returned in float32."""
+    (m, k), n = a.shape, b.shape[1]
+    if min(m, n) < 2 or max(m, k, n) < _MIN_DIM:
+        return jnp.dot(a.astype(F32), b.astype(F32))
+    return jnp.dot(a, b, preferred_element_type=F32)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [M, K] · w [N, K]ᵀ -> [M, N]``, x and w float32, operands rounded to bfloat16."""
+    return _dot(x.astype(BF16), _row_major_transpose(w.astype(BF16)))
+
+
+def _forward(x, w):
+    xb, wb = x.astype(BF16), w.astype(BF16)
+    return _dot(xb, _row_major_transpose(wb)), (xb, wb)
+
+
+def _backward(residuals, g):
+    xb, wb = residuals
+    gb = g.astype(BF16)
+    dx = _dot(gb, wb)  # [M, N] · [N, K]: both row-major as they are
+    dw = _dot(_row_major_transpose(gb), xb)  # [N, M] · [M, K]
+    return dx, dw
+
+
+matmul.defvjp(_forward, _backward)
