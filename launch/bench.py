@@ -10,6 +10,8 @@ scaling: the step on 1-8 simulated devices and its collectives. chaos: kills and
 vs_trl: rftjax against TRL's GRPOTrainer on one configuration, same weights, alternating
 steps, two thread settings (needs the trl extra). memory: compiled memory per device of the
 step for --model=qwen2.5-0.5b|1.5b|7b on --mesh, from abstract arrays (no weights allocated).
+matmul: the projections' matmul in float32, bf16 as XLA takes a transposed weight, and
+`models.mixed` (--model_overrides=matmul_dtype=bfloat16), forward and backward.
 This file only parses flags and calls the library.
 """
 
@@ -35,6 +37,7 @@ BENCHMARKS = (
     "ray_overhead",
     "vs_trl",
     "memory",
+    "matmul",
 )
 flags.DEFINE_enum("what", "step", BENCHMARKS, "Which benchmark to run.")
 flags.DEFINE_integer("cycles", 20, "chaos: kills to make (SIGTERM or SIGKILL, at random).")
@@ -74,6 +77,11 @@ def measure(what: str) -> tuple[dict, list[str]]:
         overrides = parse_overrides(FLAGS.model_overrides or "")  # e.g. num_layers=2
         out = memory.run(FLAGS.model, shape, FLAGS.mesh, memory.devices_of(FLAGS.mesh), overrides)
         return {"shape": dataclasses.asdict(shape), **out}, [f"{shape}", memory.table([out])]
+    if what == "matmul":
+        from rftjax.benchmarks import matmul
+
+        out = matmul.run(reps)
+        return {what: out}, matmul.report(out, reps)
     if what == "chaos":
         out = chaos.run_chaos(FLAGS.chaos_dir, FLAGS.chaos_args.split(), cycles=FLAGS.cycles)
         return {"chaos": out}, chaos.report(out)

@@ -19,6 +19,7 @@ SMALL = [*small_shapes.RUN_FLAGS, "--repeats=3"]
         ("step", ["completions_per_second", "ratio_vs_reference", "cache_speedup"]),
         ("fm_overhead", ["median_ratio", "memory_ratio", "fm_state_bytes"]),
         ("campaign_vmap", ["seconds_one_by_one", "seconds_vmapped", "ratio_one_by_one_vs_vmapped"]),
+        ("matmul", ["mixed_speedup_forward", "mixed_speedup_grad"]),
     ],
 )
 def test_bench_prints_and_writes_its_figures(tmp_path, what, keys):

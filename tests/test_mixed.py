@@ -30,8 +30,9 @@ def _rounded(a) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
 
 
-# YNNPACK's bf16 path; a small dot (every dimension < 8); a vector (M = 1); one row pair
-SHAPES = [(64, 256, 96), (4, 4, 4), (1, 32, 16), (2, 16, 40)]
+# YNNPACK's bf16 path with N < K and N > K (the weight gradient transposes g, or x); a small
+# dot (every dimension < 8); a vector (M = 1); one row pair
+SHAPES = [(64, 256, 96), (32, 64, 160), (4, 4, 4), (1, 32, 16), (2, 16, 40)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -78,8 +79,9 @@ def _cpu_has_bf16_dot() -> bool:
     jax.default_backend() != "cpu" or not _cpu_has_bf16_dot(),
     reason="XLA:CPU's bf16 dot path (YNNPACK) needs AVX512-BF16",
 )
-def test_on_cpu_forward_and_both_gradient_dots_take_the_bf16_path():
-    x, w = jnp.ones((64, 256)), jnp.ones((96, 256))
+@pytest.mark.parametrize("n", [96, 512])
+def test_on_cpu_forward_and_both_gradient_dots_take_the_bf16_path(n):
+    x, w = jnp.ones((64, 256)), jnp.ones((n, 256))
     grad = jax.jit(jax.grad(lambda x, w: jnp.sum(mixed.matmul(x, w) ** 2), argnums=(0, 1)))
     text = grad.lower(x, w).compile().as_text()
     # the computations called as YNNPACK fusions whose two operands are bf16, into float32

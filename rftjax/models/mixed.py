@@ -41,7 +41,9 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     (m, k), n = a.shape, b.shape[1]
     if min(m, n) < 2 or max(m, k, n) < _MIN_DIM:
         return jnp.dot(a.astype(F32), b.astype(F32))
-    return jnp.dot(a, b, preferred_element_type=F32)
+    # The barrier keeps XLA from folding a later transpose of the product into the dot (it
+    # would swap the operands into a column-major one, which YNNPACK refuses at run time).
+    return jax.lax.optimization_barrier(jnp.dot(a, b, preferred_element_type=F32))
 
 
 @jax.custom_vjp
