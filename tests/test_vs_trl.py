@@ -50,6 +50,8 @@ def test_config_checks_and_the_table():
         vs_trl.Config(new_tokens=0)
     with pytest.raises(ValueError, match="vocab_size"):
         vs_trl.Config(vocab_size=32)
+    with pytest.raises(ValueError, match="matmul_dtype='float16'; accepted: float32, bfloat16"):
+        vs_trl.Config(matmul_dtype="float16")
     assert vs_trl.Config().rows == 64
     env = vs_trl.child_env("pinned")
     assert "intra_op_parallelism_threads=1" in env["XLA_FLAGS"] and env["OMP_NUM_THREADS"] == "1"
