@@ -30,8 +30,8 @@ def _rounded(a) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
 
 
-# YNNPACK's bf16 path with N < K and N > K (the weight gradient transposes g, or x); a small
-# dot (every dimension < 8); a vector (M = 1); one row pair
+# YNNPACK's bf16 path with N < K and with N > K; a small dot (every dimension < 8); a vector
+# (M = 1); one row pair
 SHAPES = [(64, 256, 96), (32, 64, 160), (4, 4, 4), (1, 32, 16), (2, 16, 40)]
 
 
