@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from faults import NO_HOOKS
-from rftjax import models
+from rftjax import models, sampling
 from rftjax.config import RLConfig
 from rftjax.knobs import make_knobs
 from rftjax.models import mixed
+from rftjax.sampling import sampler
 from rftjax.tasks import make_task
 from rftjax.train import stages as st
 from rftjax.train import update as up
@@ -93,20 +94,20 @@ def test_on_cpu_forward_and_both_gradient_dots_take_the_bf16_path(n):
     assert bf16_dots == 3  # y = x·wᵀ, dx = g·w, dw = gᵀ·x
 
 
-def _gradients(model, mb):
-    cfg = RLConfig(prompts_per_step=4, group_size=2, max_new_tokens=4)
+def _gradients(model, mb, buckets: int = 1, jit: bool = True):
+    cfg = RLConfig(prompts_per_step=4, group_size=2, max_new_tokens=4, length_buckets=buckets)
     graphdef, policy = models.create(model, 0)
     spec = st.StepSpec(graphdef, cfg, make_optimizer(cfg), eos_id=2, pad_id=0, hooks=NO_HOOKS)
     params = init_state(policy, cfg, 0).params
     knobs = make_knobs(kl_coef=0.3, ent_coef=0.05)
-    return jax.jit(lambda p, d: up.gradients(spec, p, d, knobs, None))(params, mb)
+    run = lambda p, d: up.gradients(spec, p, d, knobs, None)  # noqa: E731
+    return jax.jit(run)(params, mb) if jit else run(params, mb)
 
 
-def test_the_learners_gradient_is_the_float32_one_to_bf16_precision():
-    rng = np.random.default_rng(0)
-    b, p, n = 8, 3, 4
-    prompts = np.repeat(rng.integers(3, 64, (4, p)), 2, axis=0)
-    mb = {
+def _minibatch(rng, b: int, p: int, n: int) -> dict:
+    """b rows of groups of 2, prompts of p tokens and n response tokens, all real."""
+    prompts = np.repeat(rng.integers(3, 64, (b // 2, p)), 2, axis=0)
+    return {
         "tokens": jnp.asarray(np.concatenate([prompts, rng.integers(3, 64, (b, n))], 1)),
         "valid": jnp.ones((b, p + n), bool),
         "mask": jnp.ones((b, n)),
@@ -115,11 +116,83 @@ def test_the_learners_gradient_is_the_float32_one_to_bf16_precision():
         "ref_logp": jnp.asarray(-rng.uniform(0.5, 5.0, (b, n)), jnp.float32),
         "scores": jnp.asarray(rng.integers(0, 2, b), jnp.float32),
     }
+
+
+def test_the_learners_gradient_is_the_float32_one_to_bf16_precision():
+    mb = _minibatch(np.random.default_rng(0), b=8, p=3, n=4)
     exact, mixed_ = (jax.tree.leaves(_gradients(m, mb)[0]) for m in (MODEL, MIXED))
     flat = lambda leaves: np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
     e, m = flat(exact), flat(mixed_)
     rel = np.linalg.norm(m - e) / np.linalg.norm(e)
     assert 1e-5 < rel < 3e-2  # bf16 has 8 significant bits: ~0.4% a rounding, not none
+
+
+def _loss(graphdef, params, tokens):
+    logits, _, _ = models.full_forward(graphdef, params, tokens, jnp.ones(tokens.shape, bool))
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 3])
+
+
+def test_prepared_weights_give_the_same_values_and_gradients():
+    graphdef, params = models.create(MIXED, 0)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, MIXED.vocab_size)
+    prepared = models.prepare_matmuls(graphdef, params, backward=True)
+    wrapped = [x for x in jax.tree.leaves(prepared, is_leaf=lambda x: isinstance(x, mixed.Prepared))
+               if isinstance(x, mixed.Prepared)]  # fmt: skip
+    assert len(wrapped) == 7 * MIXED.num_layers  # q, k, v, o, gate, up, down; not the head
+    for p in wrapped:
+        assert p.transposed.shape == p.weight.shape[::-1] and p.transposed.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(p.transposed, p.weight.T.astype(jnp.bfloat16))
+    plain = jax.jit(jax.value_and_grad(lambda p: _loss(graphdef, p, tokens)))(params)
+    bind = lambda p, pre: _loss(graphdef, models.bind_prepared(pre, p), tokens)  # noqa: E731
+    bound = jax.jit(jax.value_and_grad(bind))(params, prepared)
+    assert jax.tree.structure(plain) == jax.tree.structure(bound)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(bound), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # float32 matmuls: nothing to prepare
+    graphdef32, params32 = models.create(MODEL, 0)
+    assert models.prepare_matmuls(graphdef32, params32) is params32
+
+
+def _weight_transposes(fn, *args) -> int:
+    """How many row-major transposes (`mixed`'s while loops: a counter, their trip count, the
+    bf16 array and its transpose) of a layer weight the lowered program of fn(*args) makes."""
+    sizes = {MIXED.hidden_size, MIXED.intermediate_size}
+    count = 0
+    for line in jax.jit(fn).lower(*args).as_text().splitlines():
+        if "stablehlo.while(" not in line:
+            continue
+        types = re.findall(r"tensor<([\dx]*)x?(\w+)>", line.split(" : ")[-1])
+        arrays = [tuple(int(d) for d in dims.split("x") if d) for dims, dt in types if dt == "bf16"]
+        if len(types) == 4 and len(arrays) == 2 and arrays[0] == arrays[1][::-1]:
+            count += set(arrays[0]) <= sizes
+    return count
+
+
+def test_buckets_and_decode_phases_round_and_transpose_each_weight_once():
+    graphdef, params = models.create(MIXED, 0)
+    rng = np.random.default_rng(0)
+    prompts, prompt_mask = jnp.asarray(rng.integers(3, 64, (2, 3))), jnp.ones((2, 3), jnp.int32)
+    response = jnp.asarray(rng.integers(3, 64, (8, 32)))
+    # rows of many lengths: the buckets run at several sizes (one switch branch each)
+    ends = np.array([5, 8, 12, 16, 20, 24, 30, 32])
+    response_mask = jnp.asarray(np.arange(32)[None] < ends[:, None])
+    logprobs = lambda p: sampling.response_logprobs(  # noqa: E731
+        graphdef, p, prompts, prompt_mask, response, response_mask, 1.0, buckets=4
+    )
+    assert _weight_transposes(logprobs, params) == 7 * MIXED.num_layers
+    rollout = lambda p: sampling.generate(  # noqa: E731
+        graphdef, p, prompts, prompt_mask, jax.random.PRNGKey(0), sampling.sampling_params(),
+        group_size=4, max_new_tokens=48, eos_id=2, pad_id=0)  # fmt: skip
+    assert len(sampler.decode_phases(48)) > 1
+    assert _weight_transposes(rollout, params) == 7 * MIXED.num_layers
+    # the bucketed gradient: each weight once forward (its own gradient's transposes are of
+    # activations), for every bucket and the prompts' pass
+    mb = _minibatch(rng, b=8, p=3, n=4)
+    mb["valid"] = mb["valid"].at[:4, -2:].set(False)
+    mb["mask"] = mb["loss_mask"] = mb["valid"][:, 3:].astype(jnp.float32)
+    assert _weight_transposes(lambda d: _gradients(MIXED, d, buckets=2, jit=False), mb) == (
+        7 * MIXED.num_layers
+    )
 
 
 def test_a_grpo_step_with_length_buckets_and_remat_compiles_once():

@@ -21,12 +21,14 @@ from rftjax.models.config import (
 from rftjax.models.transformer import (
     KVCache,
     Transformer,
+    bind_prepared,
     causal_mask,
     head_logits,
     init_cache,
     map_in_chunks,
     param_names,
     positions_from_valid,
+    prepare_matmuls,
 )
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "Transformer",
+    "bind_prepared",
     "causal_mask",
     "create",
     "forward",
@@ -45,6 +48,7 @@ __all__ = [
     "param_names",
     "parse_overrides",
     "positions_from_valid",
+    "prepare_matmuls",
     "read_hf_config",
     "to_hf_config",
 ]

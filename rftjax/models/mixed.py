@@ -18,6 +18,8 @@ the same products, summed in another order.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -46,15 +48,45 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.dot(a, b, preferred_element_type=F32))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A weight [out, in] with its bfloat16 operands made once, for many `matmul` calls (the
+    length buckets and decode phases of one step would otherwise each round and transpose
+    every weight again: XLA does not move that work out of a `switch` or a loop).
+
+    `weight` is the parameter itself (its gradient arrives there); `transposed` is bf16
+    [in, out] row-major; `rounded` is bf16 [out, in] for the backward pass, or None where
+    nothing is differentiated (made per call when needed)."""
+
+    weight: jax.Array
+    transposed: jax.Array
+    rounded: jax.Array | None = None
+
+
+def prepare(w: jax.Array, *, backward: bool = False) -> Prepared:
+    """`Prepared` operands of weight w [out, in]; `backward`: keep the rounded weight too."""
+    wb = jax.lax.stop_gradient(w).astype(BF16)  # w's gradient is `matmul`'s own, never theirs
+    return Prepared(w, _row_major_transpose(wb), wb if backward else None)
+
+
+def matmul(x: jax.Array, w: jax.Array | Prepared) -> jax.Array:
+    """``x [M, K] · w [N, K]ᵀ -> [M, N]``: x float32, w float32 or `Prepared`, operands rounded
+    to bfloat16, products summed in float32."""
+    p = w if isinstance(w, Prepared) else prepare(w)
+    rounded = p.rounded if p.rounded is not None else jax.lax.stop_gradient(p.weight).astype(BF16)
+    return _product(x, p.weight.astype(F32), p.transposed, rounded)
+
+
 @jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [M, K] · w [N, K]ᵀ -> [M, N]``, x and w float32, operands rounded to bfloat16."""
-    return _forward(x, w)[0]
+def _product(x, w, wt, wb):
+    """x · wᵀ from the prepared operands wt = bf16(w)ᵀ and wb = bf16(w); w carries the gradient."""
+    return _forward(x, w, wt, wb)[0]
 
 
-def _forward(x, w):
-    xb, wb = x.astype(BF16), w.astype(BF16)
-    return _dot(xb, _row_major_transpose(wb)), (xb, wb)
+def _forward(x, w, wt, wb):
+    xb = x.astype(BF16)
+    return _dot(xb, wt), (xb, wb)
 
 
 def _backward(residuals, g):
@@ -62,7 +94,7 @@ def _backward(residuals, g):
     gb = g.astype(BF16)
     dx = _dot(gb, wb)  # [M, N] · [N, K]: both row-major as they are
     dw = _dot(_row_major_transpose(gb), xb)  # [N, M] · [M, K]
-    return dx, dw
+    return dx, dw, None, None
 
 
-matmul.defvjp(_forward, _backward)
+_product.defvjp(_forward, _backward)

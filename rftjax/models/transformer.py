@@ -9,6 +9,7 @@ Shapes: B batch, S query length, L key/cache length, H query heads, K kv heads, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -90,14 +91,18 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), config.param_dtype)) if bias else None
         self.dtype = jnp.dtype(config.dtype)
         self.mixed = config.mixed_matmuls
+        self.out_features = out_features
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # A 2-D matmul: XLA:CPU runs dot products that contract over several batch dims (the
         # weight gradient of a [B, S, in] input) about twice as slowly.
-        w = self.weight[...].astype(self.dtype)
+        w = self.weight.get_value()  # `mixed.Prepared` where `prepare_matmuls` made it so
         rows = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = mixed.matmul(rows, w) if self.mixed else jnp.dot(rows, w.T)
-        y = y.reshape(*x.shape[:-1], w.shape[0])
+        if self.mixed or isinstance(w, mixed.Prepared):
+            y = mixed.matmul(rows, w)
+        else:
+            y = jnp.dot(rows, w.astype(self.dtype).T)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -335,6 +340,35 @@ def learner_graph(
     for layer in model.model.layers:
         layer.self_attn.query_chunk = attention_chunk
     return nnx.split(model)[0]
+
+
+def prepare_matmuls(graphdef: nnx.GraphDef, params: nnx.State, *, backward: bool = False):
+    """params with each bf16-matmul layer weight (`ModelConfig.matmul_dtype`) made a
+    `mixed.Prepared` once: the forwards that take the result reuse its rounded, transposed
+    operands instead of making them per call (length buckets, decode phases). `backward`: also
+    the rounded weight its gradient reads. params unchanged when no weight matmuls in bf16.
+    The values and the gradient with respect to each weight are those of the params."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    model = nnx.merge(graphdef, abstract)
+    paths = {(*path, "weight") for path, m in nnx.iter_modules(model)
+             if isinstance(m, Linear) and m.mixed and path[:1] == ("model",)}  # fmt: skip
+    if not paths:  # (the output projection is read as a weight, never called: not prepared)
+        return params
+    flat = [
+        (path, v.replace(mixed.prepare(v.get_value(), backward=backward)) if path in paths else v)
+        for path, v in nnx.to_flat_state(params)
+    ]
+    return nnx.from_flat_state(flat)
+
+
+def bind_prepared(prepared: nnx.State, params: nnx.State) -> nnx.State:
+    """`prepared` (from `prepare_matmuls`) with each weight taken from params (same structure
+    before preparing): the operands made once, the gradient flowing to these params."""
+
+    def bind(w, p):
+        return dataclasses.replace(p, weight=w) if isinstance(p, mixed.Prepared) else w
+
+    return jax.tree.map(bind, params, prepared)
 
 
 def causal_mask(valid: jax.Array) -> jax.Array:

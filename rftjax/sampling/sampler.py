@@ -27,6 +27,7 @@ from rftjax.models import (
     init_cache,
     map_in_chunks,
     positions_from_valid,
+    prepare_matmuls,
 )
 from rftjax.parallel import constrain_cache
 from rftjax.tools.protocol import LIMIT, TIMEOUT, TOOL_ERROR, ToolResult
@@ -311,7 +312,7 @@ def generate(
     data axes, kv heads on tensor).
     """
     hook = logits_hook or (lambda x, i: x)
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, prepare_matmuls(graphdef, params))  # once for every phase
     p, n = prompts.shape[1], max_new_tokens
     ends = decode_phases(n)
     last_hidden, cache = prefill(model, prompts, prompt_mask, p + ends[0])
@@ -648,6 +649,7 @@ def _bucketed(graphdef, params, prompts, prompt_mask, response, response_mask, t
     (bp, _), (b, n) = prompts.shape, response.shape
     if b % buckets:
         raise ValueError(f"{b} rows cannot be split into {buckets} equal length buckets")
+    params = prepare_matmuls(graphdef, params)  # once for every bucket
     first = prompt_pass(graphdef, params, prompts, prompt_mask)  # once per prompt
     needed = response_ends(response_mask > 0)
     order = jnp.argsort(needed, stable=True)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from fm import monitor as fmm
 from rftjax import algorithms as alg
 from rftjax.knobs import Knobs
+from rftjax.models import bind_prepared, prepare_matmuls
 from rftjax.sampling import bucket_sizes, pad_slots, response_ends, switch_on_length
 from rftjax.train.stages import StepSpec, first_pass, forward, loss_fn, loss_terms, targets
 from rftjax.train.state import apply_update
@@ -121,10 +122,12 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     if s.cfg.updates_per_step == 1:
         mb = {**mb, **minibatch_targets(s, params, mb, knobs, ctx)}
     per_row = buckets > 1  # rows sorted by length, in contiguous buckets (not groups)
+    prepared = prepare_matmuls(s.graphdef, params["policy"], backward=True)  # once, not per part
     first, first_vjp = None, None
     if per_row:
         k, order = buckets, length_order(mb)
-        first, first_vjp = jax.vjp(lambda pol: first_pass(s, pol, mb), params["policy"])
+        pass_of = lambda pol: first_pass(s, bind_prepared(prepared, pol), mb)  # noqa: E731
+        first, first_vjp = jax.vjp(pass_of, params["policy"])
         mb_in = {**jax.tree.map(lambda x: x[order], mb), "group": order // s.cfg.group_size}
     else:
         mb_in = mb
@@ -133,6 +136,7 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
 
     def weighted_loss(p, q, f, part, w):
         prompt = None if f is None else jax.tree.map(lambda x: x[part["group"]], f)
+        p = {**p, "policy": bind_prepared(prepared, p["policy"])}
         logp, entropy, values = forward(s, p, part, knobs, prompt=prompt)
         behaviour = _behaviour(s, part, logp, values)
         loss, _ = loss_terms(s, logp, entropy, values, q, behaviour, knobs, stats=False)
