@@ -14,6 +14,10 @@ refuses). On CPU each transposed operand is therefore made a fresh row-major arr
 loop that XLA cannot elide (its trip count is not a constant); on other backends it is a plain
 transpose. Dots too small or of vectors for YNNPACK multiply the rounded operands in float32:
 the same products, summed in another order.
+
+A weight used by many calls in one program (each length bucket, decode phase and micro-batch)
+is rounded and transposed once: `prepare(w)` gives a `Prepared` that `matmul` takes in place
+of w (`models.prepare_matmuls` does it for a model's params).
 """
 
 from __future__ import annotations

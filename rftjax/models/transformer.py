@@ -98,10 +98,7 @@ class Linear(nnx.Module):
         # weight gradient of a [B, S, in] input) about twice as slowly.
         w = self.weight.get_value()  # `mixed.Prepared` where `prepare_matmuls` made it so
         rows = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        if self.mixed or isinstance(w, mixed.Prepared):
-            y = mixed.matmul(rows, w)
-        else:
-            y = jnp.dot(rows, w.astype(self.dtype).T)
+        y = mixed.matmul(rows, w) if self.mixed else jnp.dot(rows, w.astype(self.dtype).T)
         y = y.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -343,11 +340,12 @@ def learner_graph(
 
 
 def prepare_matmuls(graphdef: nnx.GraphDef, params: nnx.State, *, backward: bool = False):
-    """params with each bf16-matmul layer weight (`ModelConfig.matmul_dtype`) made a
-    `mixed.Prepared` once: the forwards that take the result reuse its rounded, transposed
-    operands instead of making them per call (length buckets, decode phases). `backward`: also
-    the rounded weight its gradient reads. params unchanged when no weight matmuls in bf16.
-    The values and the gradient with respect to each weight are those of the params."""
+    """params with the weight of each layer projection that multiplies in bf16
+    (`ModelConfig.matmul_dtype`) made a `mixed.Prepared`: forwards that take the result reuse
+    its transposed bf16 operand instead of making it per call (length buckets, decode phases,
+    micro-batches). `backward`: also the rounded weight its gradient reads. The same values;
+    params itself when no layer multiplies in bf16. Under a gradient, close over the result and
+    `bind_prepared` the differentiated params into it."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     model = nnx.merge(graphdef, abstract)
     paths = {(*path, "weight") for path, m in nnx.iter_modules(model)

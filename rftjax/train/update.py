@@ -113,7 +113,10 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     With `cfg.buckets` = k > 1: the same, over k micro-batches of rows sorted by length,
     each computed only up to its longest row (`length_buckets`). The prompts run once per
     group before the buckets (`first_pass`); each bucket's gradient reaches them through its
-    rows' prompt keys and values, and their pass's own gradient is taken once, after."""
+    rows' prompt keys and values, and their pass's own gradient is taken once, after.
+
+    Layer weights that multiply in bf16 are rounded and transposed once for all the parts
+    (`models.prepare_matmuls`), not once per part."""
     probe = fmm.coefficient_probe()
     k, buckets = s.cfg.num_microbatches, s.cfg.buckets
     if k == 1 and buckets == 1:
