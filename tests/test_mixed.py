@@ -94,14 +94,13 @@ def test_on_cpu_forward_and_both_gradient_dots_take_the_bf16_path(n):
     assert bf16_dots == 3  # y = x·wᵀ, dx = g·w, dw = gᵀ·x
 
 
-def _gradients(model, mb, buckets: int = 1, jit: bool = True):
+def _gradients(model, mb, buckets: int = 1):
     cfg = RLConfig(prompts_per_step=4, group_size=2, max_new_tokens=4, length_buckets=buckets)
     graphdef, policy = models.create(model, 0)
     spec = st.StepSpec(graphdef, cfg, make_optimizer(cfg), eos_id=2, pad_id=0, hooks=NO_HOOKS)
     params = init_state(policy, cfg, 0).params
     knobs = make_knobs(kl_coef=0.3, ent_coef=0.05)
-    run = lambda p, d: up.gradients(spec, p, d, knobs, None)  # noqa: E731
-    return jax.jit(run)(params, mb) if jit else run(params, mb)
+    return jax.jit(lambda p, d: up.gradients(spec, p, d, knobs, None))(params, mb)
 
 
 def _minibatch(rng, b: int, p: int, n: int) -> dict:
@@ -190,9 +189,7 @@ def test_buckets_and_decode_phases_round_and_transpose_each_weight_once():
     mb = _minibatch(rng, b=8, p=3, n=4)
     mb["valid"] = mb["valid"].at[:4, -2:].set(False)
     mb["mask"] = mb["loss_mask"] = mb["valid"][:, 3:].astype(jnp.float32)
-    assert _weight_transposes(lambda d: _gradients(MIXED, d, buckets=2, jit=False), mb) == (
-        7 * MIXED.num_layers
-    )
+    assert _weight_transposes(lambda d: _gradients(MIXED, d, buckets=2), mb) == 7 * MIXED.num_layers
 
 
 def test_a_grpo_step_with_length_buckets_and_remat_compiles_once():
