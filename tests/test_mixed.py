@@ -147,6 +147,8 @@ def test_prepared_weights_give_the_same_values_and_gradients():
     assert jax.tree.structure(plain) == jax.tree.structure(bound)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(bound), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    again = models.prepare_matmuls(graphdef, prepared, backward=True)  # already prepared: as is
+    assert jax.tree.structure(again) == jax.tree.structure(prepared)
     # float32 matmuls: nothing to prepare
     graphdef32, params32 = models.create(MODEL, 0)
     assert models.prepare_matmuls(graphdef32, params32) is params32

@@ -352,11 +352,13 @@ def prepare_matmuls(graphdef: nnx.GraphDef, params: nnx.State, *, backward: bool
              if isinstance(m, Linear) and m.mixed and path[:1] == ("model",)}  # fmt: skip
     if not paths:  # (the output projection is read as a weight, never called: not prepared)
         return params
-    flat = [
-        (path, v.replace(mixed.prepare(v.get_value(), backward=backward)) if path in paths else v)
-        for path, v in nnx.to_flat_state(params)
-    ]
-    return nnx.from_flat_state(flat)
+
+    def one(path, v):
+        if path not in paths or isinstance(v.get_value(), mixed.Prepared):  # (prepared before)
+            return v
+        return v.replace(mixed.prepare(v.get_value(), backward=backward))
+
+    return nnx.from_flat_state([(path, one(path, v)) for path, v in nnx.to_flat_state(params)])
 
 
 def bind_prepared(prepared: nnx.State, params: nnx.State) -> nnx.State:
