@@ -82,9 +82,8 @@ def config_from_flags(values) -> Config:
     """A `Config` from launch.bench's flags: ``--model_overrides`` (hidden_size, num_layers,
     num_heads, intermediate_size, vocab_size, matmul_dtype), and ``--prompts_per_step``,
     ``--group_size``, ``--max_new_tokens``, ``--kl_coef``, ``--lr``, ``--seed``, ``--repeats``
-    (timed steps)
-    where given on the command line; the rest keeps `Config`'s defaults (the shape of the
-    comparison in BUILD_NOTES)."""
+    (timed steps) where given on the command line; the rest keeps `Config`'s defaults (the
+    shape of the comparison in BUILD_NOTES)."""
     from rftjax.models.config import parse_overrides
 
     kw = parse_overrides(values.model_overrides) if values.model_overrides else {}

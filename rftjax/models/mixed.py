@@ -77,7 +77,7 @@ def prepare(w: jax.Array, *, backward: bool = False) -> Prepared:
 def matmul(x: jax.Array, w: jax.Array | Prepared) -> jax.Array:
     """``x [M, K] · w [N, K]ᵀ -> [M, N]``: x float32, w float32 or `Prepared`, operands rounded
     to bfloat16, products summed in float32."""
-    p = w if isinstance(w, Prepared) else prepare(w)
+    p = w if isinstance(w, Prepared) else prepare(w, backward=True)
     rounded = p.rounded if p.rounded is not None else jax.lax.stop_gradient(p.weight).astype(BF16)
     return _product(x, p.weight.astype(F32), p.transposed, rounded)
 

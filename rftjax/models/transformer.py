@@ -317,6 +317,13 @@ def _remat_layer(layer, *args):
     return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(state, *args)
 
 
+def _abstract_model(graphdef: nnx.GraphDef, params: nnx.State) -> Transformer:
+    """The model merged with abstract leaves: no traced value is touched (this may run inside
+    a trace); for reading and changing its static structure."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return nnx.merge(graphdef, abstract)
+
+
 def learner_graph(
     graphdef: nnx.GraphDef, params: nnx.State, *, remat: str = "none", attention_chunk: int = 0
 ) -> nnx.GraphDef:
@@ -330,9 +337,7 @@ def learner_graph(
         raise ValueError(f"attention_chunk must be >= 0 (0: all at once), got {attention_chunk}")
     if remat == "none" and not attention_chunk:  # every graph is built that way
         return graphdef
-    # merged with abstract leaves: no traced value is touched (this may run inside a trace)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    model = nnx.merge(graphdef, abstract)
+    model = _abstract_model(graphdef, params)
     model.remat = remat
     for layer in model.model.layers:
         layer.self_attn.query_chunk = attention_chunk
@@ -346,9 +351,7 @@ def prepare_matmuls(graphdef: nnx.GraphDef, params: nnx.State, *, backward: bool
     micro-batches). `backward`: also the rounded weight its gradient reads. The same values;
     params itself when no layer multiplies in bf16. Under a gradient, close over the result and
     `bind_prepared` the differentiated params into it."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    model = nnx.merge(graphdef, abstract)
-    paths = {(*path, "weight") for path, m in nnx.iter_modules(model)
+    paths = {(*path, "weight") for path, m in nnx.iter_modules(_abstract_model(graphdef, params))
              if isinstance(m, Linear) and m.mixed and path[:1] == ("model",)}  # fmt: skip
     if not paths:  # (the output projection is read as a weight, never called: not prepared)
         return params

@@ -122,10 +122,10 @@ def gradients(s: StepSpec, params, mb, knobs: Knobs, ctx):
     if k == 1 and buckets == 1:
         grad_fn = jax.grad(lambda p, q: loss_fn(s, p, q, mb, knobs, ctx), (0, 1), has_aux=True)
         return grad_fn(params, probe)
-    if s.cfg.updates_per_step == 1:
-        mb = {**mb, **minibatch_targets(s, params, mb, knobs, ctx)}
-    per_row = buckets > 1  # rows sorted by length, in contiguous buckets (not groups)
     prepared = prepare_matmuls(s.graphdef, params["policy"], backward=True)  # once, not per part
+    if s.cfg.updates_per_step == 1:  # (PPO's forward there reads the same prepared weights)
+        mb = {**mb, **minibatch_targets(s, {**params, "policy": prepared}, mb, knobs, ctx)}
+    per_row = buckets > 1  # rows sorted by length, in contiguous buckets (not groups)
     first, first_vjp = None, None
     if per_row:
         k, order = buckets, length_order(mb)
